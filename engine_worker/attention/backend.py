@@ -1,0 +1,52 @@
+"""The interface every attention backend implements, and the choice between them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine_worker.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    """Writes a step's new K/V into the paged cache and attends over it.
+
+    Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer.
+    """
+
+    name: str
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [T, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # int64 [T]
+    ) -> None: ...
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        ...
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """'auto' takes Triton on CUDA and the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from engine_worker.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from engine_worker.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'torch' or 'triton'")

@@ -1,0 +1,44 @@
+"""The `jetserve` command: each subcommand lives in the module that owns it.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is
+imported only when chosen, so `jetserve api` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "build-demo": ("engine_worker.demo_checkpoint", "build the small demo model offline"),
+    "generate": ("engine_worker.generate_cli", "generate in-process with the engine, no NATS"),
+    "up": ("services.launcher", "run nats-server, the API and a worker together"),
+    "api": ("services.api.main", "run the OpenAI-compatible API service"),
+    "worker": ("engine_worker.worker", "run an engine worker on one model"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+    parser = argparse.ArgumentParser(prog="jetserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    module = None
+    for name, (mod_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            module = importlib.import_module(mod_name)
+            module.add_arguments(p)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, module = build_parser(argv)
+    args = parser.parse_args(argv)
+    assert module is not None
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
