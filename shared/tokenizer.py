@@ -1,0 +1,127 @@
+"""A model folder's tokenizer: tokenizer.json, its config, and the chat template.
+
+Shared by the API (tokenize, detokenize, chat template) and the engine's offline API,
+without transformers: `tokenizers` for the vocabulary, jinja2 for the template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config stores special tokens either as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+@dataclass
+class TokenizerBundle:
+    """Everything text-side a model folder defines."""
+
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    raw_files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def bos_token(self) -> str | None:
+        return _token_content(self.config.get("bos_token"))
+
+    @property
+    def eos_token(self) -> str | None:
+        return _token_content(self.config.get("eos_token"))
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = self.generation_config.get("eos_token_id")
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.update(int(i) for i in gen_eos)
+        if self.eos_token is not None:
+            tid = self.tokenizer.token_to_id(self.eos_token)
+            if tid is not None:
+                ids.add(tid)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render the model's chat template the way transformers does (sandboxed jinja2)."""
+        template = self.chat_template
+        if not template:
+            raise ValueError("this model has no chat template; use the completions API")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        return env.from_string(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat prompts carry their own special tokens in the template text."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    def files(self) -> dict[str, bytes]:
+        return dict(self.raw_files)
+
+
+def load_tokenizer_files(files: dict[str, bytes]) -> TokenizerBundle:
+    """Build a bundle from raw file contents (e.g. fetched from the NATS object store)."""
+    if "tokenizer.json" not in files:
+        raise ValueError("model folder has no tokenizer.json")
+    tok = Tokenizer.from_str(files["tokenizer.json"].decode())
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
+    return TokenizerBundle(tokenizer=tok, config=config, generation_config=gen, raw_files=files)
+
+
+def load_tokenizer(model_dir: str | Path) -> TokenizerBundle:
+    model_dir = Path(model_dir)
+    files = {
+        name: (model_dir / name).read_bytes()
+        for name in TOKENIZER_FILES
+        if (model_dir / name).is_file()
+    }
+    return load_tokenizer_files(files)
