@@ -1,0 +1,135 @@
+"""Create the JetStream streams, consumer, KV bucket and object store both services use.
+
+Idempotent on purpose: the API and every worker call `ensure_streams` at start-up, in
+any order and concurrently, so no separate provisioning step is needed locally. In a
+cluster the same calls converge the configuration (an existing stream is updated).
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from shared.settings import BusSettings
+from shared.subjects import (
+    DEAD_STREAM,
+    DEAD_WILDCARD,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    JOBS_STREAM,
+    JOBS_WILDCARD,
+    MODELS_OBJECT_STORE,
+    WORKERS_BUCKET,
+    consumer_name,
+    jobs_subject,
+)
+
+STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+
+
+def stream_configs(settings: BusSettings) -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=JOBS_STREAM,
+            subjects=[JOBS_WILDCARD],
+            # Work-queue: a job is removed once acked, so the stream holds exactly the backlog.
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=settings.jobs_duplicate_window_s,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_WILDCARD],
+            # Limits + max_age: deltas stay replayable (re-attach, takeover) for a while.
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.events_max_age_s,
+        ),
+        StreamConfig(
+            name=DEAD_STREAM,
+            subjects=[DEAD_WILDCARD],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+        ),
+    ]
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError as e:
+        if e.err_code != STREAM_IN_USE:
+            raise
+        await js.update_stream(config)
+
+
+async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
+    """Create or update LLM_JOBS, LLM_EVENTS, LLM_DEAD, the worker registry and the object store."""
+    for config in stream_configs(settings):
+        await _ensure_stream(js, config)
+    await workers_bucket(js, settings)
+    await models_object_store(js)
+
+
+async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
+    """The registry bucket; entries expire `worker_ttl_s` after their last heartbeat."""
+    try:
+        return await js.key_value(WORKERS_BUCKET)
+    except (NotFoundError, BadRequestError):
+        return await js.create_key_value(
+            bucket=WORKERS_BUCKET, ttl=settings.worker_ttl_s, history=1
+        )
+
+
+async def models_object_store(js: JetStreamContext) -> ObjectStore:
+    try:
+        return await js.object_store(MODELS_OBJECT_STORE)
+    except (NotFoundError, BadRequestError):
+        return await js.create_object_store(MODELS_OBJECT_STORE)
+
+
+def jobs_consumer_config(model: str, settings: BusSettings) -> ConsumerConfig:
+    """The durable pull consumer every worker of `model` shares."""
+    return ConsumerConfig(
+        durable_name=consumer_name(model),
+        filter_subject=jobs_subject(model),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        # Workers pull only what they can admit; this is a safety cap, not the throttle.
+        max_ack_pending=-1,
+    )
+
+
+async def ensure_jobs_consumer(js: JetStreamContext, model: str, settings: BusSettings) -> None:
+    await js.add_consumer(JOBS_STREAM, jobs_consumer_config(model, settings))
+
+
+async def queue_depth(js: JetStreamContext, model: str) -> int:
+    """Jobs of `model` not yet delivered to any worker (the consumer's num_pending).
+
+    Before any worker created the consumer the whole subject is backlog, so count it in
+    the stream instead.
+    """
+    try:
+        info = await js.consumer_info(JOBS_STREAM, consumer_name(model))
+        return int(info.num_pending or 0)
+    except NotFoundError:
+        try:
+            info = await js.stream_info(JOBS_STREAM, subjects_filter=jobs_subject(model))
+        except NotFoundError:
+            return 0
+        return int((info.state.subjects or {}).get(jobs_subject(model), 0))

@@ -1,0 +1,359 @@
+"""Versioned msgpack schemas for what travels over NATS: a Job in, Deltas out.
+
+Both services import this one module so the wire format has a single definition.
+Decoding is the trust boundary: every field is type-checked and anything malformed
+or of an unknown schema version raises `MessageError`, which callers turn into a
+logged, terminally acknowledged message instead of a crash loop. Unknown extra keys
+are ignored so a newer producer can add optional fields without breaking v1 readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
+
+# (token_id, logprob, [(alt_token_id, alt_logprob), ...]) for one sampled token.
+TokenLogprobTuple = tuple[int, float, list[tuple[int, float]]]
+
+
+class MessageError(ValueError):
+    """A message that cannot be decoded into a valid, known-version schema."""
+
+
+@dataclass
+class JobSampling:
+    """Sampling knobs; mirrors engine_worker.sampling_params.SamplingParams field for field."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+
+
+@dataclass
+class Job:
+    """One generation request, as the API publishes it to `llm.jobs.<model>`."""
+
+    id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: JobSampling
+    created_at: float
+    reply_to: str
+    priority: int = 0  # lower runs first
+    deadline: float | None = None  # unix seconds
+    tags: dict[str, str] = field(default_factory=dict)  # key id, feature, user
+    v: int = SCHEMA_VERSION
+
+
+@dataclass
+class CompletionChunk:
+    """New tokens of one of a job's n completions in one engine step."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprobTuple] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+
+
+@dataclass
+class Usage:
+    """Accounting for a finished job, sent on its final Delta."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_time_s: float
+    gpu_time_s: float
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one job; `seq` counts from 0 per job."""
+
+    job_id: str
+    seq: int
+    chunks: list[CompletionChunk]
+    finished: bool = False
+    usage: Usage | None = None
+    error: str | None = None  # worker-side failure, always with finished=True
+    worker_id: str = ""
+    v: int = SCHEMA_VERSION
+
+
+# --- validation helpers: one per wire type, each names the offending field ---------------
+
+
+def _require(m: dict[str, Any], key: str, where: str) -> Any:
+    if key not in m:
+        raise MessageError(f"{where}: missing field {key!r}")
+    return m[key]
+
+
+def _int(value: Any, name: str) -> int:
+    # bool is an int subclass in Python; on the wire it is a different type.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MessageError(f"{name} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MessageError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise MessageError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise MessageError(f"{name} must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise MessageError(f"{name} must be an array, got {type(value).__name__}")
+    return list(value)
+
+
+def _map(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MessageError(f"{name} must be a map, got {type(value).__name__}")
+    return value
+
+
+def _int_list(value: Any, name: str) -> list[int]:
+    items = _list(value, name)
+    for i, t in enumerate(items):
+        _int(t, f"{name}[{i}]")
+    return items
+
+
+def _optional(value: Any, check, name: str) -> Any:
+    return None if value is None else check(value, name)
+
+
+def _unpack(data: bytes, what: str) -> dict[str, Any]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MessageError(f"{what}: expected bytes, got {type(data).__name__}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise MessageError(f"{what}: not valid msgpack ({type(e).__name__}: {e})") from e
+    m = _map(obj, what)
+    version = m.get("v")
+    if version != SCHEMA_VERSION:
+        raise MessageError(f"{what}: unsupported schema version {version!r}")
+    return m
+
+
+# --- Job ---------------------------------------------------------------------------------
+
+
+def _sampling_to_wire(s: JobSampling) -> dict[str, Any]:
+    return {
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "seed": s.seed,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "repetition_penalty": s.repetition_penalty,
+        "logprobs": s.logprobs,
+        "stop_token_ids": list(s.stop_token_ids),
+        "ignore_eos": s.ignore_eos,
+        "n": s.n,
+    }
+
+
+def _sampling_from_wire(value: Any) -> JobSampling:
+    m = _map(value, "sampling")
+    d = JobSampling()
+
+    def get(key: str, check) -> Any:
+        return check(m[key], f"sampling.{key}") if key in m else getattr(d, key)
+
+    return JobSampling(
+        max_tokens=get("max_tokens", _int),
+        temperature=get("temperature", _float),
+        top_p=get("top_p", _float),
+        top_k=get("top_k", _int),
+        min_p=get("min_p", _float),
+        seed=_optional(m.get("seed"), _int, "sampling.seed"),
+        presence_penalty=get("presence_penalty", _float),
+        frequency_penalty=get("frequency_penalty", _float),
+        repetition_penalty=get("repetition_penalty", _float),
+        logprobs=_optional(m.get("logprobs"), _int, "sampling.logprobs"),
+        stop_token_ids=get("stop_token_ids", _int_list),
+        ignore_eos=get("ignore_eos", _bool),
+        n=get("n", _int),
+    )
+
+
+def encode_job(job: Job) -> bytes:
+    return msgpack.packb(
+        {
+            "v": job.v,
+            "id": job.id,
+            "model": job.model,
+            "prompt_token_ids": list(job.prompt_token_ids),
+            "sampling": _sampling_to_wire(job.sampling),
+            "priority": job.priority,
+            "created_at": job.created_at,
+            "deadline": job.deadline,
+            "reply_to": job.reply_to,
+            "tags": dict(job.tags),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_job(data: bytes) -> Job:
+    m = _unpack(data, "job")
+    tags = _map(m.get("tags", {}), "tags")
+    for k, val in tags.items():
+        _str(k, "tags key")
+        _str(val, f"tags[{k!r}]")
+    job = Job(
+        id=_str(_require(m, "id", "job"), "id"),
+        model=_str(_require(m, "model", "job"), "model"),
+        prompt_token_ids=_int_list(_require(m, "prompt_token_ids", "job"), "prompt_token_ids"),
+        sampling=_sampling_from_wire(_require(m, "sampling", "job")),
+        created_at=_float(_require(m, "created_at", "job"), "created_at"),
+        reply_to=_str(_require(m, "reply_to", "job"), "reply_to"),
+        priority=_int(m.get("priority", 0), "priority"),
+        deadline=_optional(m.get("deadline"), _float, "deadline"),
+        tags=dict(tags),
+    )
+    if not job.id:
+        raise MessageError("job: id must not be empty")
+    return job
+
+
+# --- Delta -------------------------------------------------------------------------------
+
+
+def _chunk_to_wire(c: CompletionChunk) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "token_ids": list(c.token_ids),
+        "logprobs": None
+        if c.logprobs is None
+        else [[t, lp, [[a, alp] for a, alp in top]] for t, lp, top in c.logprobs],
+        "finish_reason": c.finish_reason,
+    }
+
+
+def _logprob_from_wire(value: Any, name: str) -> TokenLogprobTuple:
+    item = _list(value, name)
+    if len(item) != 3:
+        raise MessageError(f"{name} must be [token_id, logprob, top]")
+    top = []
+    for j, alt in enumerate(_list(item[2], f"{name}.top")):
+        pair = _list(alt, f"{name}.top[{j}]")
+        if len(pair) != 2:
+            raise MessageError(f"{name}.top[{j}] must be [token_id, logprob]")
+        top.append((_int(pair[0], f"{name}.top[{j}]"), _float(pair[1], f"{name}.top[{j}]")))
+    return (_int(item[0], f"{name}.token_id"), _float(item[1], f"{name}.logprob"), top)
+
+
+def _chunk_from_wire(value: Any, name: str) -> CompletionChunk:
+    m = _map(value, name)
+    reason = _optional(m.get("finish_reason"), _str, f"{name}.finish_reason")
+    if reason is not None and reason not in FINISH_REASONS:
+        raise MessageError(
+            f"{name}.finish_reason {reason!r} is not one of {sorted(FINISH_REASONS)}"
+        )
+    raw_lps = m.get("logprobs")
+    logprobs = (
+        None
+        if raw_lps is None
+        else [
+            _logprob_from_wire(x, f"{name}.logprobs[{i}]")
+            for i, x in enumerate(_list(raw_lps, f"{name}.logprobs"))
+        ]
+    )
+    return CompletionChunk(
+        index=_int(_require(m, "index", name), f"{name}.index"),
+        token_ids=_int_list(_require(m, "token_ids", name), f"{name}.token_ids"),
+        logprobs=logprobs,
+        finish_reason=reason,
+    )
+
+
+def _usage_from_wire(value: Any) -> Usage:
+    m = _map(value, "usage")
+    return Usage(
+        prompt_tokens=_int(_require(m, "prompt_tokens", "usage"), "usage.prompt_tokens"),
+        completion_tokens=_int(
+            _require(m, "completion_tokens", "usage"), "usage.completion_tokens"
+        ),
+        cached_tokens=_int(_require(m, "cached_tokens", "usage"), "usage.cached_tokens"),
+        queue_time_s=_float(_require(m, "queue_time_s", "usage"), "usage.queue_time_s"),
+        gpu_time_s=_float(_require(m, "gpu_time_s", "usage"), "usage.gpu_time_s"),
+    )
+
+
+def encode_delta(d: Delta) -> bytes:
+    u = d.usage
+    return msgpack.packb(
+        {
+            "v": d.v,
+            "job_id": d.job_id,
+            "seq": d.seq,
+            "chunks": [_chunk_to_wire(c) for c in d.chunks],
+            "finished": d.finished,
+            "usage": None
+            if u is None
+            else {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "cached_tokens": u.cached_tokens,
+                "queue_time_s": u.queue_time_s,
+                "gpu_time_s": u.gpu_time_s,
+            },
+            "error": d.error,
+            "worker_id": d.worker_id,
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_delta(data: bytes) -> Delta:
+    m = _unpack(data, "delta")
+    seq = _int(_require(m, "seq", "delta"), "seq")
+    if seq < 0:
+        raise MessageError(f"delta: seq must be >= 0, got {seq}")
+    return Delta(
+        job_id=_str(_require(m, "job_id", "delta"), "job_id"),
+        seq=seq,
+        chunks=[
+            _chunk_from_wire(c, f"chunks[{i}]")
+            for i, c in enumerate(_list(_require(m, "chunks", "delta"), "chunks"))
+        ],
+        finished=_bool(m.get("finished", False), "finished"),
+        usage=None if m.get("usage") is None else _usage_from_wire(m["usage"]),
+        error=_optional(m.get("error"), _str, "error"),
+        worker_id=_str(m.get("worker_id", ""), "worker_id"),
+    )

@@ -1,0 +1,224 @@
+"""Prometheus metrics of both services, named like vLLM's where they mean the same.
+
+Each process (and each test instance) builds its own CollectorRegistry through these
+helpers, never the global default one, so several services can live in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+PREFIX = "jetserve:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+TPOT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+E2E_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+)
+
+
+def new_registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition for GET /metrics (serve with CONTENT_TYPE)."""
+    return generate_latest(registry)
+
+
+@dataclass
+class WorkerMetrics:
+    """Engine-side state, labelled by model_name, refreshed after engine steps."""
+
+    num_requests_running: Gauge
+    num_requests_waiting: Gauge
+    kv_cache_usage_perc: Gauge
+    prefix_cache_hit_rate: Gauge
+    num_free_blocks: Gauge
+    num_total_blocks: Gauge
+    num_preemptions: Gauge
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    request_success: Counter
+    jobs_rejected: Counter
+
+
+def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
+    m = ["model_name"]
+    return WorkerMetrics(
+        num_requests_running=Gauge(
+            f"{PREFIX}num_requests_running",
+            "Requests in the engine's running batch",
+            m,
+            registry=registry,
+        ),
+        num_requests_waiting=Gauge(
+            f"{PREFIX}num_requests_waiting",
+            "Requests admitted to the engine but not yet running",
+            m,
+            registry=registry,
+        ),
+        kv_cache_usage_perc=Gauge(
+            f"{PREFIX}kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (0..1)",
+            m,
+            registry=registry,
+        ),
+        prefix_cache_hit_rate=Gauge(
+            f"{PREFIX}prefix_cache_hit_rate", "Prefix cache hit rate (0..1)", m, registry=registry
+        ),
+        num_free_blocks=Gauge(
+            f"{PREFIX}num_free_kv_blocks", "Free KV cache blocks", m, registry=registry
+        ),
+        num_total_blocks=Gauge(
+            f"{PREFIX}num_total_kv_blocks", "Total KV cache blocks", m, registry=registry
+        ),
+        num_preemptions=Gauge(
+            f"{PREFIX}num_preemptions", "Preemptions since start", m, registry=registry
+        ),
+        prompt_tokens=Counter(
+            f"{PREFIX}prompt_tokens", "Prefilled prompt tokens", m, registry=registry
+        ),
+        generation_tokens=Counter(
+            f"{PREFIX}generation_tokens", "Generated tokens", m, registry=registry
+        ),
+        request_success=Counter(
+            f"{PREFIX}request_success",
+            "Finished requests",
+            [*m, "finished_reason"],
+            registry=registry,
+        ),
+        jobs_rejected=Counter(
+            f"{PREFIX}jobs_rejected",
+            "Jobs terminally acked as malformed or invalid",
+            [*m, "reason"],
+            registry=registry,
+        ),
+    )
+
+
+@dataclass
+class ApiMetrics:
+    """Client-side latencies and queue depth, labelled by model_name."""
+
+    time_to_first_token: Histogram
+    time_per_output_token: Histogram
+    e2e_request_latency: Histogram
+    queue_depth: Gauge
+    workers: Gauge
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    request_success: Counter
+    api_requests: Counter
+
+
+def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
+    m = ["model_name"]
+    return ApiMetrics(
+        time_to_first_token=Histogram(
+            f"{PREFIX}time_to_first_token_seconds",
+            "Time to first token",
+            m,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        ),
+        time_per_output_token=Histogram(
+            f"{PREFIX}time_per_output_token_seconds",
+            "Time per output token after the first",
+            m,
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        ),
+        e2e_request_latency=Histogram(
+            f"{PREFIX}e2e_request_latency_seconds",
+            "End-to-end request latency",
+            m,
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        ),
+        queue_depth=Gauge(
+            f"{PREFIX}queue_depth",
+            "Jobs waiting in the model's consumer (num_pending)",
+            m,
+            registry=registry,
+        ),
+        workers=Gauge(f"{PREFIX}workers", "Live workers in the registry", m, registry=registry),
+        prompt_tokens=Counter(
+            f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests", m, registry=registry
+        ),
+        generation_tokens=Counter(
+            f"{PREFIX}generation_tokens", "Generated tokens", m, registry=registry
+        ),
+        request_success=Counter(
+            f"{PREFIX}request_success",
+            "Finished requests",
+            [*m, "finished_reason"],
+            registry=registry,
+        ),
+        api_requests=Counter(
+            f"{PREFIX}api_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=registry,
+        ),
+    )

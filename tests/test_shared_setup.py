@@ -1,0 +1,146 @@
+"""shared/: stream provisioning against a real nats-server, settings, logging, metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import nats
+import pytest
+import structlog
+from conftest import NatsServer
+from nats.js.api import RetentionPolicy
+
+from shared.jetstream import ensure_jobs_consumer, ensure_streams, queue_depth
+from shared.logging import configure_logging, get_logger
+from shared.metrics import api_metrics, new_registry, render, worker_metrics
+from shared.settings import (
+    ApiSettings,
+    BusSettings,
+    WorkerSettings,
+    add_api_arguments,
+    add_worker_arguments,
+)
+from shared.subjects import (
+    DEAD_STREAM,
+    EVENTS_STREAM,
+    JOBS_STREAM,
+    MODELS_OBJECT_STORE,
+    WORKERS_BUCKET,
+    jobs_subject,
+)
+
+
+async def test_ensure_streams_is_idempotent_and_concurrent(nats_server: NatsServer) -> None:
+    settings = BusSettings(events_max_age_s=120.0)
+    clients = [await nats.connect(nats_server.url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(ensure_streams(nc.jetstream(), settings) for nc in clients))
+        js = clients[0].jetstream()
+        await ensure_streams(js, settings)  # again, after creation
+        jobs = await js.stream_info(JOBS_STREAM)
+        assert RetentionPolicy(jobs.config.retention) == RetentionPolicy.WORK_QUEUE
+        assert jobs.config.duplicate_window == pytest.approx(120.0)
+        events = await js.stream_info(EVENTS_STREAM)
+        assert events.config.max_age == pytest.approx(120.0)
+        await js.stream_info(DEAD_STREAM)
+        kv = await js.key_value(WORKERS_BUCKET)
+        assert (await kv.status()).ttl == pytest.approx(settings.worker_ttl_s)
+        await js.object_store(MODELS_OBJECT_STORE)
+        # A changed setting is applied to the existing stream, not rejected.
+        await ensure_streams(js, BusSettings(events_max_age_s=60.0))
+        assert (await js.stream_info(EVENTS_STREAM)).config.max_age == pytest.approx(60.0)
+    finally:
+        for nc in clients:
+            await nc.close()
+
+
+async def test_queue_depth_counts_backlog_before_and_after_consumer(
+    nats_server: NatsServer,
+) -> None:
+    settings = BusSettings(ack_wait_s=5.0)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        assert await queue_depth(js, "m") == 0
+        for i in range(3):
+            await js.publish(jobs_subject("m"), b"x", headers={"Nats-Msg-Id": f"j{i}"})
+        await js.publish(jobs_subject("m"), b"x", headers={"Nats-Msg-Id": "j0"})  # duplicate
+        await js.publish(jobs_subject("other"), b"x")
+        assert await queue_depth(js, "m") == 3
+        await ensure_jobs_consumer(js, "m", settings)
+        await ensure_jobs_consumer(js, "m", settings)  # idempotent
+        assert await queue_depth(js, "m") == 3
+        sub = await js.pull_subscribe(jobs_subject("m"), durable="workers-m", stream=JOBS_STREAM)
+        msgs = await sub.fetch(2, timeout=2)
+        assert len(msgs) == 2
+        assert await queue_depth(js, "m") == 1
+        await msgs[0].ack()
+        await msgs[1].term()
+        await asyncio.sleep(0.2)
+        # Work-queue retention: acked and terminated jobs leave the stream.
+        state = (await js.stream_info(JOBS_STREAM, subjects_filter=jobs_subject("m"))).state
+        assert state.subjects == {jobs_subject("m"): 1}
+    finally:
+        await nc.close()
+
+
+def test_settings_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JETSERVE_NATS_URL", "nats://env:1")
+    monkeypatch.setenv("JETSERVE_MODEL", "/models/tiny")
+    monkeypatch.setenv("JETSERVE_MAX_NUM_SEQS", "8")
+    monkeypatch.setenv("JETSERVE_LOG_JSON", "0")
+    monkeypatch.setenv("JETSERVE_API_PORT", "9000")
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    w = WorkerSettings.from_args(parser.parse_args(["--max-num-seqs", "4"]))
+    assert (w.nats_url, w.model, w.max_num_seqs, w.log_json) == (
+        "nats://env:1",
+        "/models/tiny",
+        4,
+        False,
+    )
+    assert w.served_name == "tiny"
+    assert w.worker_id and w.worker_id != WorkerSettings().worker_id
+    w.validate()
+    parser = argparse.ArgumentParser()
+    add_api_arguments(parser)
+    a = ApiSettings.from_args(parser.parse_args(["--nats-url", "nats://flag:2"]))
+    assert (a.nats_url, a.port, a.host) == ("nats://flag:2", 9000, "0.0.0.0")
+    monkeypatch.setenv("JETSERVE_MAX_NUM_SEQS", "many")
+    with pytest.raises(ValueError, match="JETSERVE_MAX_NUM_SEQS"):
+        WorkerSettings.from_env()
+    with pytest.raises(ValueError, match="--model"):
+        WorkerSettings().validate()
+
+
+def test_json_logs_carry_bound_job_id(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("debug", json=True)
+    structlog.contextvars.bind_contextvars(job_id="cmpl-42")
+    try:
+        get_logger("t").info("job_started", prompt_tokens=3)
+        import logging
+
+        logging.getLogger("nats").warning("library line")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert lines[0]["event"] == "job_started" and lines[0]["job_id"] == "cmpl-42"
+    assert lines[0]["prompt_tokens"] == 3 and lines[0]["level"] == "info"
+    assert lines[1]["event"] == "library line" and lines[1]["job_id"] == "cmpl-42"
+
+
+def test_metrics_live_in_separate_registries() -> None:
+    r1, r2 = new_registry(), new_registry()
+    w1, w2 = worker_metrics(r1), worker_metrics(r2)
+    a2 = api_metrics(new_registry())
+    a2.time_to_first_token.labels(model_name="m").observe(0.02)
+    w1.generation_tokens.labels(model_name="m").inc(5)
+    w2.kv_cache_usage_perc.labels(model_name="m").set(0.25)
+    text1, text2 = render(r1).decode(), render(r2).decode()
+    assert 'jetserve:generation_tokens_total{model_name="m"} 5.0' in text1
+    assert 'jetserve:kv_cache_usage_perc{model_name="m"} 0.25' in text2
+    assert "generation_tokens_total{" not in text2  # r1's sample did not leak into r2
+    assert "jetserve:num_requests_running" in text1 and "jetserve:num_free_kv_blocks" in text1
