@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API service: HTTP in, Jobs to JetStream, Deltas back as SSE."""

@@ -1,0 +1,76 @@
+"""OpenAI-format errors: every failure a client sees has the same JSON shape.
+
+`{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses for
+that kind of failure, so SDKs raise their matching exception classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.responses import JSONResponse
+
+# status -> OpenAI error `type`
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+@dataclass
+class APIError(Exception):
+    """Raised anywhere in a request handler; rendered by the app's exception handler."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model}' does not exist or has no live worker.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def service_unavailable(message: str) -> APIError:
+    return APIError(503, message, code="service_unavailable")
+
+
+def internal_error(message: str) -> APIError:
+    return APIError(500, message, code="internal_error")
