@@ -45,7 +45,7 @@ def train_tokenizer(vocab_size: int = 400) -> Tokenizer:
 
 
 def _config(arch: str, vocab_size: int, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -64,6 +64,10 @@ def _config(arch: str, vocab_size: int, **overrides):
         common.update(rope_theta=10000.0, tie_word_embeddings=False)
         common.update(overrides)
         return LlamaConfig(**common)
+    if arch == "mistral":
+        common.update(rope_theta=10000.0, tie_word_embeddings=False, sliding_window=None)
+        common.update(overrides)
+        return MistralConfig(**common)
     if arch == "qwen2":
         common.update(rope_theta=1000000.0, tie_word_embeddings=True)
         common.update(overrides)
@@ -76,7 +80,12 @@ def _config(arch: str, vocab_size: int, **overrides):
 
 
 def build_tiny_checkpoint(
-    path: Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", **overrides
+    path: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str = "5GB",
+    **overrides,
 ) -> Path:
     """Random weights saved with save_pretrained, plus a locally trained BPE tokenizer."""
     from transformers import AutoModelForCausalLM
@@ -88,7 +97,7 @@ def build_tiny_checkpoint(
     cfg = _config(arch, vocab, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps(
