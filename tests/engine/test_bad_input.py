@@ -61,7 +61,7 @@ def test_unsupported_architecture(tmp_path, tiny_llama):
     cfg = json.loads((dst / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="supported: .*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"supported: .*LlamaForCausalLM"):
         LLM(str(dst))
 
 
@@ -78,7 +78,7 @@ def test_missing_weights(tmp_path, tiny_llama):
     dst = tmp_path / "noweights"
     shutil.copytree(tiny_llama, dst)
     (dst / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match="no .safetensors"):
+    with pytest.raises(ValueError, match=r"no \.safetensors"):
         LLM(str(dst))
 
 

@@ -72,7 +72,7 @@ def test_batch_together(ckpt):
 
 
 def test_chunked_prefill_forced(ckpt):
-    got, llm = engine_greedy(
+    got, _ = engine_greedy(
         ckpt, PROMPTS, block_size=4, num_kv_blocks=128, max_num_batched_tokens=5
     )
     assert got == expected(ckpt, PROMPTS)
