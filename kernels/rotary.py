@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from kernels.triton_utils import device_kernel, next_power_of_2, tl
+
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2] in fp32, with llama3 scaling when configured."""
@@ -63,3 +65,94 @@ def rotary_ref(
     cs = cos_sin_cache[positions]
     cos, sin = cs[:, None, :half], cs[:, None, half:]
     return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+@device_kernel
+def _rotary_kernel(
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    cos_sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cs,
+    num_q_heads,
+    num_kv_heads,
+    half,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """One program per token rotates all its query and key heads with one cos/sin row."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < half, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + i, mask=i < half, other=0.0)
+    head_dim = 2 * half
+
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    mq = (hq < num_q_heads) & (i < half)
+    src = q_ptr + t * stride_qt + hq * stride_qh + i
+    x1 = tl.load(src, mask=mq, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mq, other=0.0).to(tl.float32)
+    dst = q_out_ptr + (t * num_q_heads + hq) * head_dim + i
+    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mq)
+    tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mq)
+
+    hk = tl.arange(0, BLOCK_HK)[:, None]
+    mk = (hk < num_kv_heads) & (i < half)
+    src = k_ptr + t * stride_kt + hk * stride_kh + i
+    x1 = tl.load(src, mask=mk, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mk, other=0.0).to(tl.float32)
+    dst = k_out_ptr + (t * num_kv_heads + hk) * head_dim + i
+    tl.store(dst, (x1 * cos - x2 * sin).to(k_out_ptr.dtype.element_ty), mask=mk)
+    tl.store(dst + half, (x2 * cos + x1 * sin).to(k_out_ptr.dtype.element_ty), mask=mk)
+
+
+def rotary_triton(
+    positions: torch.Tensor,  # int64 [T]
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hkv, D]
+    cos_sin_cache: torch.Tensor,  # [max_positions, D] fp32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``rotary_ref``: query and key of a token rotated in one program."""
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if cos_sin_cache.stride(-1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    half = cos_sin_cache.shape[-1] // 2
+    if 2 * half != head_dim:
+        raise ValueError(f"cos/sin cache is for head dim {2 * half}, query has {head_dim}")
+    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    _rotary_kernel.on(query.device)[(num_tokens,)](
+        positions,
+        query,
+        key,
+        cos_sin_cache,
+        q_out,
+        k_out,
+        query.stride(0),
+        query.stride(1),
+        key.stride(0),
+        key.stride(1),
+        cos_sin_cache.stride(0),
+        num_q_heads,
+        num_kv_heads,
+        half,
+        BLOCK_HQ=next_power_of_2(num_q_heads),
+        BLOCK_HK=next_power_of_2(num_kv_heads),
+        BLOCK_HALF=next_power_of_2(half),
+    )
+    return q_out, k_out
