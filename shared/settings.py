@@ -153,6 +153,7 @@ class WorkerSettings(BusSettings):
     attention_backend: str = "auto"
     heartbeat_interval_s: float = 1.0
     cancel_memory_s: float = 600.0  # how long a cancelled id is remembered for queued jobs
+    drain_timeout_s: float = 5.0  # on SIGTERM, running jobs get this long to finish
 
     @classmethod
     def from_env(cls) -> Self:
@@ -169,6 +170,7 @@ class WorkerSettings(BusSettings):
             max_num_batched_tokens=_env_int("MAX_NUM_BATCHED_TOKENS", 2048) or 2048,
             max_model_len=_env_int("MAX_MODEL_LEN", None),
             attention_backend=_env("ATTENTION_BACKEND") or "auto",
+            drain_timeout_s=_env_float("DRAIN_TIMEOUT", 5.0),
         )
 
     @property
@@ -209,6 +211,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", help="[env JETSERVE_ATTENTION_BACKEND]")
     parser.add_argument("--ack-wait", dest="ack_wait_s", type=float, help="seconds (default 30)")
     parser.add_argument("--max-deliver", type=int, help="deliveries per job (default 5)")
+    parser.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout_s",
+        type=float,
+        help="seconds running jobs get to finish on SIGTERM before they are handed back "
+        "to the queue [env JETSERVE_DRAIN_TIMEOUT]",
+    )
 
 
 @dataclass
