@@ -173,23 +173,17 @@ def _paged_attention_kernel(
             pos_ok = pos < kv_hi
             block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
             slot = block * stride_cb + (pos % block_size) * stride_cs + kv_head * stride_ch
-            k = tl.load(
-                k_cache_ptr + slot[None, :] + d[:, None],
-                mask=pos_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            ).to(q.dtype)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e
+            kv_offsets = slot[:, None] + d[None, :]
+            kv_mask = pos_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
             visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_cache_ptr + slot[:, None] + d[None, :],
-                mask=pos_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
