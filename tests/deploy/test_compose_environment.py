@@ -1,0 +1,144 @@
+"""The API and worker run with exactly the environment docker-compose.yml gives them
+(real processes, real nats-server, no Docker): both come up healthy and ready, serve a
+completion, and export every series the dashboard plots under the labels it filters on.
+
+Only what cannot hold outside a container is changed: the NATS URL, free ports instead
+of 8000/8001, a temporary data dir, and a tiny test checkpoint for the demo model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import NatsServer, free_port
+from deploy_files import compose_environment, concrete_promql, dashboard_exprs, metric_names_in
+from prometheus_client.parser import text_string_to_metric_families
+
+START_TIMEOUT_S = 120.0
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            env={**base, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+
+
+def _wait_ok(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{url}: process exited\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not 200 after {START_TIMEOUT_S}s\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def compose_like_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
+) -> Iterator[dict[str, str]]:
+    root = tmp_path_factory.mktemp("compose-env")
+    nats_server = NatsServer(root / "nats")
+    nats_server.start()
+    api_port, worker_port = free_port(), free_port()
+    here = {"JETSERVE_NATS_URL": nats_server.url, "JETSERVE_DATA_DIR": str(root / "data")}
+    worker_env = {
+        **compose_environment("worker"),
+        **here,
+        "JETSERVE_WORKER_METRICS_PORT": str(worker_port),
+    }
+    api_env = {**compose_environment("api"), **here, "JETSERVE_API_PORT": str(api_port)}
+    api_env["JETSERVE_API_HOST"] = "127.0.0.1"
+    # compose runs `worker --model /models/jetserve-demo`; the same flag, a local folder.
+    worker = _spawn(["worker", "--model", str(tiny_llama)], worker_env, root / "worker.log")
+    api = _spawn(["api"], api_env, root / "api.log")
+    try:
+        _wait_ok(f"http://127.0.0.1:{worker_port}/health", worker, root / "worker.log")
+        _wait_ok(f"http://127.0.0.1:{api_port}/ready", api, root / "api.log")
+        yield {
+            "api": f"http://127.0.0.1:{api_port}",
+            "worker": f"http://127.0.0.1:{worker_port}",
+            "model": worker_env["JETSERVE_MODEL_NAME"],
+        }
+    finally:
+        _stop(api)
+        _stop(worker)
+        nats_server.stop()
+
+
+def _series(url: str) -> dict[str, list[dict[str, str]]]:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    out: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(dict(sample.labels))
+    return out
+
+
+def test_probe_endpoints_answer(compose_like_stack: dict[str, str]) -> None:
+    """The paths compose healthchecks and the k8s probes use."""
+    api, worker = compose_like_stack["api"], compose_like_stack["worker"]
+    for url in (
+        f"{api}/health",
+        f"{api}/ready",
+        f"{api}/metrics",
+        f"{worker}/health",
+        f"{worker}/metrics",
+    ):
+        assert httpx.get(url, timeout=5).status_code == 200, url
+    ready = httpx.get(f"{api}/ready", timeout=5).json()
+    assert compose_like_stack["model"] in ready["models"]
+
+
+def test_dashboard_series_exist_with_model_labels(compose_like_stack: dict[str, str]) -> None:
+    api, model = compose_like_stack["api"], compose_like_stack["model"]
+    r = httpx.post(
+        f"{api}/v1/completions",
+        json={"model": model, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    by_job = {
+        "jetserve-api": _series(api),
+        "jetserve-worker": _series(compose_like_stack["worker"]),
+    }
+    both = {**by_job["jetserve-api"], **by_job["jetserve-worker"]}
+    for title, expr in dashboard_exprs():
+        for name in metric_names_in(concrete_promql(expr)) - {
+            "up",
+            "jetstream_consumer_num_pending",
+        }:
+            for job, series in by_job.items():
+                if f'job="{job}"' in expr:
+                    assert name in series, f"{title!r}: {job} exports no {name}"
+            # After one request every plotted series carries the served model's name.
+            assert any(labels.get("model_name") == model for labels in both.get(name, [])), (
+                f"{title!r}: no {name} sample with model_name={model!r}"
+            )
