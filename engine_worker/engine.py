@@ -82,8 +82,15 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         kv = allocate_kv_cache(mc, num_blocks, block_size, self.dtype, self.device)
-        backend = select_backend(config.attention_backend, self.device)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        backend = select_backend(
+            config.attention_backend,
+            self.device,
+            max_decode_seq_len=self.max_model_len if use_graphs else None,
+        )
         self.runner = ModelRunner(model, kv, backend, block_size, self.device)
+        if use_graphs and backend.name == "triton":
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.eos_token_ids: set[int] = set(mc.eos_token_ids)
         self.requests: dict[str, RequestState] = {}

@@ -9,6 +9,7 @@ import torch
 from engine_worker.attention.backend import AttentionBackend
 from engine_worker.attention.metadata import AttentionMetadata
 from engine_worker.config import ModelConfig
+from engine_worker.cuda_graphs import DecodeGraphs
 from engine_worker.models.llama import LlamaForCausalLM
 from engine_worker.sequence import Sequence
 
@@ -107,12 +108,30 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.device = device
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs (CUDA only); the backend must have step-independent grids."""
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.backend,
+            max_batch=max_batch,
+            max_blocks_per_seq=(max_model_len + self.block_size - 1) // self.block_size,
+            max_seq_len=max_model_len,
+            device=self.device,
+        )
+        graphs.capture()
+        self.decode_graphs = graphs
 
     @torch.inference_mode()
     def execute(self, items: list[tuple[Sequence, int]], sample_mask: list[bool]) -> torch.Tensor:
         """Logits [num sampling sequences, vocab] in fp32."""
         inputs = prepare_inputs(items, sample_mask, self.block_size, self.device)
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
-        )
+        if self.decode_graphs is not None and self.decode_graphs.fits(inputs.meta):
+            hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
+            )
         return self.model.compute_logits(hidden[inputs.logits_indices])

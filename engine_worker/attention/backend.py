@@ -37,8 +37,14 @@ class AttentionBackend(Protocol):
         ...
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """'auto' takes Triton on CUDA and the torch reference elsewhere."""
+def select_backend(
+    name: str, device: torch.device, max_decode_seq_len: int | None = None
+) -> AttentionBackend:
+    """'auto' takes Triton on CUDA and the torch reference elsewhere.
+
+    `max_decode_seq_len` fixes the Triton decode grid so decode steps can be captured
+    in CUDA graphs.
+    """
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -47,6 +53,12 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
         return TorchAttentionBackend()
     if name == "triton":
         from engine_worker.attention.triton_backend import TritonAttentionBackend
+        from kernels.paged_attention import PagedAttentionTiling
 
-        return TritonAttentionBackend()
+        if max_decode_seq_len is None:
+            return TritonAttentionBackend()
+        return TritonAttentionBackend(
+            tiling=PagedAttentionTiling(decode_partition_size=512),
+            max_decode_seq_len=max_decode_seq_len,
+        )
     raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'torch' or 'triton'")
