@@ -1,0 +1,92 @@
+"""POST /v1/chat/completions output: SSE chunks or one response, from a running Generation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from services.api.errors import internal_error
+from services.api.generation import Generation
+from services.api.job_client import JobFailed
+from services.api.openai_format import chat_logprob_entries, chat_logprobs, usage_info
+from services.api.openai_schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    ChatTokenLogprob,
+)
+from services.api.sse import DONE, format_event
+
+
+def chat_id(gen: Generation) -> str:
+    return f"chatcmpl-{gen.request_id}"
+
+
+async def chat_stream(
+    gen: Generation, include_usage: bool, top_logprobs: int | None
+) -> AsyncIterator[bytes]:
+    """top_logprobs: None when logprobs were not requested, else k (0 allowed)."""
+    rid, created, model = chat_id(gen), int(time.time()), gen.model.name
+    texts = gen.model.token_texts
+
+    def chunk(choice: ChatChunkChoice) -> str:
+        return ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=[choice]
+        ).model_dump_json()
+
+    try:
+        for index in sorted(gen.choices):
+            role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+            yield format_event(chunk(role))
+        async for ev in gen.events():
+            lp = None
+            if top_logprobs is not None and ev.logprobs:
+                lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+            choice = ChatChunkChoice(
+                index=ev.index,
+                delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
+                logprobs=lp,
+                finish_reason=ev.finish_reason,
+            )
+            yield format_event(chunk(choice), ev.event_id)
+        if include_usage:
+            final = ChatCompletionChunk(
+                id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+            )
+            yield format_event(final.model_dump_json())
+    except JobFailed as e:
+        yield format_event(internal_error(f"generation failed: {e}").body())
+    yield DONE
+
+
+async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatCompletionResponse:
+    texts = gen.model.token_texts
+    parts: dict[int, list[str]] = {i: [] for i in gen.choices}
+    lps: dict[int, list[ChatTokenLogprob]] = {i: [] for i in gen.choices}
+    finish: dict[int, str | None] = dict.fromkeys(gen.choices)
+    try:
+        async for ev in gen.events():
+            parts[ev.index].append(ev.text)
+            if top_logprobs is not None and ev.logprobs:
+                lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+            if ev.finish_reason is not None:
+                finish[ev.index] = ev.finish_reason
+    except JobFailed as e:
+        raise internal_error(f"generation failed: {e}") from e
+    return ChatCompletionResponse(
+        id=chat_id(gen),
+        model=gen.model.name,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content="".join(parts[i])),
+                logprobs=chat_logprobs(lps[i]) if top_logprobs is not None else None,
+                finish_reason=finish[i],
+            )
+            for i in sorted(parts)
+        ],
+        usage=usage_info(gen.usage),
+    )

@@ -1,0 +1,85 @@
+"""POST /v1/completions output: SSE chunks or one response, from a running Generation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from services.api.errors import internal_error
+from services.api.generation import Generation
+from services.api.job_client import JobFailed
+from services.api.openai_format import extend_completion_logprobs, usage_info
+from services.api.openai_schemas import CompletionChoice, CompletionLogprobs, CompletionResponse
+from services.api.sse import DONE, format_event
+
+
+def completion_id(gen: Generation) -> str:
+    return f"cmpl-{gen.request_id}"
+
+
+async def completion_stream(
+    gen: Generation, include_usage: bool, logprobs: int | None
+) -> AsyncIterator[bytes]:
+    rid, created, model = completion_id(gen), int(time.time()), gen.model.name
+    texts = gen.model.token_texts
+    offsets: dict[int, int] = {}
+    try:
+        async for ev in gen.events():
+            lp = None
+            if logprobs is not None and ev.logprobs:
+                lp = CompletionLogprobs()
+                offsets[ev.index] = extend_completion_logprobs(
+                    lp, ev.logprobs, texts, logprobs, offsets.get(ev.index, 0)
+                )
+            chunk = CompletionResponse(
+                id=rid,
+                created=created,
+                model=model,
+                choices=[
+                    CompletionChoice(
+                        index=ev.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason
+                    )
+                ],
+            )
+            yield format_event(chunk.model_dump_json(), ev.event_id)
+        if include_usage:
+            final = CompletionResponse(
+                id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+            )
+            yield format_event(final.model_dump_json())
+    except JobFailed as e:
+        yield format_event(internal_error(f"generation failed: {e}").body())
+    yield DONE
+
+
+async def completion_response(gen: Generation, logprobs: int | None) -> CompletionResponse:
+    texts = gen.model.token_texts
+    parts: dict[int, list[str]] = {i: [] for i in gen.choices}
+    lps: dict[int, CompletionLogprobs] = {i: CompletionLogprobs() for i in gen.choices}
+    offsets: dict[int, int] = dict.fromkeys(gen.choices, 0)
+    finish: dict[int, str | None] = dict.fromkeys(gen.choices)
+    try:
+        async for ev in gen.events():
+            parts[ev.index].append(ev.text)
+            if logprobs is not None and ev.logprobs:
+                offsets[ev.index] = extend_completion_logprobs(
+                    lps[ev.index], ev.logprobs, texts, logprobs, offsets[ev.index]
+                )
+            if ev.finish_reason is not None:
+                finish[ev.index] = ev.finish_reason
+    except JobFailed as e:
+        raise internal_error(f"generation failed: {e}") from e
+    return CompletionResponse(
+        id=completion_id(gen),
+        model=gen.model.name,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text="".join(parts[i]),
+                logprobs=lps[i] if logprobs is not None else None,
+                finish_reason=finish[i],
+            )
+            for i in sorted(parts)
+        ],
+        usage=usage_info(gen.usage),
+    )

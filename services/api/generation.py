@@ -1,0 +1,207 @@
+"""One request's generation: its jobs, their deltas, and the text each choice gets.
+
+Endpoint-neutral: completions and chat both consume `ChoiceEvent`s. Per choice it runs
+incremental detokenization and stop-string matching; a job whose choices have all
+stopped on a stop string is cancelled so the worker frees its KV blocks early. Choice
+index = prompt index * n + completion index, as OpenAI numbers batched prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from services.api.detokenizer import IncrementalDetokenizer
+from services.api.job_builder import PreparedRequest
+from services.api.job_client import JobClient, JobFailed, JobStream
+from services.api.model_registry import ServedModel
+from services.api.stop_strings import StopStringMatcher
+from shared.messages import Delta, Job, TokenLogprobTuple
+from shared.subjects import events_subject
+
+log = structlog.get_logger("jetserve.api.generation")
+
+
+@dataclass
+class ChoiceEvent:
+    """New output of one choice: text that is final, its tokens, maybe a finish reason."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobTuple] | None
+    finish_reason: str | None
+    event_id: str  # "<job_id>:<seq>" of the delta it came from
+
+
+@dataclass
+class ChoiceState:
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    num_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Timing:
+    """Latency marks on the monotonic clock, for the API's histograms."""
+
+    start: float
+    first_token: float | None = None
+    end: float | None = None
+    max_tokens_in_a_choice: int = 0
+
+
+@dataclass
+class UsageTotals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Generation:
+    """Runs the jobs of one prepared request; iterate `events()` exactly once."""
+
+    client: JobClient
+    model: ServedModel
+    prepared: PreparedRequest
+    tags: dict[str, str] = field(default_factory=dict)
+    request_id: str = field(default_factory=new_job_id)
+    timing: Timing = field(default_factory=lambda: Timing(start=time.monotonic()))
+    usage: UsageTotals = field(default_factory=UsageTotals)
+    streams: list[JobStream] = field(default_factory=list)
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    recorded: bool = False  # metrics observed
+
+    @property
+    def n(self) -> int:
+        return self.prepared.sampling.n
+
+    def _job(self, i: int, prompt: list[int]) -> Job:
+        job_id = self.request_id if len(self.prepared.prompts) == 1 else f"{self.request_id}-{i}"
+        return Job(
+            id=job_id,
+            model=self.model.name,
+            prompt_token_ids=prompt,
+            sampling=self.prepared.sampling,
+            created_at=time.time(),
+            reply_to=events_subject(job_id),
+            priority=self.prepared.priority,
+            tags=dict(self.tags),
+        )
+
+    async def start(self) -> None:
+        """Publish every job (subscribed first, so no delta is missed)."""
+        tok = self.model.tokenizer.tokenizer
+        for i, prompt in enumerate(self.prepared.prompts):
+            self.usage.prompt_tokens += len(prompt)
+            for c in range(self.n):
+                self.choices[i * self.n + c] = ChoiceState(
+                    IncrementalDetokenizer(tok, self.prepared.skip_special_tokens),
+                    StopStringMatcher(self.prepared.stop),
+                )
+        try:
+            for i, prompt in enumerate(self.prepared.prompts):
+                self.streams.append(await self.client.submit(self._job(i, prompt)))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Cancel whatever is still running (client gone, error, or stop strings)."""
+        for s in self.streams:
+            s.close()
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        try:
+            if len(self.streams) == 1:
+                async for delta in self.streams[0].deltas():
+                    for ev in self._apply(0, delta):
+                        yield ev
+            else:
+                async for i, delta in self._merged():
+                    for ev in self._apply(i, delta):
+                        yield ev
+        finally:
+            self.timing.end = time.monotonic()
+            self.close()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Delta]]:
+        queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: JobStream) -> None:
+            try:
+                async for d in stream.deltas():
+                    await queue.put((i, d))
+                await queue.put((i, None))
+            except BaseException as e:
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _apply(self, job_index: int, delta: Delta) -> list[ChoiceEvent]:
+        if delta.error is not None:
+            raise JobFailed(delta.error)
+        if delta.usage is not None:
+            self.usage.cached_tokens += delta.usage.cached_tokens
+        events: list[ChoiceEvent] = []
+        eid = f"{delta.job_id}:{delta.seq}"
+        for chunk in delta.chunks:
+            idx = job_index * self.n + chunk.index
+            st = self.choices.get(idx)
+            if st is None or st.finish_reason is not None:
+                continue  # stopped on a stop string; the rest was cancelled
+            if chunk.token_ids and self.timing.first_token is None:
+                self.timing.first_token = time.monotonic()
+            st.num_tokens += len(chunk.token_ids)
+            self.usage.completion_tokens += len(chunk.token_ids)
+            self.timing.max_tokens_in_a_choice = max(
+                self.timing.max_tokens_in_a_choice, st.num_tokens
+            )
+            text, stopped = st.stops.feed(st.detok.add(chunk.token_ids))
+            reason: str | None = "stop" if stopped else None
+            if not stopped and chunk.finish_reason is not None:
+                tail, stopped = st.stops.feed(st.detok.flush())
+                text += tail if stopped else tail + st.stops.flush()
+                reason = "stop" if stopped else chunk.finish_reason
+            if reason is not None:
+                st.finish_reason = reason
+            if text or reason is not None or chunk.logprobs:
+                events.append(ChoiceEvent(idx, text, chunk.token_ids, chunk.logprobs, reason, eid))
+        if not delta.finished:
+            self._cancel_if_all_stopped(job_index)
+        return events
+
+    def _cancel_if_all_stopped(self, job_index: int) -> None:
+        own = [self.choices[job_index * self.n + c] for c in range(self.n)]
+        if all(st.finish_reason is not None for st in own):
+            # The client has all it asked for: free the worker's KV blocks now. The
+            # worker's final delta still comes, with usage (cached tokens).
+            self.streams[job_index].request_cancel()
+
+    @property
+    def finished_all(self) -> bool:
+        return all(st.finish_reason is not None for st in self.choices.values())

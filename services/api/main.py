@@ -1,0 +1,33 @@
+"""`jetserve api`: run the OpenAI-compatible API under uvicorn.
+
+Deliberately free of torch: the API image carries only tokenizers, FastAPI and NATS.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from shared.logging import configure_logging
+from shared.settings import ApiSettings, add_api_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_api_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ApiSettings.from_args(args)
+    configure_logging(settings.log_level, json=settings.log_json)
+    from services.api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
