@@ -59,7 +59,7 @@ from shared.subjects import (
 from shared.tokenizer import load_tokenizer
 from shared.worker_registry import WorkerStatus, delete_status, put_status
 
-FETCH_WAIT_S = 1.0  # long-poll for the first job; bounds how fast a stop is noticed
+FETCH_WAIT_S = 0.5  # long-poll for the first job; bounds how fast a stop is noticed
 FETCH_MORE_WAIT_S = 0.05  # after one job arrived, how long to wait for more
 PUBLISH_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 30.0
