@@ -87,7 +87,7 @@ def paged_attention_ref(
     return out.view(-1, num_q_heads, head_dim)
 
 
-@device_kernel
+@device_kernel(do_not_specialize=("seq_offset", "stride_bt", "partition_size", "num_partitions"))
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -205,7 +205,7 @@ def _paged_attention_kernel(
             )
 
 
-@device_kernel
+@device_kernel(do_not_specialize=("partition_size", "num_partitions"))
 def _reduce_partitions_kernel(
     out_ptr,
     part_acc_ptr,

@@ -47,13 +47,14 @@ def interpreter_enabled() -> bool:
 class DeviceKernel:
     """A Triton kernel body, decorated with ``triton.jit`` on first launch."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], do_not_specialize: tuple[str, ...] = ()) -> None:
         self.fn = fn
+        self.do_not_specialize = do_not_specialize
         functools.update_wrapper(self, fn)
 
     @functools.cached_property
     def _launchable(self) -> Any:
-        return triton.jit(self.fn)
+        return triton.jit(self.fn, do_not_specialize=list(self.do_not_specialize))
 
     def on(self, device: torch.device) -> Any:
         """The launchable kernel for tensors on ``device``; index it with the grid."""
@@ -70,9 +71,18 @@ class DeviceKernel:
         return self._launchable
 
 
-def device_kernel(fn: Callable[..., Any]) -> DeviceKernel:
-    """Decorator for Triton kernel bodies in modules that must import without Triton."""
-    return DeviceKernel(fn)
+def device_kernel(
+    fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] = ()
+) -> Any:
+    """Decorator for Triton kernel bodies in modules that must import without Triton.
+
+    ``do_not_specialize`` names integer arguments that vary from step to step (offsets,
+    table widths): Triton would otherwise compile a new variant when one happens to be 1
+    or a multiple of 16, mid-serving or during CUDA-graph capture.
+    """
+    if fn is None:
+        return functools.partial(DeviceKernel, do_not_specialize=do_not_specialize)
+    return DeviceKernel(fn, do_not_specialize)
 
 
 def num_sms(device: torch.device) -> int:
