@@ -89,5 +89,6 @@ def rms_norm_triton(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=next_power_of_2(hidden),
+        num_warps=max(1, min(8, next_power_of_2(hidden) // 512)),
     )
     return out, new_residual
