@@ -41,17 +41,20 @@ async def chat_stream(
         for index in sorted(gen.choices):
             role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             yield format_event(chunk(role))
-        async for ev in gen.events():
-            lp = None
-            if top_logprobs is not None and ev.logprobs:
-                lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
-            choice = ChatChunkChoice(
-                index=ev.index,
-                delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
-                logprobs=lp,
-                finish_reason=ev.finish_reason,
-            )
-            yield format_event(chunk(choice), ev.event_id)
+        async for batch in gen.events():
+            out = []
+            for ev in batch:
+                lp = None
+                if top_logprobs is not None and ev.logprobs:
+                    lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+                choice = ChatChunkChoice(
+                    index=ev.index,
+                    delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
+                    logprobs=lp,
+                    finish_reason=ev.finish_reason,
+                )
+                out.append(format_event(chunk(choice), ev.event_id))
+            yield b"".join(out)
         if include_usage:
             final = ChatCompletionChunk(
                 id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
@@ -68,12 +71,13 @@ async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatComple
     lps: dict[int, list[ChatTokenLogprob]] = {i: [] for i in gen.choices}
     finish: dict[int, str | None] = dict.fromkeys(gen.choices)
     try:
-        async for ev in gen.events():
-            parts[ev.index].append(ev.text)
-            if top_logprobs is not None and ev.logprobs:
-                lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
-            if ev.finish_reason is not None:
-                finish[ev.index] = ev.finish_reason
+        async for batch in gen.events():
+            for ev in batch:
+                parts[ev.index].append(ev.text)
+                if top_logprobs is not None and ev.logprobs:
+                    lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+                if ev.finish_reason is not None:
+                    finish[ev.index] = ev.finish_reason
     except JobFailed as e:
         raise internal_error(f"generation failed: {e}") from e
     return ChatCompletionResponse(

@@ -24,24 +24,21 @@ async def completion_stream(
     texts = gen.model.token_texts
     offsets: dict[int, int] = {}
     try:
-        async for ev in gen.events():
-            lp = None
-            if logprobs is not None and ev.logprobs:
-                lp = CompletionLogprobs()
-                offsets[ev.index] = extend_completion_logprobs(
-                    lp, ev.logprobs, texts, logprobs, offsets.get(ev.index, 0)
-                )
-            chunk = CompletionResponse(
-                id=rid,
-                created=created,
-                model=model,
-                choices=[
-                    CompletionChoice(
-                        index=ev.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason
+        async for batch in gen.events():
+            out = []
+            for ev in batch:
+                lp = None
+                if logprobs is not None and ev.logprobs:
+                    lp = CompletionLogprobs()
+                    offsets[ev.index] = extend_completion_logprobs(
+                        lp, ev.logprobs, texts, logprobs, offsets.get(ev.index, 0)
                     )
-                ],
-            )
-            yield format_event(chunk.model_dump_json(), ev.event_id)
+                choice = CompletionChoice(
+                    index=ev.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason
+                )
+                chunk = CompletionResponse(id=rid, created=created, model=model, choices=[choice])
+                out.append(format_event(chunk.model_dump_json(), ev.event_id))
+            yield b"".join(out)
         if include_usage:
             final = CompletionResponse(
                 id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
@@ -59,14 +56,15 @@ async def completion_response(gen: Generation, logprobs: int | None) -> Completi
     offsets: dict[int, int] = dict.fromkeys(gen.choices, 0)
     finish: dict[int, str | None] = dict.fromkeys(gen.choices)
     try:
-        async for ev in gen.events():
-            parts[ev.index].append(ev.text)
-            if logprobs is not None and ev.logprobs:
-                offsets[ev.index] = extend_completion_logprobs(
-                    lps[ev.index], ev.logprobs, texts, logprobs, offsets[ev.index]
-                )
-            if ev.finish_reason is not None:
-                finish[ev.index] = ev.finish_reason
+        async for batch in gen.events():
+            for ev in batch:
+                parts[ev.index].append(ev.text)
+                if logprobs is not None and ev.logprobs:
+                    offsets[ev.index] = extend_completion_logprobs(
+                        lps[ev.index], ev.logprobs, texts, logprobs, offsets[ev.index]
+                    )
+                if ev.finish_reason is not None:
+                    finish[ev.index] = ev.finish_reason
     except JobFailed as e:
         raise internal_error(f"generation failed: {e}") from e
     return CompletionResponse(

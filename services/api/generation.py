@@ -122,27 +122,30 @@ class Generation:
         for s in self.streams:
             s.close()
 
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
+    async def events(self) -> AsyncIterator[list[ChoiceEvent]]:
+        """Batches of choice events (at most one per choice) as deltas arrive."""
         try:
             if len(self.streams) == 1:
-                async for delta in self.streams[0].deltas():
-                    for ev in self._apply(0, delta):
-                        yield ev
+                async for deltas in self.streams[0].batches():
+                    batch = self._apply_all(0, deltas)
+                    if batch:
+                        yield batch
             else:
-                async for i, delta in self._merged():
-                    for ev in self._apply(i, delta):
-                        yield ev
+                async for i, deltas in self._merged():
+                    batch = self._apply_all(i, deltas)
+                    if batch:
+                        yield batch
         finally:
             self.timing.end = time.monotonic()
             self.close()
 
-    async def _merged(self) -> AsyncIterator[tuple[int, Delta]]:
-        queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+    async def _merged(self) -> AsyncIterator[tuple[int, list[Delta]]]:
+        queue: asyncio.Queue[tuple[int, list[Delta] | BaseException | None]] = asyncio.Queue()
 
         async def pump(i: int, stream: JobStream) -> None:
             try:
-                async for d in stream.deltas():
-                    await queue.put((i, d))
+                async for deltas in stream.batches():
+                    await queue.put((i, deltas))
                 await queue.put((i, None))
             except BaseException as e:
                 await queue.put((i, e))
@@ -161,6 +164,23 @@ class Generation:
         finally:
             for t in tasks:
                 t.cancel()
+
+    def _apply_all(self, job_index: int, deltas: list[Delta]) -> list[ChoiceEvent]:
+        """Fold several deltas into one event per choice (text and tokens concatenated)."""
+        merged: dict[int, ChoiceEvent] = {}
+        for delta in deltas:
+            for ev in self._apply(job_index, delta):
+                prev = merged.get(ev.index)
+                if prev is None:
+                    merged[ev.index] = ev
+                    continue
+                prev.text += ev.text
+                prev.token_ids = prev.token_ids + ev.token_ids
+                if ev.logprobs:
+                    prev.logprobs = (prev.logprobs or []) + ev.logprobs
+                prev.finish_reason = ev.finish_reason or prev.finish_reason
+                prev.event_id = ev.event_id
+        return [merged[i] for i in sorted(merged)]
 
     def _apply(self, job_index: int, delta: Delta) -> list[ChoiceEvent]:
         if delta.error is not None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
@@ -37,11 +39,17 @@ class JobClient:
     _background: set[asyncio.Task] = field(default_factory=set)
 
     async def submit(self, job: Job) -> JobStream:
+        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            inbox.put_nowait(msg)
+
         sub = await self.js.subscribe(
             events_subject(job.id),
             stream=EVENTS_STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
+            cb=on_msg,
         )
         try:
             await self.js.publish(
@@ -53,7 +61,7 @@ class JobClient:
         except BaseException:
             self._spawn(sub.unsubscribe())
             raise
-        return JobStream(client=self, job=job, sub=sub)
+        return JobStream(client=self, job=job, sub=sub, inbox=inbox)
 
     def cancel(self, job_id: str) -> None:
         """Fire-and-forget: safe to call from a cancelled task or a finally block."""
@@ -80,27 +88,45 @@ class JobStream:
 
     client: JobClient
     job: Job
-    sub: object
+    sub: Any
+    inbox: asyncio.Queue[Msg]
     finished: bool = False
     closed: bool = False
     cancel_sent: bool = False
     next_seq: int = 0
 
-    async def deltas(self) -> AsyncIterator[Delta]:
-        async for msg in self.sub.messages:
-            try:
-                delta = decode_delta(msg.data)
-            except MessageError as e:
-                log.error("malformed_delta", job_id=self.job.id, error=str(e))
-                continue
-            if delta.seq < self.next_seq:  # a duplicate from a retried publish
-                continue
-            self.next_seq = delta.seq + 1
-            if delta.finished:
-                self.finished = True
-            yield delta
-            if delta.finished:
-                return
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        """Deltas in order, grouped: everything already received comes as one batch.
+
+        When this process keeps up, a batch is one delta. When it falls behind, the
+        backlog is handled (and sent to the client) in one go, so per-token overhead
+        shrinks exactly when it matters.
+        """
+        while not self.finished:
+            msgs = [await self.inbox.get()]
+            while not self.inbox.empty():
+                msgs.append(self.inbox.get_nowait())
+            batch = []
+            for msg in msgs:
+                delta = self._accept(msg)
+                if delta is not None:
+                    batch.append(delta)
+                    if delta.finished:
+                        break
+            if batch:
+                yield batch
+
+    def _accept(self, msg: Msg) -> Delta | None:
+        try:
+            delta = decode_delta(msg.data)
+        except MessageError as e:
+            log.error("malformed_delta", job_id=self.job.id, error=str(e))
+            return None
+        if delta.seq < self.next_seq or self.finished:  # a duplicate from a retried publish
+            return None
+        self.next_seq = delta.seq + 1
+        self.finished = delta.finished
+        return delta
 
     def request_cancel(self) -> None:
         """Ask the worker to abort; its final (abort) delta still arrives on this stream."""

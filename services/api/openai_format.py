@@ -31,14 +31,18 @@ def extend_completion_logprobs(
     top_k: int,
     text_offset: int,
 ) -> int:
-    """Append tokens to the legacy parallel-list layout; returns the next text offset."""
+    """Append tokens to the legacy parallel-list layout; returns the next text offset.
+
+    Offsets count characters of the completion text; a token holding part of a
+    multi-byte character adds nothing until the character is complete (approximate).
+    """
     for token_id, logprob, top in entries:
-        token, _ = texts.get(token_id)
+        token, raw = texts.get(token_id)
         out.tokens.append(token)
         out.token_logprobs.append(logprob)
         out.top_logprobs.append({texts.get(t)[0]: lp for t, lp in top[:top_k]} if top_k else None)
         out.text_offset.append(text_offset)
-        text_offset += len(token)
+        text_offset += len(bytes(raw).decode("utf-8", errors="ignore"))
     return text_offset
 
 
