@@ -42,20 +42,42 @@ def _state(request: Request) -> ApiState:
     return request.app.state.api
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "function-after"}
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic puts the union member tried ('str', 'list[int]') into error locations."""
+    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS or part[:1].isupper())
+
+
 def validation_error(e: ValidationError) -> APIError:
-    err = e.errors(include_url=False)[0]
+    """The first problem, phrased for a client: which parameter, what was expected."""
+    errors = e.errors(include_url=False)
+    err = errors[0]
     if err["type"] == "json_invalid":
         return bad_request(
             f"We could not parse the JSON body of your request: {err['msg']}", code="invalid_json"
         )
-    # Union members show up in the location as type names ('str', 'list[int]'): drop them.
-    parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPES))]
-    param = ".".join(parts) or None
-    where = f"'{param}': " if param else ""
-    return bad_request(f"Invalid value for {where}{err['msg']}", param=param)
 
+    def param_of(error: dict) -> str:
+        return ".".join(str(p) for p in error["loc"] if not _is_union_tag(p))
 
-_TYPES = {"str", "int", "float", "bool", "list", "dict", "TextPart", "function-after"}
+    param = param_of(err) or None
+    if err["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param)
+    if param is None:
+        return bad_request(f"Invalid request body: {err['msg']}")
+    tried = [
+        next((p for p in x["loc"] if _is_union_tag(p)), None)
+        for x in errors
+        if param_of(x).startswith(param)
+    ]
+    tried = list(dict.fromkeys(t for t in tried if t))
+    if len(tried) > 1:
+        return bad_request(
+            f"Invalid type for '{param}': expected one of {', '.join(tried)}.", param=param
+        )
+    return bad_request(f"Invalid value for '{param}': {err['msg']}", param=param)
 
 
 def parse_body(model: type[M], body: bytes) -> M:
