@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from engine_worker.attention.backend import select_backend
+from engine_worker.attention.backend import resolve_backend_name, select_backend
 from engine_worker.block_manager import BlockManager
 from engine_worker.config import EngineConfig, ModelConfig, load_model_config
+from engine_worker.layer_ops import layer_ops_for
 from engine_worker.model_loader import build_model, init_random_weights, load_weights
 from engine_worker.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from engine_worker.outputs import CompletionDelta, RequestOutput
@@ -65,7 +66,10 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mc.max_position_embeddings}"
             )
-        model = build_model(mc, self.dtype, self.device, max_positions=limit)
+        backend_name = resolve_backend_name(config.attention_backend, self.device)
+        model = build_model(
+            mc, self.dtype, self.device, max_positions=limit, ops=layer_ops_for(backend_name)
+        )
         if load_format == "dummy":
             init_random_weights(model, config.seed)
         elif load_format == "safetensors":
@@ -84,7 +88,7 @@ class LLMEngine:
         kv = allocate_kv_cache(mc, num_blocks, block_size, self.dtype, self.device)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         backend = select_backend(
-            config.attention_backend,
+            backend_name,
             self.device,
             max_decode_seq_len=self.max_model_len if use_graphs else None,
         )

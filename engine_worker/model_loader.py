@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine_worker.config import ModelConfig
+from engine_worker.layer_ops import LayerOps
 from engine_worker.models.llama import LlamaForCausalLM
 
 # HF name -> (our parameter, which slice of a fused weight)
@@ -99,9 +100,10 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
+    ops: LayerOps | None = None,
 ) -> LlamaForCausalLM:
     with torch.device(device), _default_dtype(dtype):
-        return LlamaForCausalLM(cfg, max_positions).eval()
+        return LlamaForCausalLM(cfg, max_positions, ops).eval()
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:

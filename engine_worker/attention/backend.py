@@ -37,28 +37,32 @@ class AttentionBackend(Protocol):
         ...
 
 
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """'auto' takes Triton on CUDA and the torch reference elsewhere."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in ("torch", "triton"):
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'torch' or 'triton'")
+    return name
+
+
 def select_backend(
     name: str, device: torch.device, max_decode_seq_len: int | None = None
 ) -> AttentionBackend:
-    """'auto' takes Triton on CUDA and the torch reference elsewhere.
-
-    `max_decode_seq_len` fixes the Triton decode grid so decode steps can be captured
+    """`max_decode_seq_len` fixes the Triton decode grid so decode steps can be captured
     in CUDA graphs.
     """
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+    name = resolve_backend_name(name, device)
     if name == "torch":
         from engine_worker.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
-    if name == "triton":
-        from engine_worker.attention.triton_backend import TritonAttentionBackend
-        from kernels.paged_attention import PagedAttentionTiling
+    from engine_worker.attention.triton_backend import TritonAttentionBackend
+    from kernels.paged_attention import PagedAttentionTiling
 
-        if max_decode_seq_len is None:
-            return TritonAttentionBackend()
-        return TritonAttentionBackend(
-            tiling=PagedAttentionTiling(decode_partition_size=512),
-            max_decode_seq_len=max_decode_seq_len,
-        )
-    raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'torch' or 'triton'")
+    if max_decode_seq_len is None:
+        return TritonAttentionBackend()
+    return TritonAttentionBackend(
+        tiling=PagedAttentionTiling(decode_partition_size=512),
+        max_decode_seq_len=max_decode_seq_len,
+    )

@@ -16,8 +16,8 @@ from torch import nn
 from engine_worker.attention.backend import AttentionBackend
 from engine_worker.attention.metadata import AttentionMetadata
 from engine_worker.config import ModelConfig
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import build_cos_sin_cache, rotary_ref
+from engine_worker.layer_ops import LayerOps
+from kernels.rotary import build_cos_sin_cache
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -25,19 +25,20 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, ops: LayerOps) -> None:
         super().__init__()
         self.weight = _param(size)
         self.eps = eps
+        self.fn = ops.rms_norm
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return rms_norm_ref(x, self.weight, self.eps, residual)
+        return self.fn(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -49,8 +50,9 @@ class Attention(nn.Module):
         self.qkv_weight = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size)
         self.qkv_bias = _param(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
         self.o_weight = _param(cfg.hidden_size, self.q_size)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.rotary = ops.rotary
         self.scale = cfg.head_dim**-0.5
 
     def forward(
@@ -70,7 +72,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)[0]
             k = self.k_norm(k)[0]
-        q, k = rotary_ref(positions, q, k, cos_sin)
+        q, k = self.rotary(positions, q, k, cos_sin)
         k_cache, v_cache = kv_cache
         backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale)
@@ -90,11 +92,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.attn = Attention(cfg, ops)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -117,12 +119,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, ops: LayerOps | None = None) -> None:
         super().__init__()
+        ops = ops or LayerOps()
         self.cfg = cfg
         self.embed = _param(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
         self.register_buffer(
             "cos_sin",

@@ -1,0 +1,25 @@
+"""The norm and rotary functions a model calls: torch references, or fused Triton kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kernels.rms_norm import rms_norm_ref
+from kernels.rotary import rotary_ref
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    rms_norm: Callable = rms_norm_ref
+    rotary: Callable = rotary_ref
+
+
+def layer_ops_for(backend_name: str) -> LayerOps:
+    """The Triton backend brings the fused kernels along; the reference keeps torch ops."""
+    if backend_name == "triton":
+        from kernels.rms_norm import rms_norm_triton
+        from kernels.rotary import rotary_triton
+
+        return LayerOps(rms_norm=rms_norm_triton, rotary=rotary_triton)
+    return LayerOps()
