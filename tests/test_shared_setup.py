@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 
 import nats
 import pytest
@@ -117,15 +118,19 @@ def test_settings_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_json_logs_carry_bound_job_id(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
     configure_logging("debug", json=True)
     structlog.contextvars.bind_contextvars(job_id="cmpl-42")
     try:
         get_logger("t").info("job_started", prompt_tokens=3)
-        import logging
-
         logging.getLogger("nats").warning("library line")
     finally:
         structlog.contextvars.clear_contextvars()
+        # Put logging back: the handler writes to capsys's stream, closed after this test.
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        structlog.reset_defaults()
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
     assert lines[0]["event"] == "job_started" and lines[0]["job_id"] == "cmpl-42"
     assert lines[0]["prompt_tokens"] == 3 and lines[0]["level"] == "info"
