@@ -79,6 +79,18 @@ class ApiState:
         if not gen.recorded:
             gen.recorded = True
             record_generation(self.metrics, gen)
+            t = gen.timing
+            log.info(
+                "request_finished",
+                job_id=gen.request_id,
+                model=gen.model.name,
+                prompt_tokens=gen.usage.prompt_tokens,
+                completion_tokens=gen.usage.completion_tokens,
+                cached_tokens=gen.usage.cached_tokens,
+                finish_reasons=[c.finish_reason for c in gen.choices.values()],
+                ttft_s=None if t.first_token is None else round(t.first_token - t.start, 4),
+                e2e_s=round((t.end or t.start) - t.start, 4),
+            )
 
 
 async def connect_nats(url: str) -> NATS:
