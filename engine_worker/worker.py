@@ -479,34 +479,41 @@ class Worker:
             batch = await self._publish_queue.get()
             if batch is None:
                 return
-            stored = await asyncio.gather(
-                *(self._publish(events_subject(o.state.id), encode_delta(o.delta)) for o in batch)
+            try:
+                await self._store_and_settle(batch)
+            except Exception as e:  # a bug must not silently stop all publishing
+                self.log.error("publisher_failed", error=f"{type(e).__name__}: {e}")
+
+    async def _store_and_settle(self, batch: list[Outgoing]) -> None:
+        """One gather per step: a job has at most one Delta in it, so seq order holds."""
+        stored = await asyncio.gather(
+            *(self._publish(events_subject(o.state.id), encode_delta(o.delta)) for o in batch)
+        )
+        for out, ok in zip(batch, stored, strict=True):
+            if out.action is None:
+                continue
+            self.jobs.pop(out.state.id, None)
+            if not self.jobs:
+                self._no_jobs.set()
+            msg = out.state.msg
+            try:
+                if not ok:
+                    await msg.nak()  # the final Delta was not stored: let it run again
+                elif out.action == "ack":
+                    await msg.ack()
+                else:
+                    await msg.term()
+            except Exception as e:
+                self.log.warning("ack_failed", job_id=out.state.id, error=str(e))
+            usage = out.delta.usage
+            self.log.info(
+                "job_finished",
+                job_id=out.state.id,
+                finish_reasons=[c.finish_reason for c in out.delta.chunks],
+                completion_tokens=usage.completion_tokens if usage else 0,
+                error=out.delta.error,
+                stored=ok,
             )
-            for out, ok in zip(batch, stored, strict=True):
-                if out.action is None:
-                    continue
-                self.jobs.pop(out.state.id, None)
-                if not self.jobs:
-                    self._no_jobs.set()
-                msg = out.state.msg
-                try:
-                    if not ok:
-                        await msg.nak()  # the final Delta was not stored: let it run again
-                    elif out.action == "ack":
-                        await msg.ack()
-                    else:
-                        await msg.term()
-                except Exception as e:
-                    self.log.warning("ack_failed", job_id=out.state.id, error=str(e))
-                usage = out.delta.usage
-                self.log.info(
-                    "job_finished",
-                    job_id=out.state.id,
-                    finish_reasons=[c.finish_reason for c in out.delta.chunks],
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                    error=out.delta.error,
-                    stored=ok,
-                )
 
     # -- periodic work ---------------------------------------------------------------------
     async def _keepalive(self) -> None:

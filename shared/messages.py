@@ -9,12 +9,14 @@ are ignored so a newer producer can add optional fields without breaking v1 read
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
 SCHEMA_VERSION = 1
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
 
 # (token_id, logprob, [(alt_token_id, alt_logprob), ...]) for one sampled token.
@@ -246,8 +248,9 @@ def decode_job(data: bytes) -> Job:
         deadline=_optional(m.get("deadline"), _float, "deadline"),
         tags=dict(tags),
     )
-    if not job.id:
-        raise MessageError("job: id must not be empty")
+    if not _JOB_ID.fullmatch(job.id):
+        # The id becomes a subject token (llm.events.<id>, llm.cancel.<id>).
+        raise MessageError(f"job: id {job.id!r} must be non-empty [A-Za-z0-9_-]")
     return job
 
 

@@ -174,6 +174,8 @@ def _mutated(**changes) -> bytes:
         _mutated(v="1"),
         _mutated(id=KeyError),
         _mutated(id=""),
+        _mutated(id="a.b"),
+        _mutated(id="x*"),
         _mutated(id=5),
         _mutated(model=None),
         _mutated(prompt_token_ids="1 2 3"),
