@@ -312,7 +312,9 @@ def wait_ready(url: str, timeout: float) -> None:
 
 
 @contextmanager
-def launched_stack(model_path: str, served_name: str, worker_args: list[str]):
+def launched_stack(
+    model_path: str, served_name: str, worker_args: list[str], worker_env: dict[str, str]
+):
     """nats-server + one worker + the API as subprocesses; yields the API base URL."""
     tmp = Path(tempfile.mkdtemp(prefix="jetserve-bench-"))
     nats_port, api_port = free_port(), free_port()
@@ -452,16 +454,19 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for mode, style in (("engine", "o--"), ("stack", "s-")):
+    for mode, style, color in (("engine", "o--", "tab:blue"), ("stack", "s-", "tab:orange")):
         rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["concurrency"])
         if not rows:
             continue
         xs = [r["concurrency"] for r in rows]
-        axes[0].plot(xs, [r["output_tok_s"] for r in rows], style, label=mode)
-        axes[1].plot(xs, [r["ttft_ms_p50"] for r in rows], style, label=f"{mode} p50")
-        axes[1].plot(xs, [r["ttft_ms_p99"] for r in rows], style, alpha=0.4, label=f"{mode} p99")
-        axes[2].plot(xs, [r["itl_ms_p50"] for r in rows], style, label=f"{mode} p50")
-        axes[2].plot(xs, [r["itl_ms_p99"] for r in rows], style, alpha=0.4, label=f"{mode} p99")
+        axes[0].plot(xs, [r["output_tok_s"] for r in rows], style, color=color, label=mode)
+        for ax, key in ((axes[1], "ttft"), (axes[2], "itl")):
+            ax.plot(xs, [r[f"{key}_ms_p50"] for r in rows], style, color=color,
+                    label=f"{mode} p50")  # fmt: skip
+            ax.plot(xs, [r[f"{key}_ms_p99"] for r in rows], style, color=color, alpha=0.35,
+                    label=f"{mode} p99")  # fmt: skip
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
     for ax, ylabel in zip(
         axes, ("output tokens/s", "TTFT (ms)", "inter-token latency (ms)"), strict=True
     ):
@@ -491,6 +496,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-cache-memory", type=int, default=512 * 1024 * 1024)
+    p.add_argument(
+        "--worker-threads", type=int, help="torch threads of the worker (OMP_NUM_THREADS)"
+    )
+    p.add_argument("--engine-threads", type=int, help="torch threads of the engine mode")
     p.add_argument("--quick", action="store_true", help="tiny model, short sweep (smoke test)")
     p.add_argument("--out", default=str(RESULTS / "serving.json"))
     return p.parse_args(argv)
@@ -546,10 +555,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # Engine and stack points alternate per concurrency so both see the same machine load
     # (the idle stack costs nothing while the engine runs).
+    if args.engine_threads:
+        import torch
+
+        torch.set_num_threads(args.engine_threads)
     engine = make_engine(model_path, engine_kwargs) if "engine" in modes and model_path else None
     if "stack" in modes and not args.base_url:
         assert model_path is not None
-        with launched_stack(model_path, served, worker_args) as base:
+        worker_env = {}
+        if args.worker_threads:
+            worker_env["OMP_NUM_THREADS"] = str(args.worker_threads)
+        with launched_stack(model_path, served, worker_args, worker_env) as base:
             for c in sweep:
                 if engine is not None:
                     record("engine", c, run_engine(engine, workload(c), c))
