@@ -121,8 +121,16 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        resume_token_ids: list[list[int]] | None = None,
     ) -> None:
-        """Validate and queue; raises ValueError and leaves the engine untouched on bad input."""
+        """Validate and queue; raises ValueError and leaves the engine untouched on bad input.
+
+        `resume_token_ids` continues a request another engine started (a worker taking over
+        a redelivered job): per completion index, the tokens already produced. They become
+        part of each sequence (re-prefilled, prefix-cached where possible) while the prompt
+        length stays the original one, so max_tokens and penalties count as if never
+        interrupted; a completion whose last token already ended it is not run again.
+        """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params.validate()
@@ -136,16 +144,19 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model accepts at most "
                 f"{self.max_model_len - 1} so that one token can be generated"
             )
+        produced = self._check_resume(resume_token_ids, params, len(prompt_token_ids))
         seqs: list[Sequence] = []
         for index in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(_seed_for(params.seed, index))
+                if not params.greedy:
+                    self._advance_generator(gen, len(produced[index]))
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,
                 index=index,
-                token_ids=list(prompt_token_ids),
+                token_ids=[*prompt_token_ids, *produced[index]],
                 num_prompt_tokens=len(prompt_token_ids),
                 params=params,
                 priority=priority,
@@ -153,10 +164,43 @@ class LLMEngine:
                 generator=gen,
                 prefill_leader=seqs[0] if seqs and self.config.enable_prefix_caching else None,
             )
+            seq.num_emitted = len(produced[index])
+            if produced[index]:
+                self._check_stop(seq, produced[index][-1])
             seqs.append(seq)
+        if all(seq.is_finished for seq in seqs):
+            raise ValueError("every completion of the resumed request has already finished")
         self.requests[request_id] = RequestState(request_id, seqs, len(prompt_token_ids))
         for seq in seqs:
-            self.scheduler.add(seq)
+            if not seq.is_finished:
+                self.scheduler.add(seq)
+
+    def _check_resume(
+        self, resume_token_ids: list[list[int]] | None, params: SamplingParams, num_prompt: int
+    ) -> list[list[int]]:
+        """The produced tokens per completion index (empty lists for a fresh request)."""
+        if resume_token_ids is None:
+            return [[] for _ in range(params.n)]
+        if len(resume_token_ids) != params.n:
+            raise ValueError(
+                f"resume_token_ids has {len(resume_token_ids)} entries for n={params.n}"
+            )
+        vocab = self.model_config.vocab_size
+        for tokens in resume_token_ids:
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in tokens):
+                raise ValueError(f"resumed token ids must be integers in [0, {vocab})")
+            if len(tokens) > params.max_tokens or num_prompt + len(tokens) > self.max_model_len:
+                raise ValueError("resumed tokens exceed max_tokens or the model length")
+        return [list(tokens) for tokens in resume_token_ids]
+
+    def _advance_generator(self, gen: torch.Generator, num_tokens: int) -> None:
+        """Skip the noise of tokens already sampled: the sampler draws one Exp(1) vector of
+        vocabulary size per sampled token of a non-greedy sequence, so a seeded
+        continuation then draws exactly what an uninterrupted run would have."""
+        vocab = self.model_config.vocab_size
+        scratch = torch.empty(vocab, dtype=torch.float32, device=self.device)
+        for _ in range(num_tokens):
+            scratch.exponential_(generator=gen)
 
     def abort_request(self, request_id: str) -> None:
         """Free its blocks now; its final output (finish_reason "abort") comes with the next step."""
