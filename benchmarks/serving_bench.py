@@ -299,6 +299,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """User+system CPU seconds of a process (Linux /proc); this process when pid is None."""
+    if pid is None:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_ready(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -375,7 +389,7 @@ def launched_stack(
         )
         base = f"http://127.0.0.1:{api_port}"
         wait_ready(f"{base}/ready", timeout=180)
-        yield base
+        yield base, {"nats": procs[0].pid, "worker": procs[1].pid, "api": procs[2].pid}
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -414,6 +428,13 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, int, int]:
         added = json.loads(tok_cfg.read_text()).get("added_tokens") or []
         reserved = max((t["id"] for t in added if t.get("special")), default=-1) + 1
     return str(path), int(cfg["vocab_size"]), reserved
+
+
+def _display_path(path: str | None) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def machine() -> dict:
@@ -550,8 +571,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    def run_stack(base: str, c: int) -> None:
-        record("stack", c, asyncio.run(run_http(base, served, workload(c), c, args.request_rate)))
+    def run_stack(base: str, c: int, pids: dict[str, int | None]) -> None:
+        """One stack point; with launched processes, also where the CPU went per token."""
+        before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        summary = asyncio.run(run_http(base, served, workload(c), c, args.request_rate))
+        if pids and summary["output_tokens"]:
+            summary["cpu_us_per_token"] = {
+                name: round(1e6 * (process_cpu_s(pid) - before[name]) / summary["output_tokens"])
+                for name, pid in pids.items()
+            }
+        record("stack", c, summary)
 
     # Engine and stack points alternate per concurrency so both see the same machine load
     # (the idle stack costs nothing while the engine runs).
@@ -565,22 +594,22 @@ def main(argv: list[str] | None = None) -> int:
         worker_env = {}
         if args.worker_threads:
             worker_env["OMP_NUM_THREADS"] = str(args.worker_threads)
-        with launched_stack(model_path, served, worker_args, worker_env) as base:
+        with launched_stack(model_path, served, worker_args, worker_env) as (base, pids):
             for c in sweep:
                 if engine is not None:
                     record("engine", c, run_engine(engine, workload(c), c))
-                run_stack(base, c)
+                run_stack(base, c, {**pids, "client": None})
     else:
         for c in sweep:
             if engine is not None:
                 record("engine", c, run_engine(engine, workload(c), c))
             if "stack" in modes:
-                run_stack(args.base_url, c)
+                run_stack(args.base_url, c, {})
 
     report = {
         "benchmark": "serving",
         "machine": machine(),
-        "model": {"path": model_path, "served_name": served, "vocab_size": vocab},
+        "model": {"path": _display_path(model_path), "served_name": served, "vocab_size": vocab},
         "workload": {
             "input_len": args.input_len,
             "output_len": args.output_len,
@@ -593,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "stack_vs_engine": compare(results),
         "targets": {"throughput_ratio_at_32": ">= 0.90", "added_ttft_ms_p50": "<= 5"},
-        "note": "stack = nats-server + API + worker + this client on the same machine",
+        "note": "stack = nats-server + API + worker + this client on the same machine; "
+        "cpu_us_per_token: CPU time of each process per output token at that point",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
