@@ -61,11 +61,15 @@ def raw_compose(path: Path = COMPOSE) -> dict[str, Any]:
 _COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
 
-def compose_environment(service: str) -> dict[str, str]:
-    """A compose service's environment with `${VAR:-default}` taken at its default, as
-    `docker compose up` sees it when nothing is exported (no Docker needed)."""
-    env = raw_compose()["services"][service].get("environment", {})
-    return {k: _COMPOSE_VAR.sub(lambda m: m.group(2) or "", str(v)) for k, v in env.items()}
+def compose_environment(service: str, files: tuple[Path, ...] = (COMPOSE,)) -> dict[str, str]:
+    """A compose service's environment, later files overriding earlier ones as with
+    `-f a -f b`, and `${VAR:-default}` taken at its default, as `docker compose up` sees
+    it when nothing is exported (no Docker needed)."""
+    merged: dict[str, str] = {}
+    for path in files:
+        service_def = (raw_compose(path)["services"] or {}).get(service) or {}
+        merged.update({k: str(v) for k, v in service_def.get("environment", {}).items()})
+    return {k: _COMPOSE_VAR.sub(lambda m: m.group(2) or "", v) for k, v in merged.items()}
 
 
 @dataclass(frozen=True)

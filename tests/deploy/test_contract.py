@@ -32,7 +32,7 @@ from deploy_files import (
 )
 
 from services.cli import SUBCOMMANDS, build_parser
-from shared.settings import DEFAULT_NATS_URL, ApiSettings, WorkerSettings
+from shared.settings import DEFAULT_NATS_URL, ApiSettings, LauncherSettings, WorkerSettings
 
 API_PORT = ApiSettings().port
 WORKER_PORT = WorkerSettings().metrics_port
@@ -41,6 +41,16 @@ NATS_CLIENT_PORT = urlparse(DEFAULT_NATS_URL).port
 
 def test_settings_defaults_are_the_documented_ports() -> None:
     assert (API_PORT, WORKER_PORT, NATS_CLIENT_PORT) == (8000, 8001, 4222)
+
+
+def test_launcher_runs_the_topology_on_the_same_ports() -> None:
+    """`jetserve up` (no Docker) listens where compose and prometheus.launcher.yml expect."""
+    launcher = LauncherSettings()
+    assert (launcher.port, launcher.metrics_port, launcher.nats_port) == (
+        API_PORT,
+        WORKER_PORT,
+        NATS_CLIENT_PORT,
+    )
 
 
 @pytest.mark.parametrize("path", list(deployment_texts()), ids=lambda p: str(p.relative_to(REPO)))
