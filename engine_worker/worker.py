@@ -143,7 +143,7 @@ class Worker:
             durable=consumer_name(self.model_name), stream=JOBS_STREAM
         )
         self._kv = await open_workers_bucket(js, self.settings)
-        obs = await models_object_store(js)
+        obs = await models_object_store(js, self.settings)
         for name, data in tokenizer_files.items():
             await obs.put(model_object_name(self.model_name, name), data)
         await self.nc.subscribe(CANCEL_WILDCARD, cb=self._on_cancel)

@@ -13,6 +13,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -48,6 +49,7 @@ def stream_configs(settings: BusSettings) -> list[StreamConfig]:
             storage=StorageType.FILE,
             duplicate_window=settings.jobs_duplicate_window_s,
             discard=DiscardPolicy.OLD,
+            num_replicas=settings.stream_replicas,
         ),
         StreamConfig(
             name=EVENTS_STREAM,
@@ -56,12 +58,14 @@ def stream_configs(settings: BusSettings) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=settings.events_max_age_s,
+            num_replicas=settings.stream_replicas,
         ),
         StreamConfig(
             name=DEAD_STREAM,
             subjects=[DEAD_WILDCARD],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            num_replicas=settings.stream_replicas,
         ),
     ]
 
@@ -80,7 +84,7 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     for config in stream_configs(settings):
         await _ensure_stream(js, config)
     await workers_bucket(js, settings)
-    await models_object_store(js)
+    await models_object_store(js, settings)
 
 
 async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
@@ -89,15 +93,20 @@ async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValu
         return await js.key_value(WORKERS_BUCKET)
     except (NotFoundError, BadRequestError):
         return await js.create_key_value(
-            bucket=WORKERS_BUCKET, ttl=settings.worker_ttl_s, history=1
+            bucket=WORKERS_BUCKET,
+            ttl=settings.worker_ttl_s,
+            history=1,
+            replicas=settings.stream_replicas,
         )
 
 
-async def models_object_store(js: JetStreamContext) -> ObjectStore:
+async def models_object_store(js: JetStreamContext, settings: BusSettings) -> ObjectStore:
     try:
         return await js.object_store(MODELS_OBJECT_STORE)
     except (NotFoundError, BadRequestError):
-        return await js.create_object_store(MODELS_OBJECT_STORE)
+        return await js.create_object_store(
+            MODELS_OBJECT_STORE, config=ObjectStoreConfig(replicas=settings.stream_replicas)
+        )
 
 
 def jobs_consumer_config(model: str, settings: BusSettings) -> ConsumerConfig:

@@ -77,6 +77,7 @@ class BusSettings:
     worker_ttl_s: float = 10.0  # a registry entry without heartbeat expires after this
     ack_wait_s: float = 30.0  # a job without in-progress ack is redelivered after this
     max_deliver: int = 5  # deliveries before a job is given up (dead letter, issue 5)
+    stream_replicas: int = 1  # 3 on a 3-node cluster, so losing a node loses no job
 
     @classmethod
     def _bus_from_env(cls) -> dict[str, Any]:
@@ -89,6 +90,7 @@ class BusSettings:
             worker_ttl_s=_env_float("WORKER_TTL", 10.0),
             ack_wait_s=_env_float("ACK_WAIT", 30.0),
             max_deliver=_env_int("MAX_DELIVER", 5) or 5,
+            stream_replicas=_env_int("STREAM_REPLICAS", 1) or 1,
         )
 
     @classmethod

@@ -23,6 +23,7 @@ from engine_worker.llm import LLM
 from engine_worker.sampling_params import SamplingParams
 from shared.jetstream import models_object_store
 from shared.messages import encode_job
+from shared.settings import BusSettings
 from shared.subjects import model_object_name
 
 PROMPT = [1, 20, 31, 42, 53, 64, 75]
@@ -245,7 +246,7 @@ async def test_registry_tokenizer_files_and_clean_exit(bus_stack: Stack, bus: Bu
     assert status.capacity == 3 and status.max_model_len > 0
     assert status.metrics_port == worker.port
     assert status.num_free_blocks == status.num_total_blocks > 0
-    obs = await models_object_store(bus.js)
+    obs = await models_object_store(bus.js, BusSettings())
     stored = await obs.get(model_object_name(status.model, "tokenizer.json"))
     assert stored.data == (bus_stack.model_dir / "tokenizer.json").read_bytes()
     assert worker.get("/health").json()["status"] == "ok"
