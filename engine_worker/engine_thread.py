@@ -28,6 +28,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    resume_token_ids: list[list[int]] | None = None  # takeover: tokens already produced
 
 
 @dataclass
@@ -131,7 +132,11 @@ class EngineThread:
             self._adds_applied += 1
             try:
                 self.engine.add_request(
-                    cmd.request_id, cmd.prompt_token_ids, cmd.params, priority=cmd.priority
+                    cmd.request_id,
+                    cmd.prompt_token_ids,
+                    cmd.params,
+                    priority=cmd.priority,
+                    resume_token_ids=cmd.resume_token_ids,
                 )
             except ValueError as e:
                 rejected.append((cmd.request_id, str(e)))

@@ -1,9 +1,9 @@
 """A job while a worker holds it, and the transforms between engine outputs and Deltas.
 
 Kept apart from the NATS loop so the mapping (seq numbering, usage accounting, logprob
-tuples) is plain, testable functions. `next_seq` and `produced` are the state a worker
-that takes over a redelivered job would rebuild from LLM_EVENTS (issue 5): seed them
-from the deltas already published and numbering continues where the last worker stopped.
+tuples) is plain, testable functions. `next_seq`, `produced` and the event-log fence are
+what a worker that takes over a redelivered job rebuilds from LLM_EVENTS
+(`state_from_history`): numbering and token counts continue where the last worker stopped.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine_worker.event_log import EventLog
 from engine_worker.outputs import CompletionDelta, RequestOutput
 from engine_worker.sampling_params import SamplingParams
+from shared.job_events import JobHistory
 from shared.messages import CompletionChunk, Delta, Job, Usage
+from shared.subjects import events_subject
 
 
 @dataclass
@@ -28,6 +31,14 @@ class JobState:
     gpu_time_s: float = 0.0
     finished: bool = False
     prompt_counted: bool = False
+    request_id: str = ""  # the engine request of this admission (job id + admission count)
+    events: EventLog | None = None  # the job's log in LLM_EVENTS and its publish fence
+    resume_token_ids: list[list[int]] | None = None  # tokens other workers already produced
+    lost: bool = False  # another worker appended to the job's log: stop, do not ack
+
+    def __post_init__(self) -> None:
+        if self.events is None:
+            self.events = EventLog(events_subject(self.job.id))
 
     @property
     def id(self) -> str:
@@ -36,6 +47,19 @@ class JobState:
     @property
     def completion_tokens(self) -> int:
         return sum(self.produced.values())
+
+
+def state_from_history(job: Job, msg: Any, history: JobHistory) -> JobState:
+    """A job's state after the Deltas already stored: numbering, counts and the fence."""
+    state = JobState(job, msg, next_seq=history.next_seq)
+    assert state.events is not None
+    state.events.fence = history.last_stream_seq
+    n = max(job.sampling.n, 1)
+    resume = history.resume_token_ids(n)
+    state.produced = {i: len(t) for i, t in enumerate(resume) if t}
+    if any(resume):
+        state.resume_token_ids = resume
+    return state
 
 
 def sampling_params(job: Job) -> SamplingParams:

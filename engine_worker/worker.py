@@ -7,10 +7,18 @@ size is the autoscaling signal. Running jobs are kept alive with in-progress ack
 engine step publishes one Delta per job to LLM_EVENTS, and a job is acked only after its
 final Delta is stored, so a crash before that means redelivery, never a lost request.
 
+Durability (see docs/durability.md): before running a job the worker reads the job's
+Deltas already in LLM_EVENTS, so a redelivered job (its worker crashed or was stopped)
+or a replayed dead letter continues after the last stored token, with seq numbering
+continuing too; every append to the job's log is fenced on the log's previous tail, so
+a worker that lost a job to a takeover cannot write into it. A delivery beyond
+`max_deliver` is moved to LLM_DEAD instead of being run; the janitor covers messages
+the server stopped delivering.
+
 Malformed jobs are logged and terminated (never redelivered); cancels arrive on a core
 subject and either abort a running job or are remembered for a queued one. SIGTERM stops
 pulling, lets running jobs finish for `drain_timeout_s`, and hands the rest back (nak)
-for another worker to run.
+for another worker to take over. An engine failure hands its jobs back the same way.
 """
 
 from __future__ import annotations
@@ -32,16 +40,21 @@ from engine_worker.cancel_memory import CancelMemory
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
 from engine_worker.engine_thread import AddRequest, EngineThread, StepResult, admit_slots
+from engine_worker.event_log import Appended, append
+from engine_worker.janitor import Janitor, dead_reason
 from engine_worker.job_state import (
     JobState,
     delta_from_output,
     error_delta,
     final_delta,
     sampling_params,
+    state_from_history,
 )
 from engine_worker.status_server import StatusServer
+from shared.dead_letters import publish_dead_letter
 from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
 from shared.jetstream import workers_bucket as open_workers_bucket
+from shared.job_events import read_history
 from shared.logging import configure_logging, get_logger
 from shared.messages import Delta, MessageError, decode_job, encode_delta
 from shared.metrics import new_registry, worker_metrics
@@ -62,6 +75,8 @@ from shared.worker_registry import WorkerStatus, delete_status, put_status
 FETCH_WAIT_S = 0.5  # long-poll for the first job; bounds how fast a stop is noticed
 FETCH_MORE_WAIT_S = 0.05  # after one job arrived, how long to wait for more
 PUBLISH_ATTEMPTS = 3
+PUBLISH_RETRY_S = 30.0  # a Delta is retried this long (NATS restarting) before the job is dropped
+HISTORY_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 30.0
 
 
@@ -119,6 +134,8 @@ class Worker:
         self._tasks: dict[str, asyncio.Task] = {}
         self._kv: Any = None
         self._sub: Any = None
+        self.janitor: Janitor | None = None
+        self._admissions = 0
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,6 +164,17 @@ class Worker:
         for name, data in tokenizer_files.items():
             await obs.put(model_object_name(self.model_name, name), data)
         await self.nc.subscribe(CANCEL_WILDCARD, cb=self._on_cancel)
+        self.janitor = Janitor(
+            nc=self.nc,
+            js=js,
+            model=self.model_name,
+            worker_id=self.worker_id,
+            sweep_interval_s=max(self.settings.ack_wait_s, 5.0),
+            retry_for_s=PUBLISH_RETRY_S,
+            log=self.log,
+            on_dead=self._count_dead,
+        )
+        await self.janitor.start()
 
         loop = asyncio.get_running_loop()
         self.engine_thread = EngineThread(engine, loop, self._on_step)
@@ -158,6 +186,7 @@ class Worker:
             ("heartbeat", self._heartbeat()),
             ("keepalive", self._keepalive()),
             ("puller", self._pull_loop()),
+            ("janitor", self.janitor.sweep_forever()),
         ):
             self._tasks[name] = asyncio.create_task(coro, name=name)
         self.log.info(
@@ -225,15 +254,18 @@ class Worker:
         if puller is not None:
             await asyncio.wait([puller], timeout=FETCH_WAIT_S + 2)
             puller.cancel()
-        if self.jobs:
+        if self.janitor is not None:
+            await self.janitor.stop()
+        if self.jobs and self._fatal is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_jobs.wait(), self.settings.drain_timeout_s)
         # Hand unfinished jobs back: forget them first so their abort output is not published.
+        # Their Deltas still queued are stored first, so whoever takes over continues after.
         handed_back = list(self.jobs.values())
         self.jobs.clear()
         if self.engine_thread is not None:
             for state in handed_back:
-                self.engine_thread.abort(state.id)
+                self.engine_thread.abort(state.request_id)
             self.engine_thread.stop()
             await asyncio.to_thread(self.engine_thread.join, 30)
         self._publish_queue.put_nowait(None)
@@ -241,8 +273,9 @@ class Worker:
         if publisher is not None:
             await asyncio.wait([publisher], timeout=10)
         for state in handed_back:
-            with contextlib.suppress(Exception):
-                await state.msg.nak()
+            if not state.lost:
+                with contextlib.suppress(Exception):
+                    await state.msg.nak()
         if handed_back:
             self.log.info("jobs_handed_back", job_ids=[s.id for s in handed_back])
         for task in self._tasks.values():
@@ -305,29 +338,67 @@ class Worker:
                     self.log.warning("fetch_failed", error=f"{type(e).__name__}: {e}")
                     await asyncio.sleep(0.5)
                     break
-                for msg in msgs:
-                    await self._admit(msg)
+                # Histories are read concurrently (one round trip each for a fresh job);
+                # jobs then start in the order they were delivered.
+                states = await asyncio.gather(*(self._prepare(msg) for msg in msgs))
+                for state in states:
+                    if state is not None:
+                        self._start(state)
 
-    async def _admit(self, msg: Msg) -> None:
+    async def _prepare(self, msg: Msg) -> JobState | None:
+        """Decode a delivery and restore the job's state from LLM_EVENTS; None if handled."""
         try:
             job = decode_job(msg.data)
         except MessageError as e:
             await self._reject_malformed(msg, str(e))
-            return
+            return None
         with structlog.contextvars.bound_contextvars(job_id=job.id):
             if sanitize_model(job.model) != sanitize_model(self.model_name):
                 state = JobState(job, msg)
                 error = f"job for model {job.model!r} reached a worker of {self.model_name!r}"
                 self._reject(state, "wrong_model", error)
-                return
+                return None
             existing = self.jobs.get(job.id)
             if existing is not None:
                 # Our in-progress acks were late and the server redelivered to us: keep
                 # running, answer for the newest delivery.
                 existing.msg = msg
                 self.log.warning("job_redelivered_while_running")
-                return
-            state = JobState(job, msg)
+                return None
+            assert self.nc is not None
+            try:
+                history = await read_history(self.nc.jetstream(), job.id, HISTORY_TIMEOUT_S)
+            except Exception as e:
+                # Not acked: JetStream redelivers it after ack_wait, when NATS answers again.
+                self.log.warning("job_history_unreadable", error=f"{type(e).__name__}: {e}")
+                return None
+            delivered = _num_delivered(msg)
+            if history.terminal:
+                # The last worker stored the final Delta but died before its ack.
+                self.log.info("job_already_finished", num_delivered=delivered)
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+                return None
+            state = state_from_history(job, msg, history)
+            if history.num_deltas:
+                self.metrics.jobs_resumed.labels(model_name=self.model_name).inc()
+                self.log.info(
+                    "job_resumed",
+                    num_delivered=delivered,
+                    next_seq=state.next_seq,
+                    produced_tokens=history.num_tokens,
+                    previous_workers=history.worker_ids,
+                )
+            if delivered > self.settings.max_deliver:
+                await self._dead_letter(state, delivered)
+                return None
+            return state
+
+    def _start(self, state: JobState) -> None:
+        job = state.job
+        with structlog.contextvars.bound_contextvars(job_id=job.id):
+            if job.id in self.jobs:
+                return  # delivered twice in one batch; the first one runs
             if job.id in self.cancelled:
                 self.log.info("job_skipped", reason="cancelled before start")
                 self._enqueue([Outgoing(state, final_delta(state, "abort", self.worker_id), "ack")])
@@ -337,19 +408,52 @@ class Worker:
                 delta = final_delta(state, "abort", self.worker_id, error="deadline exceeded")
                 self._enqueue([Outgoing(state, delta, "ack")])
                 return
-            delivered = _num_delivered(msg)
-            if delivered > 1:
-                # Issue 5 adds takeover: rebuild next_seq/produced from LLM_EVENTS and
-                # re-prefill prompt + produced tokens. Until then the job restarts at seq 0.
-                self.log.warning("job_redelivered", num_delivered=delivered)
+            self._admissions += 1
+            # A fresh engine request id per admission: a late output of an earlier
+            # admission of the same job (aborted, then taken back) is never mistaken.
+            state.request_id = f"{job.id}@{self._admissions}"
             self.jobs[job.id] = state
             self._no_jobs.clear()
             self._adds_submitted += 1
             assert self.engine_thread is not None
             self.engine_thread.add(
-                AddRequest(job.id, job.prompt_token_ids, sampling_params(job), job.priority)
+                AddRequest(
+                    state.request_id,
+                    job.prompt_token_ids,
+                    sampling_params(job),
+                    job.priority,
+                    resume_token_ids=state.resume_token_ids,
+                )
             )
             self.log.debug("job_admitted", prompt_tokens=len(job.prompt_token_ids))
+
+    async def _dead_letter(self, state: JobState, delivered: int) -> None:
+        """This delivery is one more than allowed: store the job in LLM_DEAD, close it."""
+        reason = dead_reason(delivered - 1)
+        assert self.nc is not None
+        try:
+            jobs_seq = int(state.msg.metadata.sequence.stream)
+            await publish_dead_letter(
+                self.nc.jetstream(),
+                state.msg.data,
+                state.id,
+                self.model_name,
+                reason,
+                delivered - 1,
+                self.worker_id,
+                jobs_seq,
+            )
+        except Exception as e:
+            # Left unacked: the server stops delivering it and the janitor moves it.
+            self.log.warning("dead_letter_failed", job_id=state.id, error=str(e))
+            return
+        self.log.warning("job_dead_lettered", job_id=state.id, deliveries=delivered - 1)
+        self._count_dead("delivery")
+        delta = final_delta(state, "error", self.worker_id, error=f"dead-lettered: {reason}")
+        self._enqueue([Outgoing(state, delta, "term")])
+
+    def _count_dead(self, source: str) -> None:
+        self.metrics.jobs_dead_lettered.labels(model_name=self.model_name, source=source).inc()
 
     async def _reject_malformed(self, msg: Msg, error: str) -> None:
         """Terminate: redelivering bytes that cannot decode would only fail again."""
@@ -385,7 +489,7 @@ class Worker:
         state = self.jobs.get(job_id)
         if state is not None and not state.finished and self.engine_thread is not None:
             self.log.info("job_cancelled", job_id=job_id)
-            self.engine_thread.abort(job_id)
+            self.engine_thread.abort(state.request_id)
         else:
             self.cancelled.add(job_id)
 
@@ -398,16 +502,16 @@ class Worker:
             self._fail_all(result.fatal)
             return
         batch: list[Outgoing] = []
-        for job_id, error in result.rejected:
-            state = self.jobs.get(job_id)
+        for request_id, error in result.rejected:
+            state = self._state_of(request_id)
             if state is not None:
                 self._reject(state, "invalid", error)
         share = result.step_time_s / max(len(result.outputs), 1)
         m = self.metrics
         for out in result.outputs:
-            state = self.jobs.get(out.request_id)
+            state = self._state_of(out.request_id)
             if state is None or state.finished:
-                continue  # handed back during shutdown, or closed already
+                continue  # handed back during shutdown, lost, or closed already
             state.gpu_time_s += share
             if not state.prompt_counted:
                 state.prompt_counted = True
@@ -426,19 +530,22 @@ class Worker:
             batch.append(Outgoing(state, delta, action))
         self._enqueue(batch)
 
+    def _state_of(self, request_id: str) -> JobState | None:
+        """The job an engine request belongs to, if that admission is still current."""
+        state = self.jobs.get(request_id.rpartition("@")[0])
+        return state if state is not None and state.request_id == request_id else None
+
     def _fail_all(self, error: str) -> None:
-        """The engine raised: close every job with an error and stop this worker."""
+        """The engine raised: stop this worker; shutdown hands its jobs back (nak).
+
+        The jobs may be fine on a healthy worker, which continues them from their stored
+        Deltas; a job that breaks every engine runs out of deliveries and is dead-lettered.
+        """
         if self._fatal is not None:
             return
         self._fatal = error
         self.exit_code = 1
         self.log.error("engine_failed", error=error, running_jobs=len(self.jobs))
-        batch = []
-        for state in list(self.jobs.values()):
-            if not state.finished:
-                delta = final_delta(state, "error", self.worker_id, error="engine failure")
-                batch.append(Outgoing(state, delta, "term"))
-        self._enqueue(batch)
         self.request_stop()
 
     def _update_gauges(self) -> None:
@@ -484,26 +591,42 @@ class Worker:
             except Exception as e:  # a bug must not silently stop all publishing
                 self.log.error("publisher_failed", error=f"{type(e).__name__}: {e}")
 
+    async def _append(self, out: Outgoing) -> Appended:
+        if out.state.lost:
+            return Appended.LOST
+        assert self.nc is not None and out.state.events is not None
+
+        def on_retry(attempt: int, error: Exception) -> None:
+            self.log.warning(
+                "publish_retry", job_id=out.state.id, attempt=attempt, error=str(error)
+            )
+
+        return await append(
+            self.nc.jetstream(),
+            out.state.events,
+            encode_delta(out.delta),
+            PUBLISH_RETRY_S,
+            on_retry,
+        )
+
     async def _store_and_settle(self, batch: list[Outgoing]) -> None:
         """One gather per step: a job has at most one Delta in it, so seq order holds."""
-        stored = await asyncio.gather(
-            *(self._publish(events_subject(o.state.id), encode_delta(o.delta)) for o in batch)
-        )
-        for out, ok in zip(batch, stored, strict=True):
+        stored = await asyncio.gather(*(self._append(o) for o in batch))
+        for out, result in zip(batch, stored, strict=True):
+            if result is not Appended.STORED:
+                self._drop(out.state, result)
+                continue
             if out.action is None:
                 continue
-            self.jobs.pop(out.state.id, None)
-            if not self.jobs:
-                self._no_jobs.set()
+            self._forget(out.state)
             msg = out.state.msg
             try:
-                if not ok:
-                    await msg.nak()  # the final Delta was not stored: let it run again
-                elif out.action == "ack":
+                if out.action == "ack":
                     await msg.ack()
                 else:
                     await msg.term()
             except Exception as e:
+                # The job's final Delta is stored: a redelivery will just ack it.
                 self.log.warning("ack_failed", job_id=out.state.id, error=str(e))
             usage = out.delta.usage
             self.log.info(
@@ -512,8 +635,32 @@ class Worker:
                 finish_reasons=[c.finish_reason for c in out.delta.chunks],
                 completion_tokens=usage.completion_tokens if usage else 0,
                 error=out.delta.error,
-                stored=ok,
             )
+
+    def _forget(self, state: JobState) -> None:
+        if self.jobs.get(state.id) is state:
+            del self.jobs[state.id]
+        if not self.jobs:
+            self._no_jobs.set()
+
+    def _drop(self, state: JobState, result: Appended) -> None:
+        """Stop a job whose Delta could not be stored, without acking it.
+
+        LOST: another worker appended to its log (a takeover): it owns the job now.
+        FAILED: NATS did not take the Delta in time; skipping it would leave a gap, so
+        the job is left to redelivery, and whoever runs it next continues after the
+        last Delta that was stored.
+        """
+        if state.lost:
+            return
+        state.lost = True
+        state.finished = True
+        self._forget(state)
+        if self.engine_thread is not None and state.request_id:
+            self.engine_thread.abort(state.request_id)
+        if result is Appended.LOST:
+            self.metrics.jobs_lost.labels(model_name=self.model_name).inc()
+        self.log.warning("job_dropped", job_id=state.id, reason=result.value)
 
     # -- periodic work ---------------------------------------------------------------------
     async def _keepalive(self) -> None:
@@ -525,7 +672,7 @@ class Worker:
             for state in list(self.jobs.values()):
                 deadline = state.job.deadline
                 if deadline is not None and now > deadline and self.engine_thread is not None:
-                    self.engine_thread.abort(state.id)
+                    self.engine_thread.abort(state.request_id)
                 with contextlib.suppress(Exception):
                     await state.msg.in_progress()
 

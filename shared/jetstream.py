@@ -117,7 +117,10 @@ def jobs_consumer_config(model: str, settings: BusSettings) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
-        max_deliver=settings.max_deliver,
+        # One delivery more than the runs a job gets: the worker that receives it moves the
+        # job to LLM_DEAD without running it, so a job that crashes workers cannot crash
+        # one more, and the move waits durably in the queue for any worker to do it.
+        max_deliver=settings.max_deliver + 1,
         # Workers pull only what they can admit; this is a safety cap, not the throttle.
         max_ack_pending=-1,
     )

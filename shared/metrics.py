@@ -101,6 +101,9 @@ class WorkerMetrics:
     generation_tokens: Counter
     request_success: Counter
     jobs_rejected: Counter
+    jobs_resumed: Counter
+    jobs_dead_lettered: Counter
+    jobs_lost: Counter
 
 
 def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
@@ -152,6 +155,24 @@ def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
             f"{PREFIX}jobs_rejected",
             "Jobs terminally acked as malformed or invalid",
             [*m, "reason"],
+            registry=registry,
+        ),
+        jobs_resumed=Counter(
+            f"{PREFIX}jobs_resumed",
+            "Jobs taken over from the Deltas another worker had stored (redelivery, replay)",
+            m,
+            registry=registry,
+        ),
+        jobs_dead_lettered=Counter(
+            f"{PREFIX}jobs_dead_lettered",
+            "Jobs moved to LLM_DEAD after exhausting their deliveries",
+            [*m, "source"],
+            registry=registry,
+        ),
+        jobs_lost=Counter(
+            f"{PREFIX}jobs_lost",
+            "Jobs this worker stopped because another worker took them over",
+            m,
             registry=registry,
         ),
     )

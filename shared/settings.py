@@ -76,7 +76,7 @@ class BusSettings:
     jobs_duplicate_window_s: float = 120.0  # Nats-Msg-Id dedup window on LLM_JOBS
     worker_ttl_s: float = 10.0  # a registry entry without heartbeat expires after this
     ack_wait_s: float = 30.0  # a job without in-progress ack is redelivered after this
-    max_deliver: int = 5  # deliveries before a job is given up (dead letter, issue 5)
+    max_deliver: int = 5  # runs a job gets before it is moved to LLM_DEAD
     stream_replicas: int = 1  # 3 on a 3-node cluster, so losing a node loses no job
 
     @classmethod
@@ -212,7 +212,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, help="[env JETSERVE_MAX_MODEL_LEN]")
     parser.add_argument("--attention-backend", help="[env JETSERVE_ATTENTION_BACKEND]")
     parser.add_argument("--ack-wait", dest="ack_wait_s", type=float, help="seconds (default 30)")
-    parser.add_argument("--max-deliver", type=int, help="deliveries per job (default 5)")
+    parser.add_argument(
+        "--max-deliver",
+        type=int,
+        help="runs per job before LLM_DEAD (default 5) [env JETSERVE_MAX_DELIVER]",
+    )
     parser.add_argument(
         "--drain-timeout",
         dest="drain_timeout_s",
