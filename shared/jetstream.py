@@ -28,6 +28,7 @@ from shared.subjects import (
     DEAD_WILDCARD,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    JOB_RECORDS_BUCKET,
     JOBS_STREAM,
     JOBS_WILDCARD,
     MODELS_OBJECT_STORE,
@@ -80,11 +81,13 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
-    """Create or update LLM_JOBS, LLM_EVENTS, LLM_DEAD, the worker registry and the object store."""
+    """Create or update LLM_JOBS, LLM_EVENTS, LLM_DEAD, the worker registry, the object store
+    and the jobs API's records."""
     for config in stream_configs(settings):
         await _ensure_stream(js, config)
     await workers_bucket(js, settings)
     await models_object_store(js, settings)
+    await job_records_bucket(js, settings)
 
 
 async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
@@ -95,6 +98,19 @@ async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValu
         return await js.create_key_value(
             bucket=WORKERS_BUCKET,
             ttl=settings.worker_ttl_s,
+            history=1,
+            replicas=settings.stream_replicas,
+        )
+
+
+async def job_records_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
+    """The jobs API's records; they live as long as the job's Deltas in LLM_EVENTS."""
+    try:
+        return await js.key_value(JOB_RECORDS_BUCKET)
+    except (NotFoundError, BadRequestError):
+        return await js.create_key_value(
+            bucket=JOB_RECORDS_BUCKET,
+            ttl=settings.events_max_age_s,
             history=1,
             replicas=settings.stream_replicas,
         )

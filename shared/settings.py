@@ -119,6 +119,11 @@ class ApiSettings(BusSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     api_keys_file: str | None = None
+    # SIGTERM: new requests get 503 while open streams finish, for at most this long.
+    drain_timeout_s: float = 30.0
+    # A streaming client that disconnects has its job cancelled after this many seconds
+    # unless it re-attaches (Last-Event-ID) in the meantime, through any replica.
+    reattach_grace_s: float = 0.0
 
     @classmethod
     def from_env(cls) -> Self:
@@ -127,6 +132,8 @@ class ApiSettings(BusSettings):
             host=_env("API_HOST") or "0.0.0.0",
             port=_env_int("API_PORT", 8000) or 8000,
             api_keys_file=_env("API_KEYS_FILE"),
+            drain_timeout_s=_env_float("API_DRAIN_TIMEOUT", 30.0),
+            reattach_grace_s=_env_float("REATTACH_GRACE", 0.0),
         )
 
 
@@ -134,6 +141,20 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     add_bus_arguments(parser)
     parser.add_argument("--host", help="bind address [env JETSERVE_API_HOST]")
     parser.add_argument("--port", type=int, help="HTTP port [env JETSERVE_API_PORT]")
+    parser.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout_s",
+        type=float,
+        help="on SIGTERM, seconds open streams get to finish while new requests get 503 "
+        "[env JETSERVE_API_DRAIN_TIMEOUT]",
+    )
+    parser.add_argument(
+        "--reattach-grace",
+        dest="reattach_grace_s",
+        type=float,
+        help="seconds a disconnected stream's job keeps running for a re-attach before it "
+        "is cancelled (default 0) [env JETSERVE_REATTACH_GRACE]",
+    )
 
 
 @dataclass

@@ -8,17 +8,20 @@ JOBS_STREAM = "LLM_JOBS"
 EVENTS_STREAM = "LLM_EVENTS"
 DEAD_STREAM = "LLM_DEAD"
 WORKERS_BUCKET = "llm_workers"
+JOB_RECORDS_BUCKET = "llm_job_records"  # the jobs API's request per job id (any replica reads it)
 MODELS_OBJECT_STORE = "llm_models"
 
 JOBS_PREFIX = "llm.jobs"
 EVENTS_PREFIX = "llm.events"
 CANCEL_PREFIX = "llm.cancel"
 DEAD_PREFIX = "llm.dead"
+ATTACH_PREFIX = "llm.attach"  # core: a client re-attached to a job; pending cancels are dropped
 
 JOBS_WILDCARD = f"{JOBS_PREFIX}.>"
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.>"
 CANCEL_WILDCARD = f"{CANCEL_PREFIX}.*"
 DEAD_WILDCARD = f"{DEAD_PREFIX}.>"
+ATTACH_WILDCARD = f"{ATTACH_PREFIX}.*"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -51,6 +54,10 @@ def events_subject(job_id: str) -> str:
 
 def cancel_subject(job_id: str) -> str:
     return f"{CANCEL_PREFIX}.{_token(job_id, 'job id')}"
+
+
+def attach_subject(job_id: str) -> str:
+    return f"{ATTACH_PREFIX}.{_token(job_id, 'job id')}"
 
 
 def dead_subject(model: str) -> str:
