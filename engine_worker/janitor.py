@@ -30,8 +30,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from engine_worker.event_log import Appended, EventLog, append
 from shared.dead_letters import NO_MESSAGE_FOUND, publish_dead_letter
+from shared.event_log import Appended, EventLog, append
 from shared.job_events import read_history
 from shared.messages import CompletionChunk, Delta, MessageError, decode_job, encode_delta
 from shared.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_worker.event_log import EventLog
 from engine_worker.outputs import CompletionDelta, RequestOutput
 from engine_worker.sampling_params import SamplingParams
+from shared.event_log import EventLog
 from shared.job_events import JobHistory
 from shared.messages import CompletionChunk, Delta, Job, Usage
 from shared.subjects import events_subject

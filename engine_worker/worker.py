@@ -40,7 +40,6 @@ from engine_worker.cancel_memory import CancelMemory
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
 from engine_worker.engine_thread import AddRequest, EngineThread, StepResult, admit_slots
-from engine_worker.event_log import Appended, append
 from engine_worker.janitor import Janitor, dead_reason
 from engine_worker.job_state import (
     JobState,
@@ -52,6 +51,7 @@ from engine_worker.job_state import (
 )
 from engine_worker.status_server import StatusServer
 from shared.dead_letters import publish_dead_letter
+from shared.event_log import Appended, append
 from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
 from shared.jetstream import workers_bucket as open_workers_bucket
 from shared.job_events import read_history

@@ -11,7 +11,7 @@ import nats
 import pytest
 from conftest import NatsServer
 
-from engine_worker.event_log import Appended, EventLog, append
+from shared.event_log import Appended, EventLog, append
 from shared.jetstream import ensure_streams
 from shared.job_events import JobHistory, fold, fold_all, read_history
 from shared.messages import CompletionChunk, Delta, Usage, encode_delta
