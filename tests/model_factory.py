@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
+
+from engine_worker.demo_checkpoint import train_bpe_tokenizer
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -26,22 +28,8 @@ Streaming sends token deltas back to the client as server sent events.
 
 
 def train_tokenizer(vocab_size: int = 400) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = _TEXT.splitlines() * 4
-    tok.train_from_iterator(lines, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return tok
+    """The demo builder's BPE trainer on a few lines of mixed-script text (byte fallback paths)."""
+    return train_bpe_tokenizer(_TEXT.splitlines() * 4, vocab_size, SPECIAL_TOKENS, bos_token="<s>")
 
 
 def _config(arch: str, vocab_size: int, **overrides):

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from conftest import free_port, nats_server_binary, wait_for_port
+from conftest import free_port, wait_for_port
 from deploy_files import NATS_CLUSTER_CONF
+
+from services.launcher import nats_server_binary
 
 
 @dataclass
@@ -60,7 +62,7 @@ class ClusterNode:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_for_port(self.client_port)
+        wait_for_port(self.client_port, self.proc)
 
     def kill(self) -> None:
         """SIGKILL: no lame duck, no flush; what a node crash looks like."""
