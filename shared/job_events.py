@@ -91,6 +91,18 @@ async def last_event_seq(js: JetStreamContext, job_id: str) -> int:
     return int(msg.seq or 0)
 
 
+async def last_delta(js: JetStreamContext, job_id: str) -> Delta | None:
+    """The job's newest stored Delta (one round trip), None when it has none."""
+    try:
+        msg = await js.get_last_msg(EVENTS_STREAM, events_subject(job_id))
+    except NotFoundError:
+        return None
+    try:
+        return decode_delta(msg.data or b"")
+    except MessageError:
+        return None
+
+
 async def read_job_events(
     js: JetStreamContext, job_id: str, timeout_s: float = READ_TIMEOUT_S
 ) -> tuple[list[Delta], int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 import structlog
@@ -24,13 +25,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api.api_metrics import QueuePoller, RequestCounter, record_generation
+from services.api.drain import DrainMiddleware, DrainState
 from services.api.errors import APIError, bad_request, model_not_found, service_unavailable
 from services.api.generation import Generation
 from services.api.job_builder import PreparedRequest
 from services.api.job_client import JobClient
+from services.api.jobs_api import router as jobs_router
 from services.api.model_registry import ModelRegistry, ServedModel
 from services.api.routes import router
-from shared.jetstream import ensure_streams
+from shared.jetstream import ensure_streams, job_records_bucket
 from shared.metrics import ApiMetrics, api_metrics, new_registry
 from shared.settings import ApiSettings
 
@@ -50,10 +53,12 @@ class ApiState:
     registry: ModelRegistry
     metrics: ApiMetrics
     prom: CollectorRegistry
+    job_records: Any = None  # KV bucket of the jobs API
+    drain: DrainState = field(default_factory=DrainState)
 
-    async def resolve(self, name: str) -> ServedModel:
+    async def resolve(self, name: str, require_live: bool = True) -> ServedModel:
         try:
-            model = await self.registry.get(name)
+            model = await self.registry.get(name, require_live=require_live)
         except Exception as e:
             log.error("tokenizer_load_failed", model=name, error=str(e))
             raise service_unavailable(f"could not load the tokenizer of '{name}': {e}") from e
@@ -139,6 +144,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings.from_env()
     prom = new_registry()
     metrics = api_metrics(prom)
+    drain = DrainState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,8 +155,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         await registry.start()
         poller = QueuePoller(js, registry, metrics)
         poller.start()
-        jobs = JobClient(nc, js)
-        app.state.api = ApiState(settings, nc, js, jobs, registry, metrics, prom)
+        jobs = JobClient(nc, js, reattach_grace_s=settings.reattach_grace_s)
+        await jobs.start()
+        records = await job_records_bucket(js, settings)
+        app.state.api = ApiState(
+            settings, nc, js, jobs, registry, metrics, prom, job_records=records, drain=drain
+        )
         log.info("api_started", nats_url=settings.nats_url, models=registry.models())
         try:
             yield
@@ -170,7 +180,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.drain = drain  # the server's SIGTERM handler flips it (services/api/drain.py)
+    app.add_middleware(DrainMiddleware, state=drain)
     app.add_middleware(RequestCounter, metrics=metrics)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(jobs_router)
     return app

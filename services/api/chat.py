@@ -37,8 +37,11 @@ async def chat_stream(
             id=rid, created=created, model=model, choices=[choice]
         ).model_dump_json()
 
+    resumed = gen.attached and gen.streams[0].replay_through >= 0
     try:
         for index in sorted(gen.choices):
+            if resumed:
+                break  # a re-attached client got the role chunks before it reconnected
             role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
             yield format_event(chunk(role))
         async for batch in gen.events():

@@ -9,6 +9,8 @@ index = prompt index * n + completion index, as OpenAI numbers batched prompts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +48,19 @@ class ChoiceState:
     num_tokens: int = 0
     finish_reason: str | None = None
 
+    def feed(self, token_ids: list[int], finish_reason: str | None) -> tuple[str, str | None]:
+        """New final text of this choice and its finish reason once it has one."""
+        self.num_tokens += len(token_ids)
+        text, stopped = self.stops.feed(self.detok.add(token_ids))
+        reason: str | None = "stop" if stopped else None
+        if not stopped and finish_reason is not None:
+            tail, stopped = self.stops.feed(self.detok.flush())
+            text += tail if stopped else tail + self.stops.flush()
+            reason = "stop" if stopped else finish_reason
+        if reason is not None:
+            self.finish_reason = reason
+        return text, reason
+
 
 @dataclass
 class Timing:
@@ -82,26 +97,35 @@ class Generation:
     streams: list[JobStream] = field(default_factory=list)
     choices: dict[int, ChoiceState] = field(default_factory=dict)
     recorded: bool = False  # metrics observed
+    attached: bool = False  # follows an existing job (re-attach, jobs API)
 
     @property
     def n(self) -> int:
         return self.prepared.sampling.n
 
+    def job(self, i: int) -> Job:
+        """The Job for prompt `i` (the jobs API publishes it without following it)."""
+        return self._job(i, self.prepared.prompts[i])
+
     def _job(self, i: int, prompt: list[int]) -> Job:
         job_id = self.request_id if len(self.prepared.prompts) == 1 else f"{self.request_id}-{i}"
+        sampling = self.prepared.sampling
+        if sampling.seed is None:
+            # Always seeded: a worker that takes the job over mid-way then continues
+            # exactly as the first one would have (same tokens, no seam in the text).
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         return Job(
             id=job_id,
             model=self.model.name,
             prompt_token_ids=prompt,
-            sampling=self.prepared.sampling,
+            sampling=sampling,
             created_at=time.time(),
             reply_to=events_subject(job_id),
             priority=self.prepared.priority,
             tags=dict(self.tags),
         )
 
-    async def start(self) -> None:
-        """Publish every job (subscribed first, so no delta is missed)."""
+    def _init_choices(self) -> None:
         tok = self.model.tokenizer.tokenizer
         for i, prompt in enumerate(self.prepared.prompts):
             self.usage.prompt_tokens += len(prompt)
@@ -110,6 +134,33 @@ class Generation:
                     IncrementalDetokenizer(tok, self.prepared.skip_special_tokens),
                     StopStringMatcher(self.prepared.stop),
                 )
+
+    async def attach(
+        self,
+        job_id: str,
+        replay_through: int = -1,
+        superseded_before: int = 0,
+        cancel_on_close: bool = True,
+    ) -> None:
+        """Follow an existing job instead of publishing one (a re-attach, the jobs API).
+
+        Its Deltas are read from the first; those up to `replay_through` rebuild the
+        detokenizer and stop-string state without producing events, so the events that
+        follow are exactly the ones the original stream would have sent next.
+        """
+        if len(self.prepared.prompts) != 1:
+            raise ValueError("only a request with a single prompt can be re-attached")
+        self.request_id = job_id
+        self.attached = True
+        self.recorded = True  # latency metrics describe the original request, not this one
+        self._init_choices()
+        job = self._job(0, self.prepared.prompts[0])
+        stream = await self.client.attach(job, replay_through, superseded_before, cancel_on_close)
+        self.streams.append(stream)
+
+    async def start(self) -> None:
+        """Publish every job (subscribed first, so no delta is missed)."""
+        self._init_choices()
         try:
             for i, prompt in enumerate(self.prepared.prompts):
                 self.streams.append(await self.client.submit(self._job(i, prompt)))
@@ -168,8 +219,12 @@ class Generation:
     def _apply_all(self, job_index: int, deltas: list[Delta]) -> list[ChoiceEvent]:
         """Fold several deltas into one event per choice (text and tokens concatenated)."""
         merged: dict[int, ChoiceEvent] = {}
+        shown_through = self.streams[job_index].replay_through
         for delta in deltas:
-            for ev in self._apply(job_index, delta):
+            events = self._apply(job_index, delta)
+            if delta.seq <= shown_through:
+                continue  # re-attach: the client saw this one before it reconnected
+            for ev in events:
                 prev = merged.get(ev.index)
                 if prev is None:
                     merged[ev.index] = ev
@@ -196,19 +251,11 @@ class Generation:
                 continue  # stopped on a stop string; the rest was cancelled
             if chunk.token_ids and self.timing.first_token is None:
                 self.timing.first_token = time.monotonic()
-            st.num_tokens += len(chunk.token_ids)
             self.usage.completion_tokens += len(chunk.token_ids)
+            text, reason = st.feed(chunk.token_ids, chunk.finish_reason)
             self.timing.max_tokens_in_a_choice = max(
                 self.timing.max_tokens_in_a_choice, st.num_tokens
             )
-            text, stopped = st.stops.feed(st.detok.add(chunk.token_ids))
-            reason: str | None = "stop" if stopped else None
-            if not stopped and chunk.finish_reason is not None:
-                tail, stopped = st.stops.feed(st.detok.flush())
-                text += tail if stopped else tail + st.stops.flush()
-                reason = "stop" if stopped else chunk.finish_reason
-            if reason is not None:
-                st.finish_reason = reason
             if text or reason is not None or chunk.logprobs:
                 events.append(ChoiceEvent(idx, text, chunk.token_ids, chunk.logprobs, reason, eid))
         if not delta.finished:

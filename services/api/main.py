@@ -21,13 +21,17 @@ def run(args: argparse.Namespace) -> int:
     settings = ApiSettings.from_args(args)
     configure_logging(settings.log_level, json=settings.log_json)
     from services.api.app import create_app
+    from services.api.drain import DrainingServer
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    # SIGTERM drains first (503 for new requests, open streams finish), then shuts down.
+    DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
     return 0

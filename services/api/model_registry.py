@@ -135,9 +135,14 @@ class ModelRegistry:
         lens = [w.max_model_len for w in self.live_workers(model) if w.max_model_len]
         return min(lens) if lens else None
 
-    async def get(self, model: str) -> ServedModel | None:
-        """The model if some worker serves it now (its tokenizer loaded once), else None."""
-        if not self.live_workers(model):
+    async def get(self, model: str, require_live: bool = True) -> ServedModel | None:
+        """The model if some worker serves it now (its tokenizer loaded once), else None.
+
+        `require_live=False` (jobs API, re-attach): a model some worker served before is
+        enough, since its tokenizer stays in the object store and a job queued for it
+        runs when a worker comes back.
+        """
+        if require_live and not self.live_workers(model):
             return None
         bundle = self._tokenizers.get(model)
         if bundle is None:
@@ -145,7 +150,12 @@ class ModelRegistry:
             async with lock:
                 bundle = self._tokenizers.get(model)
                 if bundle is None:
-                    bundle = await self._load_tokenizer(model)
+                    try:
+                        bundle = await self._load_tokenizer(model)
+                    except ValueError:
+                        if require_live:
+                            raise
+                        return None  # no worker ever published this model's tokenizer
                     self._tokenizers[model] = bundle
                     self._texts[model] = TokenTexts(bundle.tokenizer)
         max_len = self.model_max_len(model) or tokenizer_max_len(bundle)

@@ -25,6 +25,7 @@ from services.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
+from services.api.reattach import open_generation, request_cursor
 from services.api.sse import EventStreamResponse
 from shared.metrics import CONTENT_TYPE, render
 
@@ -97,8 +98,10 @@ def _json(model: BaseModel) -> Response:
 async def completions(request: Request) -> Response:
     st = _state(request)
     req = parse_body(CompletionRequest, await request.body())
-    model = await st.resolve(req.model)
-    gen = await st.start_generation(model, prepare_completion(req, model), req.user)
+    cursor = request_cursor(request)  # a re-attach: Last-Event-ID or ?after=
+    model = await st.resolve(req.model, require_live=cursor is None)
+    prepared = prepare_completion(req, model)
+    gen = await open_generation(st, cursor, model, prepared, req.user, bool(req.stream))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = completion_stream(gen, include_usage, req.logprobs)
@@ -116,8 +119,10 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     st = _state(request)
     req = parse_body(ChatCompletionRequest, await request.body())
-    model = await st.resolve(req.model)
-    gen = await st.start_generation(model, prepare_chat(req, model), req.user)
+    cursor = request_cursor(request)  # a re-attach: Last-Event-ID or ?after=
+    model = await st.resolve(req.model, require_live=cursor is None)
+    prepared = prepare_chat(req, model)
+    gen = await open_generation(st, cursor, model, prepared, req.user, bool(req.stream))
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -157,6 +162,8 @@ async def health() -> Response:
 async def ready(request: Request) -> Response:
     st = _state(request)
     reasons = []
+    if st.drain.draining:
+        reasons.append("draining")
     if not st.nc.is_connected:
         reasons.append("not connected to NATS")
     models = st.registry.models()
