@@ -26,12 +26,16 @@ from starlette.responses import Response
 
 from services.api.api_metrics import QueuePoller, RequestCounter, record_generation
 from services.api.drain import DrainMiddleware, DrainState
+from services.api.edge_limits import add_cors
 from services.api.errors import APIError, bad_request, model_not_found, service_unavailable
+from services.api.gateway import Gateway, GatewayMiddleware
+from services.api.gateway_settings import GatewaySettings
 from services.api.generation import Generation
 from services.api.job_builder import PreparedRequest
 from services.api.job_client import JobClient
 from services.api.jobs_api import router as jobs_router
 from services.api.model_registry import ModelRegistry, ServedModel
+from services.api.openapi_doc import install_openapi
 from services.api.routes import router
 from shared.jetstream import ensure_streams, job_records_bucket
 from shared.metrics import ApiMetrics, api_metrics, new_registry
@@ -55,6 +59,7 @@ class ApiState:
     prom: CollectorRegistry
     job_records: Any = None  # KV bucket of the jobs API
     drain: DrainState = field(default_factory=DrainState)
+    gateway: Gateway | None = None  # auth, limits, usage (services/api/gateway.py)
 
     async def resolve(self, name: str, require_live: bool = True) -> ServedModel:
         try:
@@ -69,11 +74,20 @@ class ApiState:
     async def start_generation(
         self, model: ServedModel, prepared: PreparedRequest, user: str | None
     ) -> Generation:
-        gen = Generation(self.jobs, model, prepared, tags={"user": user} if user else {})
+        tags = {"user": user} if user else {}
+        if self.gateway is not None:
+            # Key caps, tokens/min, priority class, cost tags: 4xx/429 before queueing.
+            admission = await self.gateway.admit(model, prepared, user)
+            prepared, tags = admission.prepared, admission.tags
+        gen = Generation(self.jobs, model, prepared, tags=tags)
+        if self.gateway is not None:
+            self.gateway.attach(gen, admission)
         structlog.contextvars.bind_contextvars(job_id=gen.request_id)
         try:
             await gen.start()
         except Exception as e:
+            if self.gateway is not None:
+                self.gateway.release(gen)
             log.error("job_publish_failed", error=str(e))
             raise service_unavailable(f"could not queue the request: {e}") from e
         return gen
@@ -84,6 +98,8 @@ class ApiState:
         if not gen.recorded:
             gen.recorded = True
             record_generation(self.metrics, gen)
+            if self.gateway is not None:
+                self.gateway.on_finish(gen)
             t = gen.timing
             log.info(
                 "request_finished",
@@ -140,10 +156,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-def create_app(settings: ApiSettings | None = None) -> FastAPI:
+def create_app(
+    settings: ApiSettings | None = None, gateway_settings: GatewaySettings | None = None
+) -> FastAPI:
     settings = settings or ApiSettings.from_env()
     prom = new_registry()
     metrics = api_metrics(prom)
+    gateway = Gateway.create(gateway_settings or GatewaySettings.from_env(), prom)
     drain = DrainState()
 
     @asynccontextmanager
@@ -153,19 +172,30 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         await ensure_streams(js, settings)
         registry = ModelRegistry(js, stale_after_s=settings.worker_ttl_s)
         await registry.start()
+        await gateway.start(js, registry, settings.stream_replicas)
         poller = QueuePoller(js, registry, metrics)
         poller.start()
         jobs = JobClient(nc, js, reattach_grace_s=settings.reattach_grace_s)
         await jobs.start()
         records = await job_records_bucket(js, settings)
         app.state.api = ApiState(
-            settings, nc, js, jobs, registry, metrics, prom, job_records=records, drain=drain
+            settings,
+            nc,
+            js,
+            jobs,
+            registry,
+            metrics,
+            prom,
+            job_records=records,
+            drain=drain,
+            gateway=gateway,
         )
         log.info("api_started", nats_url=settings.nats_url, models=registry.models())
         try:
             yield
         finally:
             await poller.stop()
+            await gateway.stop()
             await registry.stop()
             await jobs.drain()
             try:
@@ -182,8 +212,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.drain = drain  # the server's SIGTERM handler flips it (services/api/drain.py)
     app.add_middleware(DrainMiddleware, state=drain)
+    app.add_middleware(GatewayMiddleware, gateway=gateway)  # inside the counter: 401/429 count
     app.add_middleware(RequestCounter, metrics=metrics)
+    add_cors(app, gateway.settings.cors_origins)  # outermost: preflights need no key
     _install_error_handlers(app)
     app.include_router(router)
+    install_openapi(app, gateway.settings.public_paths)
     app.include_router(jobs_router)
     return app

@@ -77,6 +77,8 @@ class UsageTotals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_time_s: float = 0.0  # summed over the request's jobs, for cost attribution
+    gpu_time_s: float = 0.0
 
 
 def new_job_id() -> str:
@@ -242,6 +244,8 @@ class Generation:
             raise JobFailed(delta.error)
         if delta.usage is not None:
             self.usage.cached_tokens += delta.usage.cached_tokens
+            self.usage.queue_time_s += delta.usage.queue_time_s
+            self.usage.gpu_time_s += delta.usage.gpu_time_s
         events: list[ChoiceEvent] = []
         eid = f"{delta.job_id}:{delta.seq}"
         for chunk in delta.chunks:

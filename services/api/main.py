@@ -9,12 +9,14 @@ import argparse
 
 import uvicorn
 
+from services.api.gateway_settings import GatewaySettings, add_gateway_arguments
 from shared.logging import configure_logging
 from shared.settings import ApiSettings, add_api_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_api_arguments(parser)
+    add_gateway_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from services.api.app import create_app
     from services.api.drain import DrainingServer
 
-    app = create_app(settings)
+    app = create_app(settings, GatewaySettings.from_args(args))
     config = uvicorn.Config(
         app,
         host=settings.host,
