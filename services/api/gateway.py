@@ -203,9 +203,15 @@ class Gateway:
         self.metrics.rate_limited.labels(caller.key_id, limit).inc()
         return RateLimited(message, wait, limit)
 
-    def fallback_for(self, body: bytes) -> tuple[str, str] | None:
-        """(model, reason) when this generation request should go to the fallback."""
+    def fallback_for(self, scope: Scope, body: bytes) -> tuple[str, str] | None:
+        """(model, reason) when this generation request should go to the fallback.
+
+        A re-attach (Last-Event-ID or ?after=) follows a job in this cluster's streams, so
+        it is never diverted.
+        """
         if self.proxy is None or self.registry is None or self.monitor is None:
+            return None
+        if is_reattach(scope):
             return None
         model = requested_model(body)
         if model is None:
@@ -374,6 +380,13 @@ class Gateway:
             log.warning("token_refund_failed", error=str(task.exception()))
 
 
+def is_reattach(scope: Scope) -> bool:
+    if any(name == b"last-event-id" for name, _ in scope.get("headers", [])):
+        return True
+    query = scope.get("query_string", b"")
+    return any(part.split(b"=", 1)[0] == b"after" for part in query.split(b"&"))
+
+
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -433,7 +446,7 @@ class GatewayMiddleware:
                 await e.response()(scope, receive, send)
                 return
             if generation:
-                target = gw.fallback_for(body)
+                target = gw.fallback_for(scope, body)
                 if target is not None:
                     await gw.serve_fallback(scope, body, receive, send, *target)
                     return

@@ -7,6 +7,7 @@ bad request never reaches a worker.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.api.errors import bad_request
@@ -23,6 +24,7 @@ from shared.messages import JobSampling
 MAX_STOP_STRINGS = 16
 DEFAULT_MAX_TOKENS_NO_LIMIT = 256  # when neither the worker nor the tokenizer knows the limit
 SEED_LIMIT = 2**63
+INT32_LIMIT = 2**31  # ids and counts travel as fixed-size ints (msgpack, torch)
 
 
 @dataclass
@@ -90,17 +92,17 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Job
     _check_range(req.presence_penalty, "presence_penalty", -2.0, 2.0)
     _check_range(req.frequency_penalty, "frequency_penalty", -2.0, 2.0)
     _check_range(req.min_p, "min_p", 0.0, 1.0)
-    if req.top_k is not None and req.top_k < -1:
+    if req.top_k is not None and not -1 <= req.top_k < INT32_LIMIT:
         raise bad_request("top_k must be -1, 0 (disabled) or positive", param="top_k")
-    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
-        raise bad_request("repetition_penalty must be > 0", param="repetition_penalty")
+    if req.repetition_penalty is not None and not 0 < req.repetition_penalty < math.inf:
+        raise bad_request("repetition_penalty must be > 0 and finite", param="repetition_penalty")
     if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
         raise bad_request(f"seed must be in [0, 2**63), got {req.seed}", param="seed")
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", param="logit_bias")
     stop_ids = list(req.stop_token_ids or [])
-    if any(t < 0 for t in stop_ids):
-        raise bad_request("stop_token_ids must be non-negative", param="stop_token_ids")
+    if any(not 0 <= t < INT32_LIMIT for t in stop_ids):
+        raise bad_request("stop_token_ids must be non-negative token ids", param="stop_token_ids")
     return JobSampling(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
