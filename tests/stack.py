@@ -294,8 +294,12 @@ class BusClient:
         await self.nc.publish(cancel_subject(job_id), b"")
         await self.nc.flush()
 
-    async def deltas(self, job_id: str, timeout_s: float = 60.0) -> AsyncIterator[Delta]:
-        """Every Delta of the job from the start of LLM_EVENTS, until the finished one."""
+    async def deltas(
+        self, job_id: str, timeout_s: float = 60.0, past_errors: bool = False
+    ) -> AsyncIterator[Delta]:
+        """Every Delta of the job from the start of LLM_EVENTS, until the finished one
+        (with `past_errors`, until one that finished without error: a dead-lettered job
+        that is replayed goes on after its error Delta)."""
         sub = await self.js.subscribe(
             events_subject(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
@@ -308,7 +312,7 @@ class BusClient:
                 msg = await sub.next_msg(timeout=remaining)
                 delta = decode_delta(msg.data)
                 yield delta
-                if delta.finished:
+                if delta.finished and not (past_errors and delta.error):
                     return
         finally:
             with contextlib.suppress(Exception):  # the connection may be closed by now

@@ -30,9 +30,9 @@ class Collector:
     times: list[float] = field(default_factory=list)  # monotonic arrival of each Delta
     task: asyncio.Task | None = None
 
-    def start(self, bus: BusClient, timeout_s: float) -> Collector:
+    def start(self, bus: BusClient, timeout_s: float, past_errors: bool = False) -> Collector:
         async def run() -> None:
-            async for d in bus.deltas(self.job.id, timeout_s=timeout_s):
+            async for d in bus.deltas(self.job.id, timeout_s, past_errors):
                 self.deltas.append(d)
                 self.times.append(time.monotonic())
 
