@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from stack import BusClient
 
 from engine_worker.llm import LLM
@@ -143,3 +145,90 @@ async def wait_for(predicate, timeout_s: float = 30.0, interval: float = 0.02):
 def report(name: str, text: str) -> None:
     """Counts and recovery times, for the closing note (visible with pytest -s)."""
     print(f"[fault] {name}: {text}")
+
+
+# -- SSE over real HTTP ------------------------------------------------------------------
+@dataclass
+class SSEEvent:
+    id: str | None
+    data: str
+
+    @property
+    def payload(self) -> dict:
+        return json.loads(self.data)
+
+
+def parse_sse(text: str) -> list[SSEEvent]:
+    events = []
+    for block in text.split("\n\n"):
+        eid, data = None, []
+        for line in block.splitlines():
+            if line.startswith("id: "):
+                eid = line[4:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+        if data:
+            events.append(SSEEvent(eid, "\n".join(data)))
+    return events
+
+
+@dataclass
+class StreamRead:
+    """What a client received on one SSE connection, even if it broke off."""
+
+    events: list[SSEEvent] = field(default_factory=list)
+    status: int = 0
+    broken: bool = False  # the connection ended without `data: [DONE]`
+
+    @property
+    def last_id(self) -> str | None:
+        ids = [e.id for e in self.events if e.id]
+        return ids[-1] if ids else None
+
+    @property
+    def done(self) -> bool:
+        return bool(self.events) and self.events[-1].data == "[DONE]"
+
+    def texts(self, key: str = "text") -> dict[int, str]:
+        """Concatenated text per choice (`text` for completions, chat delta `content`)."""
+        out: dict[int, str] = {}
+        for e in self.events:
+            if e.data == "[DONE]":
+                continue
+            for c in e.payload.get("choices", []):
+                piece = c.get("text") if key == "text" else (c.get("delta") or {}).get("content")
+                out[c["index"]] = out.get(c["index"], "") + (piece or "")
+        return out
+
+    def finish_reasons(self) -> dict[int, str]:
+        return {
+            c["index"]: c["finish_reason"]
+            for e in self.events
+            if e.data != "[DONE]"
+            for c in e.payload.get("choices", [])
+            if c.get("finish_reason")
+        }
+
+
+async def read_stream(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    read: StreamRead,
+    json_body: dict | None = None,
+    headers: dict | None = None,
+) -> StreamRead:
+    """Read an SSE response into `read` as it arrives (a broken connection is recorded)."""
+    buffer = ""
+    try:
+        async with client.stream(method, url, json=json_body, headers=headers) as resp:
+            read.status = resp.status_code
+            async for chunk in resp.aiter_text():
+                buffer += chunk
+                *complete, buffer = buffer.split("\n\n")
+                for block in complete:
+                    read.events.extend(parse_sse(block + "\n\n"))
+    except (httpx.HTTPError, OSError):
+        read.broken = True
+    read.broken = read.broken or not read.done
+    return read

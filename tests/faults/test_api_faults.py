@@ -1,0 +1,210 @@
+"""Fault tests through the HTTP API: an API replica killed mid-stream, SIGTERM drains of an
+API and of a worker under load, and a nats-server killed and restarted with jobs queued
+and running. Each counts jobs submitted vs completed and text delivered vs an
+uninterrupted run of the same (seeded) requests: nothing lost, nothing duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+from fault_support import StreamRead, read_stream, report, wait_for
+from stack import Stack, bus_stack_fixture  # noqa: F401
+
+PROMPTS = ["The quick brown fox", "Workers pull jobs", "Paged attention", "A queue of jobs"]
+
+
+def body(model: str, i: int, max_tokens: int, stream: bool = True) -> dict:
+    return {
+        "model": model,
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": max_tokens,
+        "temperature": 0.0 if i % 2 == 0 else 0.8,
+        "seed": 1000 + i,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+async def references(api_url: str, bodies: list[dict]) -> list[str]:
+    """The uninterrupted run: the same seeded requests, non-streaming."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=120) as api:
+        outs = await asyncio.gather(
+            *(api.post("/v1/completions", json={**b, "stream": False}) for b in bodies)
+        )
+    return [o.json()["choices"][0]["text"] for o in outs]
+
+
+def tally_line(reads: list[StreamRead], refs: list[str]) -> tuple[str, int, int]:
+    completed = sum(r.done and r.finish_reasons() == {0: "length"} for r in reads)
+    exact = sum(r.texts().get(0, "") == ref for r, ref in zip(reads, refs, strict=True))
+    chars = sum(len(r.texts().get(0, "")) for r in reads)
+    line = (
+        f"jobs {completed}/{len(reads)} completed, {exact}/{len(reads)} texts equal to the "
+        f"uninterrupted run, chars {chars}/{sum(len(x) for x in refs)} delivered"
+    )
+    return line, completed, exact
+
+
+async def test_api_killed_mid_stream_then_reattach_through_another(bus_stack: Stack) -> None:
+    model = bus_stack.model_dir.name
+    bus_stack.start_worker("--max-num-seqs", "8")
+    api1, api2 = bus_stack.start_api(), bus_stack.start_api()
+    bodies = [body(model, i, 200) for i in range(4)]
+    async with httpx.AsyncClient(timeout=60) as http:
+        reads = [StreamRead() for _ in bodies]
+        tasks = [
+            asyncio.create_task(read_stream(http, "POST", f"{api1.url}/v1/completions", r, b))
+            for r, b in zip(reads, bodies, strict=True)
+        ]
+        await wait_for(lambda: all(len(r.events) >= 5 for r in reads), timeout_s=60)
+        api1.proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.gather(*tasks)
+        assert all(r.broken for r in reads)
+        # Each client reconnects to the other replica with the last event id it saw.
+        rests = [StreamRead() for _ in reads]
+        await asyncio.gather(
+            *(
+                read_stream(
+                    http,
+                    "POST",
+                    f"{api2.url}/v1/completions",
+                    rest,
+                    b,
+                    headers={"Last-Event-ID": r.last_id},
+                )
+                for r, rest, b in zip(reads, rests, bodies, strict=True)
+            )
+        )
+        resumed_s = time.monotonic() - killed_at
+        joined = [
+            StreamRead(events=r.events + rest.events) for r, rest in zip(reads, rests, strict=True)
+        ]
+        refs = await references(api2.url, bodies)
+        # Re-attach after the job finished: the tail again, from any point.
+        late = StreamRead()
+        await read_stream(
+            http,
+            "POST",
+            f"{api2.url}/v1/completions",
+            late,
+            bodies[0],
+            headers={"Last-Event-ID": reads[0].last_id},
+        )
+    line, completed, exact = tally_line(joined, refs)
+    dup_ids = sum(len(j.events) - len({e.id or i for i, e in enumerate(j.events)}) for j in joined)
+    report(
+        "api_kill9_reattach",
+        f"{line}; duplicate event ids {dup_ids}; all streams "
+        f"finished {resumed_s:.2f}s after the kill",
+    )
+    assert completed == exact == len(bodies) and dup_ids == 0
+    assert late.done and late.texts() == rests[0].texts()
+
+
+async def test_sigterm_drain_of_api_and_worker_under_load(bus_stack: Stack) -> None:
+    model = bus_stack.model_dir.name
+    flags = ("--max-num-seqs", "4", "--ack-wait", "3", "--drain-timeout", "0.3")
+    w0 = bus_stack.start_worker(*flags)
+    w1 = bus_stack.start_worker(*flags)
+    api1, api2 = bus_stack.start_api(), bus_stack.start_api()
+    bodies = [body(model, i, 480) for i in range(12)]
+    async with httpx.AsyncClient(timeout=120) as http:
+        reads = [StreamRead() for _ in bodies]
+        tasks = [
+            asyncio.create_task(read_stream(http, "POST", f"{api1.url}/v1/completions", r, b))
+            for r, b in zip(reads, bodies, strict=True)
+        ]
+        await wait_for(lambda: sum(len(r.events) >= 3 for r in reads) >= 4, timeout_s=60)
+        # API drain: new requests get 503 at once, open streams run to the end.
+        api1.signal(signal.SIGTERM)
+        await wait_for(lambda: _draining(http, api1.url), timeout_s=10)
+        # Worker drain: running jobs get 0.3 s, the rest go back to the queue (nak) and
+        # continue on the other worker after the tokens already sent.
+        t0 = time.monotonic()
+        w0.signal(signal.SIGTERM)
+        worker_exit = await asyncio.to_thread(w0.proc.wait, 30)
+        worker_exit_s = time.monotonic() - t0
+        handed = [e for e in w0.log_events() if e.get("event") == "jobs_handed_back"]
+        refused = await http.post(f"{api1.url}/v1/completions", json=body(model, 0, 5))
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert (await http.get(f"{api1.url}/ready")).status_code == 503
+        elsewhere = await http.post(f"{api2.url}/v1/completions", json=body(model, 0, 5, False))
+        assert elsewhere.status_code == 200
+        await asyncio.gather(*tasks)
+        api_exit = api1.proc.wait(30)
+        refs = await references(api2.url, bodies)
+    line, completed, exact = tally_line(reads, refs)
+    report(
+        "sigterm_drain",
+        f"{line}; worker drained in {worker_exit_s:.2f}s handing back "
+        f"{len(handed[0]['job_ids']) if handed else 0} jobs; API exit code "
+        f"{api_exit}",
+    )
+    assert not any(r.broken for r in reads)
+    assert completed == exact == len(bodies)
+    assert api_exit == 0 and worker_exit == 0 and w1.alive
+    assert handed and handed[0]["job_ids"], "the worker finished everything: no hand-back tested"
+
+
+async def _draining(http: httpx.AsyncClient, url: str) -> bool:
+    try:
+        resp = await http.get(f"{url}/ready")
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 503 and "draining" in resp.json().get("reasons", [])
+
+
+async def test_nats_server_killed_and_restarted_with_jobs_queued_and_running(
+    bus_stack: Stack,
+) -> None:
+    model = bus_stack.model_dir.name
+    bus_stack.start_worker("--max-num-seqs", "3", "--ack-wait", "3")
+    api = bus_stack.start_api()
+    bodies = [body(model, i, 150) for i in range(8)]  # 3 running, 5 queued
+    async with httpx.AsyncClient(timeout=120) as http:
+        reads = [StreamRead() for _ in bodies]
+        tasks = [
+            asyncio.create_task(read_stream(http, "POST", f"{api.url}/v1/completions", r, b))
+            for r, b in zip(reads, bodies, strict=True)
+        ]
+        await wait_for(lambda: sum(len(r.events) >= 3 for r in reads) >= 3, timeout_s=60)
+        bus_stack.nats.stop(kill=True)
+        down_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        bus_stack.nats.start()  # same port, same store: the queue is still there
+        restarted_at = time.monotonic()
+        first_after = await _first_event_after(reads, restarted_at)
+        await asyncio.gather(*tasks)
+        done_s = time.monotonic() - restarted_at
+        assert await _ready(http, api.url)
+        refs = await references(api.url, bodies)
+    line, completed, exact = tally_line(reads, refs)
+    report(
+        "nats_restart",
+        f"{line}; nats down {restarted_at - down_at:.2f}s; first token "
+        f"{first_after:.2f}s after the restart; all done {done_s:.2f}s "
+        f"after it",
+    )
+    assert not any(r.broken for r in reads)
+    assert completed == exact == len(bodies)
+
+
+async def _first_event_after(reads: list[StreamRead], t: float) -> float:
+    counts = [len(r.events) for r in reads]
+    await wait_for(
+        lambda: any(len(r.events) > c for r, c in zip(reads, counts, strict=True)), timeout_s=60
+    )
+    return time.monotonic() - t
+
+
+async def _ready(http: httpx.AsyncClient, url: str) -> bool:
+    async def ok() -> bool:
+        return (await http.get(f"{url}/ready")).status_code == 200
+
+    return bool(await wait_for(ok, timeout_s=30))
