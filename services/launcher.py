@@ -143,7 +143,7 @@ class Launcher:
         self._spawn(
             "api",
             [sys.executable, "-m", "services.cli", "api", "--host", s.host,
-             "--port", str(s.port), "--auth", "off", *common],
+             "--port", str(s.port), "--auth", "off", "--drain-timeout", "5", *common],
         )  # fmt: skip
         self._wait_ready()
         name = s.model_name or model.name
