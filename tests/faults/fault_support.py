@@ -217,8 +217,10 @@ async def read_stream(
     read: StreamRead,
     json_body: dict | None = None,
     headers: dict | None = None,
+    hang_up_after: int | None = None,
 ) -> StreamRead:
-    """Read an SSE response into `read` as it arrives (a broken connection is recorded)."""
+    """Read an SSE response into `read` as it arrives (a broken connection is recorded);
+    `hang_up_after`: the client closes the connection after that many events."""
     buffer = ""
     try:
         async with client.stream(method, url, json=json_body, headers=headers) as resp:
@@ -228,6 +230,8 @@ async def read_stream(
                 *complete, buffer = buffer.split("\n\n")
                 for block in complete:
                     read.events.extend(parse_sse(block + "\n\n"))
+                if hang_up_after is not None and len(read.events) >= hang_up_after:
+                    break
     except (httpx.HTTPError, OSError):
         read.broken = True
     read.broken = read.broken or not read.done

@@ -11,8 +11,11 @@ import signal
 import time
 
 import httpx
+import nats
 from fault_support import StreamRead, read_stream, report, wait_for
-from stack import Stack, bus_stack_fixture  # noqa: F401
+from stack import Stack, bus_stack_fixture, tiny_llama_long_fixture  # noqa: F401
+
+from shared.job_events import read_history
 
 PROMPTS = ["The quick brown fox", "Workers pull jobs", "Paged attention", "A queue of jobs"]
 
@@ -104,6 +107,60 @@ async def test_api_killed_mid_stream_then_reattach_through_another(bus_stack: St
     )
     assert completed == exact == len(bodies) and dup_ids == 0
     assert late.done and late.texts() == rests[0].texts()
+
+
+async def test_reattach_within_the_grace_keeps_the_job(bus_stack: Stack, tiny_llama_long) -> None:
+    """With a re-attach grace, a dropped stream's job keeps running for a while: a client
+    that comes back through another replica in time loses nothing; one that does not
+    has its job cancelled when the grace ends."""
+    model = tiny_llama_long.name
+    bus_stack.start_worker(model_dir=tiny_llama_long)
+    grace = ("--reattach-grace", "1.5")
+    api1, api2 = bus_stack.start_api(*grace), bus_stack.start_api(*grace)
+    kept, dropped = body(model, 0, 1000), body(model, 1, 3000)
+    async with httpx.AsyncClient(timeout=120) as http:
+        first, gone = StreamRead(), StreamRead()
+        await asyncio.gather(
+            read_stream(http, "POST", f"{api1.url}/v1/completions", first, kept, hang_up_after=5),
+            read_stream(http, "POST", f"{api1.url}/v1/completions", gone, dropped, hang_up_after=5),
+        )
+        await asyncio.sleep(0.5)
+        rest = StreamRead()
+        await read_stream(
+            http,
+            "POST",
+            f"{api2.url}/v1/completions",
+            rest,
+            kept,
+            headers={"Last-Event-ID": first.last_id},
+        )
+        (ref,) = await references(api2.url, [kept])
+        dropped_id = gone.last_id.rsplit(":", 1)[0]
+        js_history = await _history_when_finished(bus_stack, dropped_id)
+    joined = StreamRead(events=first.events + rest.events)
+    assert joined.done and joined.texts()[0] == ref
+    assert joined.finish_reasons() == {0: "length"}
+    assert js_history.finish_reasons == {0: "abort"}
+    assert 0 < js_history.num_tokens < 3000
+    report(
+        "reattach_grace",
+        f"kept job: {len(ref)}/{len(ref)} chars after re-attaching through another replica "
+        f"0.5 s after hanging up; dropped job cancelled at {js_history.num_tokens} of 3000 "
+        f"tokens (grace 1.5 s)",
+    )
+
+
+async def _history_when_finished(stack: Stack, job_id: str):
+    nc = await nats.connect(stack.nats_url)
+    try:
+
+        async def finished():
+            h = await read_history(nc.jetstream(), job_id)
+            return h if h.finished else None
+
+        return await wait_for(finished, timeout_s=60)
+    finally:
+        await nc.close()
 
 
 async def test_sigterm_drain_of_api_and_worker_under_load(bus_stack: Stack) -> None:
