@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 ENDPOINTS = ("completions", "chat.completions")
@@ -53,8 +53,8 @@ async def put_record(kv: KeyValue, record: JobRecord) -> None:
 async def get_record(kv: KeyValue, job_id: str) -> JobRecord | None:
     try:
         entry = await kv.get(job_id)
-    except (KeyNotFoundError, NotFoundError):
-        return None
+    except (KeyNotFoundError, NotFoundError, InvalidKeyError):
+        return None  # an id that cannot be a KV key was never a job: 404, not a 500
     if not entry.value:
         return None
     try:
