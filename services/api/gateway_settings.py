@@ -13,23 +13,24 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Self
 
+ENV_PREFIX = "JETSERVE_"
 DEFAULT_PUBLIC_PATHS = ("/health", "/ready", "/metrics")
 MIB = 1024 * 1024
 
 
 def _env(name: str) -> str | None:
-    value = os.environ.get("JETSERVE_" + name)
+    value = os.environ.get(ENV_PREFIX + name)
     return value if value not in (None, "") else None
 
 
-def _number(name: str, default: float) -> float:
+def _env_float(name: str, default: float) -> float:
     raw = _env(name)
     if raw is None:
         return default
     try:
         return float(raw)
     except ValueError as e:
-        raise ValueError(f"JETSERVE_{name} must be a number, got {raw!r}") from e
+        raise ValueError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from e
 
 
 def parse_switch(raw: str) -> bool:
@@ -71,14 +72,14 @@ class GatewaySettings:
             api_keys_file=_env("API_KEYS_FILE"),
             api_keys=_env("API_KEYS"),
             public_paths=_list(_env("PUBLIC_PATHS"), DEFAULT_PUBLIC_PATHS),
-            max_body_bytes=int(_number("MAX_BODY_BYTES", 8 * MIB)),
-            body_timeout_s=_number("BODY_TIMEOUT", 30.0),
-            request_timeout_s=_number("REQUEST_TIMEOUT", 600.0),
+            max_body_bytes=int(_env_float("MAX_BODY_BYTES", 8 * MIB)),
+            body_timeout_s=_env_float("BODY_TIMEOUT", 30.0),
+            request_timeout_s=_env_float("REQUEST_TIMEOUT", 600.0),
             cors_origins=_list(_env("CORS_ORIGINS")),
             fallback_url=_env("FALLBACK_URL"),
             fallback_api_key=_env("FALLBACK_API_KEY"),
-            fallback_queue_wait_s=_number("FALLBACK_QUEUE_WAIT", 30.0),
-            fallback_timeout_s=_number("FALLBACK_TIMEOUT", 600.0),
+            fallback_queue_wait_s=_env_float("FALLBACK_QUEUE_WAIT", 30.0),
+            fallback_timeout_s=_env_float("FALLBACK_TIMEOUT", 600.0),
         )
 
     @classmethod

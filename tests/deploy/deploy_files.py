@@ -31,6 +31,7 @@ PROMETHEUS_CONFIGS = sorted((DEPLOY / "prometheus").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "jetserve.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 SETTINGS = REPO / "shared" / "settings.py"
+GATEWAY_SETTINGS = REPO / "services" / "api" / "gateway_settings.py"  # the API's gateway
 
 ENV_NAME = re.compile(r"\bJETSERVE_[A-Z0-9_]+\b")
 _SETTINGS_READERS = {"_env", "_env_int", "_env_float", "_env_bool"}
@@ -109,16 +110,21 @@ def pod_specs() -> Iterator[tuple[K8sDoc, dict[str, Any]]]:
 
 
 def settings_env_names() -> set[str]:
-    """JETSERVE_* names shared/settings.py reads: ENV_PREFIX + the first argument of each
-    `_env*("NAME", ...)` call, taken from the source so nothing is imported or guessed."""
-    tree = ast.parse(SETTINGS.read_text())
+    """JETSERVE_* names shared/settings.py (and the API's gateway settings) read: ENV_PREFIX
+    + the first argument of each `_env*("NAME", ...)` call, taken from the source so nothing
+    is imported or guessed."""
+    return _env_names(SETTINGS) | _env_names(GATEWAY_SETTINGS)
+
+
+def _env_names(settings: Path) -> set[str]:
+    tree = ast.parse(settings.read_text())
     prefix = None
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "ENV_PREFIX" for t in node.targets
         ):
             prefix = ast.literal_eval(node.value)
-    assert prefix == "JETSERVE_", f"shared/settings.py ENV_PREFIX is {prefix!r}"
+    assert prefix == "JETSERVE_", f"{settings.name} ENV_PREFIX is {prefix!r}"
     names = set()
     for node in ast.walk(tree):
         if (

@@ -68,6 +68,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+API_KEY = "sk-deploy-test-0123456789abcdef"
 VARIANTS = {
     "cpu": (COMPOSE,),
     "gpu": (COMPOSE, COMPOSE_GPU),
@@ -93,6 +94,8 @@ def compose_like_stack(
     }
     api_env = {**compose_environment("api", files), **here, "JETSERVE_API_PORT": str(api_port)}
     api_env["JETSERVE_API_HOST"] = "127.0.0.1"
+    assert api_env["JETSERVE_AUTH"] == "1"  # compose turns API keys on; seed one here
+    api_env["JETSERVE_API_KEYS"] = f"deploy-test={API_KEY}"
     # compose runs `worker --model /models/jetserve-demo`; the same flag, a local folder.
     worker = _spawn(["worker", "--model", str(tiny_llama)], worker_env, root / "worker.log")
     api = _spawn(["api"], api_env, root / "api.log")
@@ -139,6 +142,7 @@ def test_dashboard_series_exist_with_model_labels(compose_like_stack: dict[str, 
     r = httpx.post(
         f"{api}/v1/completions",
         json={"model": model, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0},
+        headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=60,
     )
     assert r.status_code == 200, r.text
