@@ -29,9 +29,9 @@ import httpx
 import nats
 import pytest
 import pytest_asyncio
-from conftest import NatsServer, free_port
 from model_factory import build_tiny_checkpoint
 from nats.js.api import ConsumerInfo, DeliverPolicy
+from nats_process import NatsServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.jetstream import ensure_streams, workers_bucket

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
-from conftest import free_port
+from nats_process import free_port
 
 from services.launcher import port_in_use
 

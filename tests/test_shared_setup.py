@@ -10,8 +10,8 @@ import logging
 import nats
 import pytest
 import structlog
-from conftest import NatsServer
 from nats.js.api import RetentionPolicy
+from nats_process import NatsServer
 
 from shared.jetstream import ensure_jobs_consumer, ensure_streams, queue_depth
 from shared.logging import configure_logging, get_logger

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from conftest import free_port, wait_for_port
 from deploy_files import NATS_CLUSTER_CONF
+from nats_process import free_port, wait_for_port
 
 from services.launcher import nats_server_binary
 

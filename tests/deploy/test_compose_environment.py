@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import NatsServer, free_port
 from deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
@@ -28,6 +27,7 @@ from deploy_files import (
     dashboard_exprs,
     metric_names_in,
 )
+from nats_process import NatsServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 START_TIMEOUT_S = 120.0

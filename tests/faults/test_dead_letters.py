@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import nats
-from conftest import NatsServer
 from fault_support import Collector, Tally, reference_outputs, report, wait_for
+from nats_process import NatsServer
 from stack import REPO_ROOT, BusClient, Stack, bus_fixture, bus_stack_fixture  # noqa: F401
 
 from engine_worker.janitor import Janitor

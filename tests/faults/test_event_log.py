@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nats
 import pytest
-from conftest import NatsServer
+from nats_process import NatsServer
 
 from shared.event_log import Appended, EventLog, append
 from shared.jetstream import ensure_streams

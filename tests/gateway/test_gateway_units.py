@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from conftest import NatsServer
+from nats_process import NatsServer
 
 from services.api.api_keys import (
     ApiKeyRecord,
