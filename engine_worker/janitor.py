@@ -99,6 +99,7 @@ class Janitor:
     _suspects: set[int] = field(default_factory=set)
     _sub: Any = None
     _tasks: set[asyncio.Task] = field(default_factory=set)
+    _stopped: bool = False
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -106,6 +107,7 @@ class Janitor:
         )
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -127,7 +129,7 @@ class Janitor:
         task.add_done_callback(self._tasks.discard)
 
     async def sweep_forever(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 await self.sweep()

@@ -280,7 +280,10 @@ class Worker:
             self.log.info("jobs_handed_back", job_ids=[s.id for s in handed_back])
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        # Bounded: on Python 3.11 a cancel that lands as a NATS reply arrives can be
+        # swallowed inside asyncio.wait_for; the loops also check _stopped to end anyway.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=5)
         self._tasks.clear()
         if self._kv is not None:
             with contextlib.suppress(Exception):
@@ -666,7 +669,7 @@ class Worker:
     async def _keepalive(self) -> None:
         """In-progress acks keep ack_wait from expiring on long jobs; deadlines abort."""
         interval = self.settings.ack_wait_s / 3
-        while True:
+        while not self._stopped.is_set():
             await asyncio.sleep(interval)
             now = time.time()
             for state in list(self.jobs.values()):
@@ -702,7 +705,7 @@ class Worker:
             self.log.warning("heartbeat_failed", error=str(e))
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             await self._heartbeat_once()
 
