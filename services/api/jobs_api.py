@@ -94,7 +94,13 @@ async def create_job(request: Request) -> Response:
     prepared = _prepare(endpoint, req, model)
     if len(prepared.prompts) != 1:
         raise bad_request("a job takes exactly one prompt", param="prompt")
-    gen = Generation(st.jobs, model, prepared, tags={"user": req.user} if req.user else {})
+    tags = {"user": req.user} if req.user else {}
+    if st.gateway is not None:
+        # The key's caps, tokens/min and priority class apply as to any request. Nothing
+        # follows an async job to its end, so its token reservation is not refunded.
+        admission = await st.gateway.admit(model, prepared, req.user)
+        prepared, tags = admission.prepared, admission.tags
+    gen = Generation(st.jobs, model, prepared, tags=tags)
     job = gen.job(0)
     record = JobRecord(
         id=job.id,
