@@ -14,10 +14,17 @@ from engine_worker.cancel_memory import CancelMemory
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
 from engine_worker.engine_thread import AddRequest, EngineThread, StepResult
-from engine_worker.job_state import JobState, delta_from_output, final_delta, sampling_params
+from engine_worker.job_state import (
+    JobState,
+    delta_from_output,
+    final_delta,
+    sampling_params,
+    state_from_history,
+)
 from engine_worker.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from engine_worker.status_server import StatusServer
-from shared.messages import Job, JobSampling
+from shared.job_events import fold_all
+from shared.messages import CompletionChunk, Delta, Job, JobSampling
 from shared.metrics import new_registry, worker_metrics
 
 
@@ -146,3 +153,22 @@ async def test_status_server_routes() -> None:
         writer.close()
     finally:
         await server.stop()
+
+
+def test_state_from_history_continues_numbering_counts_and_fence() -> None:
+    stored = [
+        Delta("j1", 0, [CompletionChunk(0, [7, 8]), CompletionChunk(1, [9])], worker_id="w0"),
+        Delta("j1", 1, [CompletionChunk(0, [10], finish_reason="length")], worker_id="w0"),
+    ]
+    history = fold_all("j1", stored)
+    history.last_stream_seq = 42
+    state = state_from_history(_job(n=2), None, history)
+    assert state.next_seq == 2 and state.events.fence == 42
+    assert state.resume_token_ids == [[7, 8, 10], [9]]
+    assert state.produced == {0: 3, 1: 1} and state.completion_tokens == 4
+    # Its next Delta continues the numbering and the usage counts every token produced.
+    out = RequestOutput("j1@1", [CompletionDelta(1, [11], finish_reason="length")], True, 3, 0)
+    delta = delta_from_output(state, out, "w1")
+    assert delta.seq == 2 and delta.finished and delta.usage.completion_tokens == 5
+    fresh = state_from_history(_job(), None, fold_all("j1", []))
+    assert fresh.next_seq == 0 and fresh.resume_token_ids is None and fresh.events.fence == 0
