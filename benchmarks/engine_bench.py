@@ -27,7 +27,7 @@ import torch
 
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 

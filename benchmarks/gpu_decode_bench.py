@@ -36,8 +36,8 @@ import torch
 
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
-from engine_worker.sampling_params import SamplingParams
 from kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from shared.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 

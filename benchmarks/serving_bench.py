@@ -242,7 +242,7 @@ def run_engine(engine, wl: Workload, concurrency: int) -> dict:
 
 def _engine_loop(engine, wl: Workload, concurrency: int) -> dict:
     """Closed loop over LLMEngine.step() with the same timing points as the HTTP client."""
-    from engine_worker.sampling_params import SamplingParams
+    from shared.sampling_params import SamplingParams
 
     def params(n: int) -> SamplingParams:
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)

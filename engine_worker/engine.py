@@ -17,9 +17,9 @@ from engine_worker.model_loader import build_model, init_random_weights, load_we
 from engine_worker.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from engine_worker.outputs import CompletionDelta, RequestOutput
 from engine_worker.sampler import sample
-from engine_worker.sampling_params import SamplingParams
 from engine_worker.scheduler import Scheduler
 from engine_worker.sequence import Sequence, SequenceStatus
+from shared.sampling_params import SamplingParams
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from engine_worker.engine import EngineStats, LLMEngine
 from engine_worker.outputs import RequestOutput
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

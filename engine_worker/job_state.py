@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_worker.outputs import CompletionDelta, RequestOutput
-from engine_worker.sampling_params import SamplingParams
 from shared.event_log import EventLog
 from shared.job_events import JobHistory
 from shared.messages import CompletionChunk, Delta, Job, Usage
+from shared.sampling_params import SamplingParams
 from shared.subjects import events_subject
 
 
@@ -63,8 +63,8 @@ def state_from_history(job: Job, msg: Any, history: JobHistory) -> JobState:
 
 
 def sampling_params(job: Job) -> SamplingParams:
-    """JobSampling mirrors SamplingParams field for field (a test pins that)."""
-    return SamplingParams(**dataclasses.asdict(job.sampling))
+    """A copy, so the engine never shares mutable lists with the decoded message."""
+    return dataclasses.replace(job.sampling, stop_token_ids=list(job.sampling.stop_token_ids))
 
 
 def _chunk(d: CompletionDelta) -> CompletionChunk:

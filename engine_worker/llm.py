@@ -9,7 +9,7 @@ from typing import Any
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
 from engine_worker.outputs import TokenLogprob
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import TokenizerBundle, load_tokenizer
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine_worker.outputs import TokenLogprob
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

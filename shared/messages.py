@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from shared.sampling_params import SamplingParams
+
 SCHEMA_VERSION = 1
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
@@ -28,32 +30,13 @@ class MessageError(ValueError):
 
 
 @dataclass
-class JobSampling:
-    """Sampling knobs; mirrors engine_worker.sampling_params.SamplingParams field for field."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    n: int = 1
-
-
-@dataclass
 class Job:
     """One generation request, as the API publishes it to `llm.jobs.<model>`."""
 
     id: str
     model: str
     prompt_token_ids: list[int]
-    sampling: JobSampling
+    sampling: SamplingParams
     created_at: float
     reply_to: str
     priority: int = 0  # lower runs first
@@ -171,7 +154,7 @@ def _unpack(data: bytes, what: str) -> dict[str, Any]:
 # --- Job ---------------------------------------------------------------------------------
 
 
-def _sampling_to_wire(s: JobSampling) -> dict[str, Any]:
+def _sampling_to_wire(s: SamplingParams) -> dict[str, Any]:
     return {
         "max_tokens": s.max_tokens,
         "temperature": s.temperature,
@@ -189,14 +172,14 @@ def _sampling_to_wire(s: JobSampling) -> dict[str, Any]:
     }
 
 
-def _sampling_from_wire(value: Any) -> JobSampling:
+def _sampling_from_wire(value: Any) -> SamplingParams:
     m = _map(value, "sampling")
-    d = JobSampling()
+    d = SamplingParams()
 
     def get(key: str, check) -> Any:
         return check(m[key], f"sampling.{key}") if key in m else getattr(d, key)
 
-    return JobSampling(
+    return SamplingParams(
         max_tokens=get("max_tokens", _int),
         temperature=get("temperature", _float),
         top_p=get("top_p", _float),

@@ -35,7 +35,7 @@ from nats_process import NatsServer, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.jetstream import ensure_streams, workers_bucket
-from shared.messages import Delta, Job, JobSampling, decode_delta, encode_job
+from shared.messages import Delta, Job, SamplingParams, decode_delta, encode_job
 from shared.settings import BusSettings
 from shared.subjects import (
     JOBS_STREAM,
@@ -276,7 +276,7 @@ class BusClient:
             id=job_id,
             model=self.model,
             prompt_token_ids=prompt_token_ids,
-            sampling=JobSampling(**sampling),
+            sampling=SamplingParams(**sampling),
             created_at=time.time(),
             reply_to=events_subject(job_id),
         )

@@ -16,7 +16,7 @@ import stack as harness
 from stack import Stack
 
 from engine_worker.llm import LLM
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import load_tokenizer
 
 PROMPT = "The quick brown fox"

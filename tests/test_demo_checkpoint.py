@@ -186,7 +186,7 @@ def test_engine_greedy_generation_matches_transformers(demo_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from engine_worker.llm import LLM
-    from engine_worker.sampling_params import SamplingParams
+    from shared.sampling_params import SamplingParams
 
     bundle = load_tokenizer(demo_dir)
     prompts = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import msgpack
@@ -10,13 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_worker.sampling_params import SamplingParams
 from shared.messages import (
     CompletionChunk,
     Delta,
     Job,
-    JobSampling,
     MessageError,
+    SamplingParams,
     Usage,
     decode_delta,
     decode_job,
@@ -38,7 +36,7 @@ short_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("
 ident = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=30)
 
 samplings = st.builds(
-    JobSampling,
+    SamplingParams,
     max_tokens=st.integers(1, 4096),
     temperature=finite,
     top_p=finite,
@@ -109,20 +107,17 @@ def _job() -> Job:
         id="cmpl-1",
         model="tiny",
         prompt_token_ids=[1, 2, 3],
-        sampling=JobSampling(max_tokens=4, temperature=0.0, seed=7, stop_token_ids=[2]),
+        sampling=SamplingParams(max_tokens=4, temperature=0.0, seed=7, stop_token_ids=[2]),
         created_at=1700000000.5,
         reply_to=events_subject("cmpl-1"),
         tags={"key_id": "k1"},
     )
 
 
-def test_job_sampling_mirrors_sampling_params() -> None:
-    """The worker builds SamplingParams(**asdict(job.sampling)): the fields must match."""
-    ours = {f.name: f.default for f in dataclasses.fields(JobSampling)}
-    theirs = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
-    assert ours.keys() == theirs.keys()
-    assert ours == theirs
-    params = SamplingParams(**dataclasses.asdict(_job().sampling))
+def test_job_sampling_is_the_engine_s_sampling_params() -> None:
+    """One dataclass on both sides of the bus: what decodes is what the engine validates."""
+    params = decode_job(encode_job(_job())).sampling
+    assert isinstance(params, SamplingParams)
     params.validate()
     assert params.seed == 7 and params.stop_token_ids == [2]
 
@@ -138,7 +133,7 @@ def test_defaults_fill_missing_optional_fields() -> None:
         "reply_to": "llm.events.a",
     }
     job = decode_job(msgpack.packb(wire))
-    assert job.sampling == JobSampling()
+    assert job.sampling == SamplingParams()
     assert job.priority == 0 and job.deadline is None and job.tags == {}
     assert isinstance(job.created_at, float)
 

@@ -20,9 +20,9 @@ from stack import (  # noqa: F401  (fixtures)
 )
 
 from engine_worker.llm import LLM
-from engine_worker.sampling_params import SamplingParams
 from shared.jetstream import models_object_store
 from shared.messages import encode_job
+from shared.sampling_params import SamplingParams
 from shared.settings import BusSettings
 from shared.subjects import model_object_name
 

@@ -24,7 +24,7 @@ from engine_worker.job_state import (
 from engine_worker.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from engine_worker.status_server import StatusServer
 from shared.job_events import fold_all
-from shared.messages import CompletionChunk, Delta, Job, JobSampling
+from shared.messages import CompletionChunk, Delta, Job, SamplingParams
 from shared.metrics import new_registry, worker_metrics
 
 
@@ -33,7 +33,7 @@ def _job(job_id: str = "j1", n: int = 1, created_at: float | None = None) -> Job
         id=job_id,
         model="m",
         prompt_token_ids=[1, 2, 3],
-        sampling=JobSampling(max_tokens=4, n=n, seed=5),
+        sampling=SamplingParams(max_tokens=4, n=n, seed=5),
         created_at=time.time() if created_at is None else created_at,
         reply_to=f"llm.events.{job_id}",
     )

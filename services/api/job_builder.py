@@ -19,7 +19,7 @@ from services.api.openai_schemas import (
     CompletionRequest,
     SamplingFields,
 )
-from shared.messages import JobSampling
+from shared.messages import SamplingParams
 
 MAX_STOP_STRINGS = 16
 DEFAULT_MAX_TOKENS_NO_LIMIT = 256  # when neither the worker nor the tokenizer knows the limit
@@ -32,7 +32,7 @@ class PreparedRequest:
     """Everything the generation step needs, independent of the endpoint."""
 
     prompts: list[list[int]]
-    sampling: JobSampling
+    sampling: SamplingParams
     stop: list[str]
     skip_special_tokens: bool
     priority: int
@@ -82,7 +82,7 @@ def resolve_max_tokens(
     return requested
 
 
-def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> JobSampling:
+def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", param="n")
@@ -103,7 +103,7 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Job
     stop_ids = list(req.stop_token_ids or [])
     if any(not 0 <= t < INT32_LIMIT for t in stop_ids):
         raise bad_request("stop_token_ids must be non-negative token ids", param="stop_token_ids")
-    return JobSampling(
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,

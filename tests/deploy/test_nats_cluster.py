@@ -20,7 +20,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 from nats_cluster import LoopbackCluster, loopback_cluster
 
 from shared.jetstream import jobs_consumer_config, stream_configs
-from shared.messages import Job, JobSampling, decode_job, encode_job
+from shared.messages import Job, SamplingParams, decode_job, encode_job
 from shared.settings import BusSettings
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
 
@@ -49,7 +49,7 @@ def _job(i: int) -> Job:
         id=f"job-{i:04d}",
         model=MODEL,
         prompt_token_ids=[1, 2, 3, i % 50],
-        sampling=JobSampling(max_tokens=4),
+        sampling=SamplingParams(max_tokens=4),
         created_at=time.time(),
         reply_to=f"llm.events.job-{i:04d}",
     )

@@ -10,7 +10,7 @@ import pytest
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
 from engine_worker.llm import LLM
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from model_factory import build_tiny_checkpoint
 from engine_worker.config import EngineConfig
 from engine_worker.engine import LLMEngine
 from engine_worker.llm import LLM
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 MAX_NEW = 12
 PROMPTS = [
@@ -72,9 +72,7 @@ def test_batch_together(ckpt):
 
 
 def test_chunked_prefill_forced(ckpt):
-    got, _ = engine_greedy(
-        ckpt, PROMPTS, block_size=4, num_kv_blocks=128, max_num_batched_tokens=5
-    )
+    got, _ = engine_greedy(ckpt, PROMPTS, block_size=4, num_kv_blocks=128, max_num_batched_tokens=5)
     assert got == expected(ckpt, PROMPTS)
 
 

@@ -7,8 +7,8 @@ import torch
 
 from engine_worker.llm import LLM
 from engine_worker.sampler import apply_penalties, sample
-from engine_worker.sampling_params import SamplingParams
 from engine_worker.sequence import Sequence
+from shared.sampling_params import SamplingParams
 
 PROMPT = [0, 10, 11, 12, 13, 14]
 OTHER = [[0, 50, 51], [0, 60, 61, 62, 63, 64, 65, 66, 67], [0, 7]]

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_worker.block_manager import BlockManager
-from engine_worker.sampling_params import SamplingParams
 from engine_worker.scheduler import Scheduler
 from engine_worker.sequence import Sequence
+from shared.sampling_params import SamplingParams
 
 ops = st.lists(
     st.one_of(

@@ -19,8 +19,8 @@ import httpx
 from stack import BusClient
 
 from engine_worker.llm import LLM
-from engine_worker.sampling_params import SamplingParams
 from shared.messages import Delta, Job
+from shared.sampling_params import SamplingParams
 
 
 @dataclass

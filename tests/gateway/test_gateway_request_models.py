@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_worker.sampling_params import SamplingParams
 from services.api.api_keys import ApiKeyRecord, KeyLimits, hash_secret
 from services.api.errors import APIError
 from services.api.gateway import Caller, Gateway, _caller
@@ -30,6 +29,7 @@ from services.api.routes import parse_body
 from services.api.token_text import TokenTexts
 from shared.messages import Job, decode_job, encode_job
 from shared.metrics import new_registry
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import load_tokenizer
 
 EXAMPLES = 500

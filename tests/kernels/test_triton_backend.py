@@ -15,7 +15,7 @@ from engine_worker.attention.metadata import AttentionMetadata
 from engine_worker.attention.torch_backend import TorchAttentionBackend
 from engine_worker.attention.triton_backend import TritonAttentionBackend
 from engine_worker.llm import LLM
-from engine_worker.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams
 
 
 def test_selection() -> None:
