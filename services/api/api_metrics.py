@@ -3,7 +3,6 @@ endpoint and status, and the queue depth / live worker gauges polled from NATS."
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import structlog
@@ -14,6 +13,7 @@ from services.api.generation import Generation
 from services.api.model_registry import ModelRegistry
 from shared.jetstream import queue_depth
 from shared.metrics import ApiMetrics
+from shared.periodic import Periodic
 
 log = structlog.get_logger("jetserve.api.metrics")
 
@@ -71,28 +71,18 @@ class QueuePoller:
     metrics: ApiMetrics
     interval_s: float = 1.0
     known: set[str] = field(default_factory=set)
-    _task: asyncio.Task | None = None
+    _periodic: Periodic | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="queue-poller")
+        self._periodic = Periodic("queue-poller", self.poll_once, self.interval_s)
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._periodic is not None:
+            await self._periodic.stop()
 
     async def poll_once(self) -> None:
         self.known |= set(self.registry.models())
         for model in sorted(self.known):
             self.metrics.workers.labels(model).set(len(self.registry.live_workers(model)))
             self.metrics.queue_depth.labels(model).set(await queue_depth(self.js, model))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # NATS hiccups must not kill the poller
-                log.warning("queue_poll_failed", error=str(e))
-            await asyncio.sleep(self.interval_s)

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from services.api.errors import APIError
 from services.api.gateway_metrics import GatewayMetrics
 from services.api.model_registry import ModelRegistry
+from shared.periodic import Periodic
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
 
 log = structlog.get_logger("jetserve.api.fallback")
@@ -71,31 +72,21 @@ class QueueWaitMonitor:
     metrics: GatewayMetrics
     interval_s: float = 1.0
     waits: dict[str, float] = field(default_factory=dict)
-    _task: asyncio.Task | None = None
+    _periodic: Periodic | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="queue-wait-monitor")
+        self._periodic = Periodic("queue-wait-monitor", self.poll_once, self.interval_s)
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._periodic is not None:
+            await self._periodic.stop()
 
     async def poll_once(self) -> None:
         for model in set(self.registry.models()) | set(self.waits):
             wait = await head_of_line_wait(self.js, model)
             self.waits[model] = wait
             self.metrics.queue_head_wait.labels(model).set(wait)
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # NATS hiccups must not stop the monitor
-                log.warning("queue_wait_poll_failed", error=str(e))
-            await asyncio.sleep(self.interval_s)
 
 
 def fallback_reason(
