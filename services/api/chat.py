@@ -6,7 +6,8 @@ import time
 from collections.abc import AsyncIterator
 
 from services.api.errors import internal_error
-from services.api.generation import Generation
+from services.api.event_stream import sse_body
+from services.api.generation import ChoiceEvent, Generation
 from services.api.job_client import JobFailed
 from services.api.openai_format import chat_logprob_entries, chat_logprobs, usage_info
 from services.api.openai_schemas import (
@@ -18,14 +19,13 @@ from services.api.openai_schemas import (
     ChatMessageOut,
     ChatTokenLogprob,
 )
-from services.api.sse import DONE, format_event
 
 
 def chat_id(gen: Generation) -> str:
     return f"chatcmpl-{gen.request_id}"
 
 
-async def chat_stream(
+def chat_stream(
     gen: Generation, include_usage: bool, top_logprobs: int | None
 ) -> AsyncIterator[bytes]:
     """top_logprobs: None when logprobs were not requested, else k (0 allowed)."""
@@ -38,34 +38,31 @@ async def chat_stream(
         ).model_dump_json()
 
     resumed = gen.attached and gen.streams[0].replay_through >= 0
-    try:
-        for index in sorted(gen.choices):
-            if resumed:
-                break  # a re-attached client got the role chunks before it reconnected
-            role = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
-            yield format_event(chunk(role))
-        async for batch in gen.events():
-            out = []
-            for ev in batch:
-                lp = None
-                if top_logprobs is not None and ev.logprobs:
-                    lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
-                choice = ChatChunkChoice(
-                    index=ev.index,
-                    delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
-                    logprobs=lp,
-                    finish_reason=ev.finish_reason,
-                )
-                out.append(format_event(chunk(choice), ev.event_id))
-            yield b"".join(out)
-        if include_usage:
-            final = ChatCompletionChunk(
-                id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+    # A re-attached client got the role chunks before it reconnected.
+    prelude = [
+        chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+        for i in ([] if resumed else sorted(gen.choices))
+    ]
+
+    def render(ev: ChoiceEvent) -> str:
+        lp = None
+        if top_logprobs is not None and ev.logprobs:
+            lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+        return chunk(
+            ChatChunkChoice(
+                index=ev.index,
+                delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
+                logprobs=lp,
+                finish_reason=ev.finish_reason,
             )
-            yield format_event(final.model_dump_json())
-    except JobFailed as e:
-        yield format_event(internal_error(f"generation failed: {e}").body())
-    yield DONE
+        )
+
+    def usage_chunk() -> str:
+        return ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+        ).model_dump_json()
+
+    return sse_body(gen, render, prelude, usage_chunk if include_usage else None)
 
 
 async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatCompletionResponse:

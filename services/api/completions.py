@@ -6,47 +6,44 @@ import time
 from collections.abc import AsyncIterator
 
 from services.api.errors import internal_error
-from services.api.generation import Generation
+from services.api.event_stream import sse_body
+from services.api.generation import ChoiceEvent, Generation
 from services.api.job_client import JobFailed
 from services.api.openai_format import extend_completion_logprobs, usage_info
 from services.api.openai_schemas import CompletionChoice, CompletionLogprobs, CompletionResponse
-from services.api.sse import DONE, format_event
 
 
 def completion_id(gen: Generation) -> str:
     return f"cmpl-{gen.request_id}"
 
 
-async def completion_stream(
+def completion_stream(
     gen: Generation, include_usage: bool, logprobs: int | None
 ) -> AsyncIterator[bytes]:
     rid, created, model = completion_id(gen), int(time.time()), gen.model.name
     texts = gen.model.token_texts
     offsets: dict[int, int] = {}
-    try:
-        async for batch in gen.events():
-            out = []
-            for ev in batch:
-                lp = None
-                if logprobs is not None and ev.logprobs:
-                    lp = CompletionLogprobs()
-                    offsets[ev.index] = extend_completion_logprobs(
-                        lp, ev.logprobs, texts, logprobs, offsets.get(ev.index, 0)
-                    )
-                choice = CompletionChoice(
-                    index=ev.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason
-                )
-                chunk = CompletionResponse(id=rid, created=created, model=model, choices=[choice])
-                out.append(format_event(chunk.model_dump_json(), ev.event_id))
-            yield b"".join(out)
-        if include_usage:
-            final = CompletionResponse(
-                id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+
+    def render(ev: ChoiceEvent) -> str:
+        lp = None
+        if logprobs is not None and ev.logprobs:
+            lp = CompletionLogprobs()
+            offsets[ev.index] = extend_completion_logprobs(
+                lp, ev.logprobs, texts, logprobs, offsets.get(ev.index, 0)
             )
-            yield format_event(final.model_dump_json())
-    except JobFailed as e:
-        yield format_event(internal_error(f"generation failed: {e}").body())
-    yield DONE
+        choice = CompletionChoice(
+            index=ev.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason
+        )
+        return CompletionResponse(
+            id=rid, created=created, model=model, choices=[choice]
+        ).model_dump_json()
+
+    def usage_chunk() -> str:
+        return CompletionResponse(
+            id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+        ).model_dump_json()
+
+    return sse_body(gen, render, usage_chunk=usage_chunk if include_usage else None)
 
 
 async def completion_response(gen: Generation, logprobs: int | None) -> CompletionResponse:
