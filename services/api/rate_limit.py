@@ -13,8 +13,10 @@ to anyway. Clocks of replicas are assumed NTP-close; a skew of δ seconds shifts
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +35,10 @@ from services.api.errors import APIError
 RATE_BUCKET = "llm_rate_limits"
 ENTRY_TTL_S = 300.0  # > 60 s: an entry idle this long has refilled completely
 MAX_ATTEMPTS = 20
+# After a lost compare-and-set, wait a random slice of a doubling window: without it a
+# burst of N takers on one key retries in lock-step and the unlucky ones run out of
+# attempts (a spurious 429) while the bucket still has tokens.
+CONFLICT_BACKOFF_S = 0.001
 
 
 class RateLimited(APIError):
@@ -90,7 +96,7 @@ class SharedBuckets:
             await self._change(name, amount, bucket)
 
     async def _change(self, name: str, delta: float, bucket: Bucket) -> float:
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
             now = time.time()
             revision = None
             level = float(bucket.per_minute)
@@ -117,6 +123,7 @@ class SharedBuckets:
                 return 0.0
             except KeyWrongLastSequenceError:
                 self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_S * 2 ** min(attempt, 6)))
                 continue
         raise RateLimited("rate limit state is contended; retry shortly", 1.0, "contention")
 
