@@ -90,30 +90,32 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     await job_records_bucket(js, settings)
 
 
+async def open_kv_bucket(
+    js: JetStreamContext, name: str, *, history: int, replicas: int, ttl: float | None = None
+) -> KeyValue:
+    """Open a KV bucket, creating it with these settings if it does not exist yet."""
+    try:
+        return await js.key_value(name)
+    except (NotFoundError, BadRequestError):
+        return await js.create_key_value(bucket=name, ttl=ttl, history=history, replicas=replicas)
+
+
 async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
     """The registry bucket; entries expire `worker_ttl_s` after their last heartbeat."""
-    try:
-        return await js.key_value(WORKERS_BUCKET)
-    except (NotFoundError, BadRequestError):
-        return await js.create_key_value(
-            bucket=WORKERS_BUCKET,
-            ttl=settings.worker_ttl_s,
-            history=1,
-            replicas=settings.stream_replicas,
-        )
+    return await open_kv_bucket(
+        js, WORKERS_BUCKET, ttl=settings.worker_ttl_s, history=1, replicas=settings.stream_replicas
+    )
 
 
 async def job_records_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
     """The jobs API's records; they live as long as the job's Deltas in LLM_EVENTS."""
-    try:
-        return await js.key_value(JOB_RECORDS_BUCKET)
-    except (NotFoundError, BadRequestError):
-        return await js.create_key_value(
-            bucket=JOB_RECORDS_BUCKET,
-            ttl=settings.events_max_age_s,
-            history=1,
-            replicas=settings.stream_replicas,
-        )
+    return await open_kv_bucket(
+        js,
+        JOB_RECORDS_BUCKET,
+        ttl=settings.events_max_age_s,
+        history=1,
+        replicas=settings.stream_replicas,
+    )
 
 
 async def models_object_store(js: JetStreamContext, settings: BusSettings) -> ObjectStore:

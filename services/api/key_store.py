@@ -15,25 +15,21 @@ from typing import Any
 import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import (
-    BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
-    NotFoundError,
 )
 from nats.js.kv import KeyValue
 
 from services.api.api_keys import KEYS_BUCKET, ApiKeyRecord, KeyRecordError, hash_secret
+from shared.jetstream import open_kv_bucket
 
 log = structlog.get_logger("jetserve.api.keys")
 
 
 async def keys_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Open or create the bucket; a little history keeps an audit trail of changes."""
-    try:
-        return await js.key_value(KEYS_BUCKET)
-    except (NotFoundError, BadRequestError):
-        return await js.create_key_value(bucket=KEYS_BUCKET, history=5, replicas=replicas)
+    return await open_kv_bucket(js, KEYS_BUCKET, history=5, replicas=replicas)
 
 
 async def all_records(kv: KeyValue) -> list[ApiKeyRecord]:

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
 from nats.js.errors import (
-    BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NotFoundError,
 )
 from nats.js.kv import KeyValue
 from starlette.responses import JSONResponse
 
 from services.api.errors import APIError
+from shared.jetstream import open_kv_bucket
 
 RATE_BUCKET = "llm_rate_limits"
 ENTRY_TTL_S = 300.0  # > 60 s: an entry idle this long has refilled completely
@@ -56,12 +55,7 @@ class RateLimited(APIError):
 
 
 async def rate_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
-    try:
-        return await js.key_value(RATE_BUCKET)
-    except (NotFoundError, BadRequestError):
-        return await js.create_key_value(
-            bucket=RATE_BUCKET, history=1, ttl=ENTRY_TTL_S, replicas=replicas
-        )
+    return await open_kv_bucket(js, RATE_BUCKET, history=1, ttl=ENTRY_TTL_S, replicas=replicas)
 
 
 @dataclass(frozen=True)
