@@ -11,6 +11,7 @@ import argparse
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Self
@@ -25,24 +26,22 @@ def _env(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
-def _env_int(name: str, default: int | None) -> int | None:
+def _env_parsed(name: str, default: Any, parse: Callable[[str], Any], kind: str) -> Any:
     raw = _env(name)
     if raw is None:
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError as e:
-        raise ValueError(f"{ENV_PREFIX}{name} must be an integer, got {raw!r}") from e
+        raise ValueError(f"{ENV_PREFIX}{name} must be {kind}, got {raw!r}") from e
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    return _env_parsed(name, default, int, "an integer")
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = _env(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise ValueError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from e
+    return _env_parsed(name, default, float, "a number")
 
 
 def _env_bool(name: str, default: bool) -> bool:
