@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from engine_worker.config import EngineConfig
-from engine_worker.engine import LLMEngine
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm_engine import LLMEngine
 from shared.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from engine_worker.config import EngineConfig
-from engine_worker.engine import LLMEngine
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm_engine import LLMEngine
 from kernels.paged_attention import paged_attention_ref, paged_attention_triton
 from shared.sampling_params import SamplingParams
 

@@ -6,7 +6,7 @@ output lengths are fixed by sending `max_tokens` with the `ignore_eos` extension
 a closed-loop concurrency sweep (each of C clients sends its next request when the last
 one ends) or an open-loop Poisson request rate.
 
-The `engine` mode runs the same prompts through `engine_worker.engine.LLMEngine` in this
+The `engine` mode runs the same prompts through `engine_worker.engine.llm_engine.LLMEngine` in this
 process, with the same closed loop and the same timing points (TTFT from submission to
 the first token, ITL between token arrivals), so one run shows what the services add.
 
@@ -221,8 +221,8 @@ async def run_http(
 
 
 def make_engine(model_path: str, engine_kwargs: dict):
-    from engine_worker.config import EngineConfig
-    from engine_worker.engine import LLMEngine
+    from engine_worker.engine.config import EngineConfig
+    from engine_worker.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=model_path, **engine_kwargs))
 
@@ -419,7 +419,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, int, int]:
     else:
         path = Path(os.environ.get("JETSERVE_DEMO_MODEL_DIR") or DEFAULT_DEMO_DIR)
         if not (path / "config.json").is_file():
-            from engine_worker.demo_checkpoint import ensure_demo_checkpoint
+            from engine_worker.demo.checkpoint import ensure_demo_checkpoint
 
             path = ensure_demo_checkpoint(path)
     cfg = json.loads((path / "config.json").read_text())

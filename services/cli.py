@@ -11,13 +11,16 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "build-demo": ("engine_worker.demo_checkpoint", "build the small demo model offline"),
-    "generate": ("engine_worker.generate_cli", "generate in-process with the engine, no NATS"),
+    "build-demo": ("engine_worker.demo.checkpoint", "build the small demo model offline"),
+    "generate": (
+        "engine_worker.engine.generate_cli",
+        "generate in-process with the engine, no NATS",
+    ),
     "up": ("services.launcher", "run nats-server, the API and a worker together"),
     "api": ("services.api.main", "run the OpenAI-compatible API service"),
-    "worker": ("engine_worker.worker", "run an engine worker on one model"),
+    "worker": ("engine_worker.worker.worker", "run an engine worker on one model"),
     "dead": ("services.dead_letters", "list or replay jobs in the dead-letter stream"),
-    "keys": ("services.api.keys_cli", "create, revoke and list API keys (gateway)"),
+    "keys": ("services.api.gateway.keys_cli", "create, revoke and list API keys (gateway)"),
 }
 
 

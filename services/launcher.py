@@ -105,7 +105,7 @@ class Launcher:
     def model_dir(self) -> Path:
         if self.settings.model:
             return Path(self.settings.model)
-        from engine_worker.demo_checkpoint import ensure_demo_checkpoint
+        from engine_worker.demo.checkpoint import ensure_demo_checkpoint
 
         path = self.settings.resolved_demo_model_dir
         print(f"jetserve: preparing the demo model in {path} (built once)", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from engine_worker.demo_checkpoint import train_bpe_tokenizer
+from engine_worker.demo.checkpoint import train_bpe_tokenizer
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 CHAT_TEMPLATE = (

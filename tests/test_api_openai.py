@@ -1,6 +1,6 @@
 """The official `openai` client against the real stack: nats-server + worker + API processes.
 
-Outputs are checked against the in-process engine (engine_worker.llm.LLM) on the same
+Outputs are checked against the in-process engine (engine_worker.engine.llm.LLM) on the same
 checkpoint and seeds: the services must add nothing and lose nothing.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import stack as harness
 from stack import Stack
 
-from engine_worker.llm import LLM
+from engine_worker.engine.llm import LLM
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import load_tokenizer
 

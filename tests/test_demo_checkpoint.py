@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_worker.demo_checkpoint import (
+from engine_worker.demo.checkpoint import (
     BUILD_INFO_FILE,
     CHECKPOINT_FILES,
     DemoLlama,
@@ -26,7 +26,7 @@ from engine_worker.demo_checkpoint import (
     pack_documents,
     train_bpe_tokenizer,
 )
-from engine_worker.demo_corpus import (
+from engine_worker.demo.corpus import (
     BOS_TOKEN,
     EOS_TOKEN,
     SPECIAL_TOKENS,
@@ -185,7 +185,7 @@ def test_ensure_and_cli_skip_a_complete_checkpoint_and_rebuild_otherwise(
 def test_engine_greedy_generation_matches_transformers(demo_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from engine_worker.llm import LLM
+    from engine_worker.engine.llm import LLM
     from shared.sampling_params import SamplingParams
 
     bundle = load_tokenizer(demo_dir)

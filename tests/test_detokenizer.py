@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from model_factory import train_tokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from services.api.detokenizer import IncrementalDetokenizer
+from services.api.streaming.detokenizer import IncrementalDetokenizer
 
 TEXT = "Olá! Ça va? Grüße aus Köln — 東京は晴れです。 Emoji: 🚀✨ and numbers 12345 67.89."
 

@@ -7,7 +7,7 @@ from itertools import pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.api.stop_strings import StopStringMatcher
+from services.api.streaming.stop_strings import StopStringMatcher
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

@@ -19,7 +19,7 @@ from stack import (  # noqa: F401  (fixtures)
     tokens_by_index,
 )
 
-from engine_worker.llm import LLM
+from engine_worker.engine.llm import LLM
 from shared.jetstream import models_object_store
 from shared.messages import encode_job
 from shared.sampling_params import SamplingParams

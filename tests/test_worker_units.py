@@ -10,19 +10,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine_worker.cancel_memory import CancelMemory
-from engine_worker.config import EngineConfig
-from engine_worker.engine import LLMEngine
-from engine_worker.engine_thread import AddRequest, EngineThread, StepResult
-from engine_worker.job_state import (
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
+from engine_worker.worker.cancel_memory import CancelMemory
+from engine_worker.worker.engine_thread import AddRequest, EngineThread, StepResult
+from engine_worker.worker.job_state import (
     JobState,
     delta_from_output,
     final_delta,
     sampling_params,
     state_from_history,
 )
-from engine_worker.outputs import CompletionDelta, RequestOutput, TokenLogprob
-from engine_worker.status_server import StatusServer
+from engine_worker.worker.status_server import StatusServer
 from shared.job_events import fold_all
 from shared.messages import CompletionChunk, Delta, Job, SamplingParams
 from shared.metrics import new_registry, worker_metrics

@@ -10,108 +10,35 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import nats
 import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.api_metrics import QueuePoller, RequestCounter, record_generation
 from services.api.drain import DrainMiddleware, DrainState
-from services.api.edge_limits import add_cors
-from services.api.errors import APIError, bad_request, model_not_found, service_unavailable
-from services.api.gateway import Gateway, GatewayMiddleware
-from services.api.gateway_settings import GatewaySettings
-from services.api.generation import Generation
-from services.api.job_builder import PreparedRequest
-from services.api.job_client import JobClient
-from services.api.jobs_api import router as jobs_router
-from services.api.model_registry import ModelRegistry, ServedModel
+from services.api.errors import APIError, bad_request
+from services.api.gateway.admission import Gateway, GatewayMiddleware
+from services.api.gateway.edge_limits import add_cors
+from services.api.gateway.settings import GatewaySettings
+from services.api.jobs.client import JobClient
+from services.api.jobs.routes import router as jobs_router
+from services.api.metrics import QueuePoller, RequestCounter
+from services.api.model_registry import ModelRegistry
+from services.api.openai.routes import router
 from services.api.openapi_doc import install_openapi
-from services.api.routes import router
+from services.api.state import ApiState
 from shared.jetstream import ensure_streams, job_records_bucket
-from shared.metrics import ApiMetrics, api_metrics, new_registry
+from shared.metrics import api_metrics, new_registry
 from shared.settings import ApiSettings
 
 log = structlog.get_logger("jetserve.api")
 
 NATS_CONNECT_ATTEMPTS = 30
-
-
-@dataclass
-class ApiState:
-    """Everything a request handler needs; one per app."""
-
-    settings: ApiSettings
-    nc: NATS
-    js: JetStreamContext
-    jobs: JobClient
-    registry: ModelRegistry
-    metrics: ApiMetrics
-    prom: CollectorRegistry
-    job_records: Any = None  # KV bucket of the jobs API
-    drain: DrainState = field(default_factory=DrainState)
-    gateway: Gateway | None = None  # auth, limits, usage (services/api/gateway.py)
-
-    async def resolve(self, name: str, require_live: bool = True) -> ServedModel:
-        try:
-            model = await self.registry.get(name, require_live=require_live)
-        except Exception as e:
-            log.error("tokenizer_load_failed", model=name, error=str(e))
-            raise service_unavailable(f"could not load the tokenizer of '{name}': {e}") from e
-        if model is None:
-            raise model_not_found(name)
-        return model
-
-    async def start_generation(
-        self, model: ServedModel, prepared: PreparedRequest, user: str | None
-    ) -> Generation:
-        tags = {"user": user} if user else {}
-        if self.gateway is not None:
-            # Key caps, tokens/min, priority class, cost tags: 4xx/429 before queueing.
-            admission = await self.gateway.admit(model, prepared, user)
-            prepared, tags = admission.prepared, admission.tags
-        gen = Generation(self.jobs, model, prepared, tags=tags)
-        if self.gateway is not None:
-            self.gateway.attach(gen, admission)
-        structlog.contextvars.bind_contextvars(job_id=gen.request_id)
-        try:
-            await gen.start()
-        except Exception as e:
-            if self.gateway is not None:
-                self.gateway.release(gen)
-            log.error("job_publish_failed", error=str(e))
-            raise service_unavailable(f"could not queue the request: {e}") from e
-        return gen
-
-    def finish(self, gen: Generation) -> None:
-        """Cancel what still runs and record metrics; idempotent."""
-        gen.close()
-        if not gen.recorded:
-            gen.recorded = True
-            record_generation(self.metrics, gen)
-            if self.gateway is not None:
-                self.gateway.on_finish(gen)
-            t = gen.timing
-            log.info(
-                "request_finished",
-                job_id=gen.request_id,
-                model=gen.model.name,
-                prompt_tokens=gen.usage.prompt_tokens,
-                completion_tokens=gen.usage.completion_tokens,
-                cached_tokens=gen.usage.cached_tokens,
-                finish_reasons=[c.finish_reason for c in gen.choices.values()],
-                ttft_s=None if t.first_token is None else round(t.first_token - t.start, 4),
-                e2e_s=round((t.end or t.start) - t.start, 4),
-            )
 
 
 async def connect_nats(url: str) -> NATS:

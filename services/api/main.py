@@ -9,7 +9,7 @@ import argparse
 
 import uvicorn
 
-from services.api.gateway_settings import GatewaySettings, add_gateway_arguments
+from services.api.gateway.settings import GatewaySettings, add_gateway_arguments
 from shared.logging import configure_logging
 from shared.settings import ApiSettings, add_api_arguments
 

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 
-from services.api.token_text import TokenTexts
+from services.api.streaming.token_text import TokenTexts
 from shared.messages import MessageError
 from shared.subjects import MODELS_OBJECT_STORE, WORKERS_BUCKET, model_object_name
 from shared.tokenizer import TOKENIZER_FILES, TokenizerBundle, load_tokenizer_files

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from services.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 
 OPENAPI_PATH = "/openapi.json"
 REQUEST_BODIES: dict[str, type[BaseModel]] = {

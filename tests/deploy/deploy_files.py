@@ -31,7 +31,7 @@ PROMETHEUS_CONFIGS = sorted((DEPLOY / "prometheus").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "jetserve.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 SETTINGS = REPO / "shared" / "settings.py"
-GATEWAY_SETTINGS = REPO / "services" / "api" / "gateway_settings.py"  # the API's gateway
+GATEWAY_SETTINGS = REPO / "services" / "api" / "gateway" / "settings.py"  # the API's gateway
 
 ENV_NAME = re.compile(r"\bJETSERVE_[A-Z0-9_]+\b")
 _SETTINGS_READERS = {"_env", "_env_int", "_env_float", "_env_bool"}

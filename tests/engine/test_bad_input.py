@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from engine_worker.config import EngineConfig
-from engine_worker.engine import LLMEngine
-from engine_worker.llm import LLM
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm import LLM
+from engine_worker.engine.llm_engine import LLMEngine
 from shared.sampling_params import SamplingParams
 
 

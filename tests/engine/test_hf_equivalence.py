@@ -9,9 +9,9 @@ import pytest
 import torch
 from model_factory import build_tiny_checkpoint
 
-from engine_worker.config import EngineConfig
-from engine_worker.engine import LLMEngine
-from engine_worker.llm import LLM
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm import LLM
+from engine_worker.engine.llm_engine import LLMEngine
 from shared.sampling_params import SamplingParams
 
 MAX_NEW = 12

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_worker.llm import LLM
+from engine_worker.engine.llm import LLM
 from shared.sampling_params import SamplingParams
 
 PROMPT = [0, 10, 11, 12, 13, 14, 15, 16, 17, 18]

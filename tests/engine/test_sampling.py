@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_worker.llm import LLM
-from engine_worker.sampler import apply_penalties, sample
-from engine_worker.sequence import Sequence
+from engine_worker.engine.llm import LLM
+from engine_worker.engine.sampler import apply_penalties, sample
+from engine_worker.engine.sequence import Sequence
 from shared.sampling_params import SamplingParams
 
 PROMPT = [0, 10, 11, 12, 13, 14]

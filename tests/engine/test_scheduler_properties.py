@@ -11,9 +11,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_worker.block_manager import BlockManager
-from engine_worker.scheduler import Scheduler
-from engine_worker.sequence import Sequence
+from engine_worker.engine.block_manager import BlockManager
+from engine_worker.engine.scheduler import Scheduler
+from engine_worker.engine.sequence import Sequence
 from shared.sampling_params import SamplingParams
 
 ops = st.lists(

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 from stack import BusClient
 
-from engine_worker.llm import LLM
+from engine_worker.engine.llm import LLM
 from shared.messages import Delta, Job
 from shared.sampling_params import SamplingParams
 

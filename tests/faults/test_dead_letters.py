@@ -23,7 +23,7 @@ from fault_support import Collector, Tally, reference_outputs, report, wait_for
 from nats_process import NatsServer
 from stack import REPO_ROOT, BusClient, Stack, bus_fixture, bus_stack_fixture  # noqa: F401
 
-from engine_worker.janitor import Janitor
+from engine_worker.worker.janitor import Janitor
 from shared.dead_letters import HDR_REASON, list_dead_letters
 from shared.jetstream import ensure_jobs_consumer, ensure_streams
 from shared.job_events import read_history

@@ -33,7 +33,7 @@ from gateway_support import (
 from stack import Stack
 
 from services.api.app import create_app
-from services.api.gateway_settings import GatewaySettings
+from services.api.gateway.settings import GatewaySettings
 from services.api.openapi_doc import OPENAPI_PATH, build_openapi
 from shared.messages import decode_job
 from shared.settings import ApiSettings

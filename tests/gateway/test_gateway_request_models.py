@@ -18,15 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.api.api_keys import ApiKeyRecord, KeyLimits, hash_secret
 from services.api.errors import APIError
-from services.api.gateway import Caller, Gateway, _caller
-from services.api.gateway_settings import GatewaySettings
-from services.api.job_builder import PreparedRequest, prepare_chat, prepare_completion
+from services.api.gateway.admission import Caller, Gateway, _caller
+from services.api.gateway.keys import ApiKeyRecord, KeyLimits, hash_secret
+from services.api.gateway.settings import GatewaySettings
+from services.api.jobs.builder import PreparedRequest, prepare_chat, prepare_completion
 from services.api.model_registry import ServedModel, tokenizer_max_len
-from services.api.openai_schemas import ChatCompletionRequest, CompletionRequest
-from services.api.routes import parse_body
-from services.api.token_text import TokenTexts
+from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+from services.api.request_body import parse_body
+from services.api.streaming.token_text import TokenTexts
 from shared.messages import Job, decode_job, encode_job
 from shared.metrics import new_registry
 from shared.sampling_params import SamplingParams

@@ -13,7 +13,11 @@ import nats
 import pytest
 from nats_process import NatsServer
 
-from services.api.api_keys import (
+from services.api.gateway.auth import AuthError, authenticate
+from services.api.gateway.edge_limits import call_with_deadline
+from services.api.gateway.fallback import upstream_url, usage_from_body
+from services.api.gateway.key_store import KeyStore, keys_bucket, put_record, revoke, seed_records
+from services.api.gateway.keys import (
     ApiKeyRecord,
     KeyLimits,
     KeyRecordError,
@@ -22,11 +26,7 @@ from services.api.api_keys import (
     parse_keys_env,
     parse_keys_file,
 )
-from services.api.auth import AuthError, authenticate
-from services.api.edge_limits import call_with_deadline
-from services.api.fallback import upstream_url, usage_from_body
-from services.api.key_store import KeyStore, keys_bucket, put_record, revoke, seed_records
-from services.api.rate_limit import Bucket, SharedBuckets, rate_bucket
+from services.api.gateway.rate_limit import Bucket, SharedBuckets, rate_bucket
 
 
 async def test_token_bucket_is_exact_under_concurrent_replicas(nats_server: NatsServer) -> None:

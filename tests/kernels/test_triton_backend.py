@@ -10,11 +10,11 @@ import pytest
 import torch
 from paged_batch import build_paged_batch
 
-from engine_worker.attention.backend import select_backend
-from engine_worker.attention.metadata import AttentionMetadata
-from engine_worker.attention.torch_backend import TorchAttentionBackend
-from engine_worker.attention.triton_backend import TritonAttentionBackend
-from engine_worker.llm import LLM
+from engine_worker.engine.attention.backend import select_backend
+from engine_worker.engine.attention.metadata import AttentionMetadata
+from engine_worker.engine.attention.torch_backend import TorchAttentionBackend
+from engine_worker.engine.attention.triton_backend import TritonAttentionBackend
+from engine_worker.engine.llm import LLM
 from shared.sampling_params import SamplingParams
 
 
@@ -101,7 +101,7 @@ except RuntimeError as e:
     assert "needs Triton" in str(e), e
 else:
     raise AssertionError("no error without triton")
-from engine_worker.attention.backend import select_backend
+from engine_worker.engine.attention.backend import select_backend
 assert select_backend("auto", torch.device("cpu")).name == "torch"
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,0 +1,68 @@
+"""The interface every attention backend implements, and the choice between them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine_worker.engine.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    """Writes a step's new K/V into the paged cache and attends over it.
+
+    Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer.
+    """
+
+    name: str
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [T, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # int64 [T]
+    ) -> None: ...
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        ...
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """'auto' takes Triton on CUDA and the torch reference elsewhere."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in ("torch", "triton"):
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'torch' or 'triton'")
+    return name
+
+
+def select_backend(
+    name: str, device: torch.device, max_decode_seq_len: int | None = None
+) -> AttentionBackend:
+    """`max_decode_seq_len` fixes the Triton decode grid so decode steps can be captured
+    in CUDA graphs.
+    """
+    name = resolve_backend_name(name, device)
+    if name == "torch":
+        from engine_worker.engine.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    from engine_worker.engine.attention.triton_backend import TritonAttentionBackend
+    from kernels.paged_attention import PagedAttentionTiling
+
+    if max_decode_seq_len is None:
+        return TritonAttentionBackend()
+    return TritonAttentionBackend(
+        tiling=PagedAttentionTiling(decode_partition_size=512),
+        max_decode_seq_len=max_decode_seq_len,
+    )

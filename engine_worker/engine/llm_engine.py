@@ -1,0 +1,296 @@
+"""The engine: requests in, per-step token deltas out. No NATS, no asyncio, one thread."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine_worker.engine.attention.backend import resolve_backend_name, select_backend
+from engine_worker.engine.block_manager import BlockManager
+from engine_worker.engine.config import EngineConfig, ModelConfig, load_model_config
+from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
+from engine_worker.engine.outputs import CompletionDelta, RequestOutput
+from engine_worker.engine.sampler import sample
+from engine_worker.engine.scheduler import Scheduler
+from engine_worker.engine.sequence import Sequence, SequenceStatus
+from shared.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    seqs: list[Sequence]
+    num_prompt_tokens: int
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def _seed_for(seed: int, index: int) -> int:
+    """Distinct, reproducible streams for a request's n completions."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, load_format: str = "safetensors") -> None:
+        config.validate()
+        self.config = config
+        self.model_dir = Path(config.model)
+        self.model_config: ModelConfig = load_model_config(self.model_dir)
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.model_config, self.device)
+        torch.manual_seed(config.seed)
+        mc = self.model_config
+        limit = config.max_model_len or mc.max_position_embeddings
+        if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {mc.max_position_embeddings}"
+            )
+        backend_name = resolve_backend_name(config.attention_backend, self.device)
+        model = build_model(
+            mc, self.dtype, self.device, max_positions=limit, ops=layer_ops_for(backend_name)
+        )
+        if load_format == "dummy":
+            init_random_weights(model, config.seed)
+        elif load_format == "safetensors":
+            load_weights(model, self.model_dir)
+        else:
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
+
+        block_size = config.block_size
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(mc, block_size)
+        # A sequence must fit the cache on its own, or preemption could never make room.
+        self.max_model_len = min(limit, num_blocks * block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        kv = allocate_kv_cache(mc, num_blocks, block_size, self.dtype, self.device)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        backend = select_backend(
+            backend_name,
+            self.device,
+            max_decode_seq_len=self.max_model_len if use_graphs else None,
+        )
+        self.runner = ModelRunner(model, kv, backend, block_size, self.device)
+        if use_graphs and backend.name == "triton":
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.eos_token_ids: set[int] = set(mc.eos_token_ids)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._pending: list[RequestOutput] = []
+
+    @property
+    def model_name(self) -> str:
+        return self.model_dir.name
+
+    def _blocks_for_memory(self, mc: ModelConfig, block_size: int) -> int:
+        per_block = kv_bytes_per_block(mc, block_size, self.dtype)
+        budget = self.config.kv_cache_memory
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = max(budget, int(free * self.config.gpu_memory_utilization) - 2**30)
+        return max(budget // per_block, 1)
+
+    # -- requests -----------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        resume_token_ids: list[list[int]] | None = None,
+    ) -> None:
+        """Validate and queue; raises ValueError and leaves the engine untouched on bad input.
+
+        `resume_token_ids` continues a request another engine started (a worker taking over
+        a redelivered job): per completion index, the tokens already produced. They become
+        part of each sequence (re-prefilled, prefix-cached where possible) while the prompt
+        length stays the original one, so max_tokens and penalties count as if never
+        interrupted; a completion whose last token already ended it is not run again.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model accepts at most "
+                f"{self.max_model_len - 1} so that one token can be generated"
+            )
+        produced = self._check_resume(resume_token_ids, params, len(prompt_token_ids))
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(_seed_for(params.seed, index))
+                if not params.greedy:
+                    self._advance_generator(gen, len(produced[index]))
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=index,
+                token_ids=[*prompt_token_ids, *produced[index]],
+                num_prompt_tokens=len(prompt_token_ids),
+                params=params,
+                priority=priority,
+                arrival=next(self._arrivals),
+                generator=gen,
+                prefill_leader=seqs[0] if seqs and self.config.enable_prefix_caching else None,
+            )
+            seq.num_emitted = len(produced[index])
+            if produced[index]:
+                self._check_stop(seq, produced[index][-1])
+            seqs.append(seq)
+        if all(seq.is_finished for seq in seqs):
+            raise ValueError("every completion of the resumed request has already finished")
+        self.requests[request_id] = RequestState(request_id, seqs, len(prompt_token_ids))
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.add(seq)
+
+    def _check_resume(
+        self, resume_token_ids: list[list[int]] | None, params: SamplingParams, num_prompt: int
+    ) -> list[list[int]]:
+        """The produced tokens per completion index (empty lists for a fresh request)."""
+        if resume_token_ids is None:
+            return [[] for _ in range(params.n)]
+        if len(resume_token_ids) != params.n:
+            raise ValueError(
+                f"resume_token_ids has {len(resume_token_ids)} entries for n={params.n}"
+            )
+        vocab = self.model_config.vocab_size
+        for tokens in resume_token_ids:
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in tokens):
+                raise ValueError(f"resumed token ids must be integers in [0, {vocab})")
+            if len(tokens) > params.max_tokens or num_prompt + len(tokens) > self.max_model_len:
+                raise ValueError("resumed tokens exceed max_tokens or the model length")
+        return [list(tokens) for tokens in resume_token_ids]
+
+    def _advance_generator(self, gen: torch.Generator, num_tokens: int) -> None:
+        """Skip the noise of tokens already sampled: the sampler draws one Exp(1) vector of
+        vocabulary size per sampled token of a non-greedy sequence, so a seeded
+        continuation then draws exactly what an uninterrupted run would have."""
+        vocab = self.model_config.vocab_size
+        scratch = torch.empty(vocab, dtype=torch.float32, device=self.device)
+        for _ in range(num_tokens):
+            scratch.exponential_(generator=gen)
+
+    def abort_request(self, request_id: str) -> None:
+        """Free its blocks now; its final output (finish_reason "abort") comes with the next step."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        deltas = []
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+                deltas.append(self._delta(seq))
+        self._pending.append(self._output(state, deltas))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    def can_admit(self, num_prompt_tokens: int) -> bool:
+        return self.scheduler.can_admit(num_prompt_tokens)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            kv_cache_usage=bm.usage,
+            prefix_cache_hit_rate=bm.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # -- the step -----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in batch.items]
+        logits = self.runner.execute(batch.items, sample_mask)
+        samplers = self.scheduler.commit(batch)
+        tokens, logprobs = sample(logits, samplers, self.generator)
+        touched: dict[str, RequestState] = {}
+        for seq, token, lp in zip(samplers, tokens, logprobs, strict=True):
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.pending_logprobs.append(lp)
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        for state in touched.values():
+            deltas = [self._delta(s) for s in state.seqs if s.num_emitted < s.num_output_tokens]
+            outputs.append(self._output(state, deltas))
+            if state.finished:
+                del self.requests[state.request_id]
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason, seq.stop_token_id = "stop", token
+        elif token in p.stop_token_ids:
+            reason, seq.stop_token_id = "stop", token
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            seq.finish_reason = reason
+            seq.status = SequenceStatus.FINISHED
+
+    def _delta(self, seq: Sequence) -> CompletionDelta:
+        new = seq.output_token_ids[seq.num_emitted :]
+        seq.num_emitted += len(new)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        return CompletionDelta(
+            index=seq.index,
+            token_ids=new,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason if seq.is_finished else None,
+            stop_token_id=seq.stop_token_id,
+        )
+
+    def _output(self, state: RequestState, deltas: list[CompletionDelta]) -> RequestOutput:
+        return RequestOutput(
+            request_id=state.request_id,
+            deltas=deltas,
+            finished=state.finished,
+            num_prompt_tokens=state.num_prompt_tokens,
+            num_cached_tokens=max(s.num_cached_tokens for s in state.seqs),
+        )

@@ -1,0 +1,137 @@
+"""Runs one scheduled batch through the model: inputs built on the host once per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine_worker.engine.attention.backend import AttentionBackend
+from engine_worker.engine.attention.metadata import AttentionMetadata
+from engine_worker.engine.config import ModelConfig
+from engine_worker.engine.cuda_graphs import DecodeGraphs
+from engine_worker.engine.models.llama import LlamaForCausalLM
+from engine_worker.engine.sequence import Sequence
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def allocate_kv_cache(
+    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One [2, blocks, block_size, kv_heads, head_dim] tensor, viewed per layer as (K, V)."""
+    shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    cache = torch.zeros(shape, dtype=dtype, device=device)
+    return [(cache[i, 0], cache[i, 1]) for i in range(cfg.num_layers)]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the sequences that sample this step
+
+
+def prepare_inputs(
+    items: list[tuple[Sequence, int]],
+    sample_mask: list[bool],
+    block_size: int,
+    device: torch.device,
+) -> StepInputs:
+    """Flatten (sequence, new tokens) pairs; the items must list decodes first."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start = [0]
+    seq_lens: list[int] = []
+    query_lens: list[int] = []
+    logits_indices: list[int] = []
+    num_decodes = 0
+    for (seq, n), samples in zip(items, sample_mask, strict=True):
+        start = seq.num_computed_tokens
+        end = start + n
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        table = seq.block_table
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(start, end)
+        )
+        query_start.append(query_start[-1] + n)
+        seq_lens.append(end)
+        query_lens.append(n)
+        if n == 1 and num_decodes == len(query_lens) - 1:
+            num_decodes += 1
+        if samples:
+            logits_indices.append(query_start[-1] - 1)
+    max_blocks = max(len(seq.block_table) for seq, _ in items)
+    tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in items]
+
+    def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        query_start_loc=tensor(query_start, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        block_tables=tensor(tables, torch.int32),
+        slot_mapping=tensor(slots, torch.int64),
+        num_decodes=num_decodes,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    return StepInputs(
+        input_ids=tensor(input_ids, torch.int64),
+        positions=tensor(positions, torch.int64),
+        meta=meta,
+        logits_indices=tensor(logits_indices, torch.int64),
+    )
+
+
+class ModelRunner:
+    """Owns the model, its KV cache and the attention backend."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs (CUDA only); the backend must have step-independent grids."""
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.backend,
+            max_batch=max_batch,
+            max_blocks_per_seq=(max_model_len + self.block_size - 1) // self.block_size,
+            max_seq_len=max_model_len,
+            device=self.device,
+        )
+        graphs.capture()
+        self.decode_graphs = graphs
+
+    @torch.inference_mode()
+    def execute(self, items: list[tuple[Sequence, int]], sample_mask: list[bool]) -> torch.Tensor:
+        """Logits [num sampling sequences, vocab] in fp32."""
+        inputs = prepare_inputs(items, sample_mask, self.block_size, self.device)
+        if self.decode_graphs is not None and self.decode_graphs.fits(inputs.meta):
+            hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
+            )
+        return self.model.compute_logits(hidden[inputs.logits_indices])

@@ -1,0 +1,98 @@
+"""Turn a step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds.
+
+Sampling uses the exponential-race trick (argmax of p / Exp(1) noise), which draws
+exactly from p and lets each seeded sequence take its noise from its own generator,
+so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine_worker.engine.outputs import TokenLogprob
+from engine_worker.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place. Repetition (HF, over prompt and output); presence/frequency (OpenAI, output)."""
+    vocab = logits.shape[-1]
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if not p.needs_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            seen = seen[seen < vocab]
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if p.presence_penalty or p.frequency_penalty:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            if out.numel():
+                counts = torch.bincount(out[out < vocab], minlength=vocab).to(logits.dtype)
+                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Mask what top-k, top-p and min-p exclude (rows of greedy sequences untouched)."""
+    device = logits.device
+    top_k = torch.tensor(
+        [s.params.top_k if s.params.top_k > 0 else logits.shape[-1] for s in seqs], device=device
+    )
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+    if bool((top_k < logits.shape[-1]).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[-1], device=device)[None, :]
+        drop = ranks >= top_k[:, None]
+        probs = sorted_logits.softmax(dim=-1)
+        cum_before = probs.cumsum(dim=-1) - probs
+        drop |= cum_before >= top_p[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row; logprobs are of the raw model distribution, as vLLM reports them."""
+    logits = logits.float()
+    want_logprobs = [s.params.logprobs is not None for s in seqs]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+    if any(s.params.needs_penalties for s in seqs):
+        logits = logits.clone()
+        apply_penalties(logits, seqs)
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        temps = torch.tensor(
+            [1.0 if s.params.greedy else s.params.temperature for s in seqs], device=logits.device
+        )
+        probs = _filter(logits / temps[:, None], seqs).softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                noise[row].exponential_(generator=seq.generator or generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(greedy, tokens, sampled)
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    if raw_logprobs is not None:
+        k_max = max(s.params.logprobs or 0 for s in seqs)
+        top_vals, top_ids = raw_logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+        chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+        for row, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is None:
+                continue
+            top = []
+            if k and top_ids is not None and top_vals is not None:
+                top = list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist(), strict=True))
+            logprobs[row] = TokenLogprob(token_list[row], chosen[row], top)
+    return token_list, logprobs

@@ -1,0 +1,77 @@
+"""The state of one completion as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine_worker.engine.outputs import TokenLogprob
+from shared.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion: prompt + generated tokens, how many have KV cached, and its blocks.
+
+    `num_computed_tokens` counts tokens whose KV is in the cache; a step computes the
+    next chunk and samples only once every known token is computed.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    priority: int
+    arrival: int  # engine-wide admission order; ties in priority go first-come first-served
+    generator: torch.Generator | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order
+    num_cached_tokens: int = 0  # prefix-cache hits on first admission
+    finish_reason: str | None = None
+    stop_token_id: int | None = None
+    num_emitted: int = 0  # output tokens already handed out by the engine
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # n > 1: siblings wait until the first completion has prefilled the shared prompt,
+    # then take its full blocks from the prefix cache instead of recomputing them.
+    prefill_leader: Sequence | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.priority, self.arrival)
+
+    def ready_to_admit(self) -> bool:
+        leader = self.prefill_leader
+        return (
+            leader is None
+            or leader.is_finished
+            or leader.num_computed_tokens >= leader.num_prompt_tokens
+        )

@@ -1,0 +1,140 @@
+"""A job while a worker holds it, and the transforms between engine outputs and Deltas.
+
+Kept apart from the NATS loop so the mapping (seq numbering, usage accounting, logprob
+tuples) is plain, testable functions. `next_seq`, `produced` and the event-log fence are
+what a worker that takes over a redelivered job rebuilds from LLM_EVENTS
+(`state_from_history`): numbering and token counts continue where the last worker stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_worker.engine.outputs import CompletionDelta, RequestOutput
+from shared.event_log import EventLog
+from shared.job_events import JobHistory
+from shared.messages import CompletionChunk, Delta, Job, Usage
+from shared.sampling_params import SamplingParams
+from shared.subjects import events_subject
+
+
+@dataclass
+class JobState:
+    job: Job
+    msg: Any  # the nats Msg to ack, term or nak; replaced if the same job is redelivered
+    added_at: float = field(default_factory=time.time)  # unix seconds, when handed to the engine
+    next_seq: int = 0
+    produced: dict[int, int] = field(default_factory=dict)  # completion index -> tokens sent
+    gpu_time_s: float = 0.0
+    finished: bool = False
+    prompt_counted: bool = False
+    request_id: str = ""  # the engine request of this admission (job id + admission count)
+    events: EventLog | None = None  # the job's log in LLM_EVENTS and its publish fence
+    resume_token_ids: list[list[int]] | None = None  # tokens other workers already produced
+    lost: bool = False  # another worker appended to the job's log: stop, do not ack
+
+    def __post_init__(self) -> None:
+        if self.events is None:
+            self.events = EventLog(events_subject(self.job.id))
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.produced.values())
+
+
+def state_from_history(job: Job, msg: Any, history: JobHistory) -> JobState:
+    """A job's state after the Deltas already stored: numbering, counts and the fence."""
+    state = JobState(job, msg, next_seq=history.next_seq)
+    assert state.events is not None
+    state.events.fence = history.last_stream_seq
+    n = max(job.sampling.n, 1)
+    resume = history.resume_token_ids(n)
+    state.produced = {i: len(t) for i, t in enumerate(resume) if t}
+    if any(resume):
+        state.resume_token_ids = resume
+    return state
+
+
+def sampling_params(job: Job) -> SamplingParams:
+    """A copy, so the engine never shares mutable lists with the decoded message."""
+    return dataclasses.replace(job.sampling, stop_token_ids=list(job.sampling.stop_token_ids))
+
+
+def _chunk(d: CompletionDelta) -> CompletionChunk:
+    return CompletionChunk(
+        index=d.index,
+        token_ids=list(d.token_ids),
+        logprobs=None
+        if d.logprobs is None
+        else [(lp.token_id, lp.logprob, list(lp.top)) for lp in d.logprobs],
+        finish_reason=d.finish_reason,
+    )
+
+
+def _usage(state: JobState, num_prompt_tokens: int, num_cached_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=num_prompt_tokens,
+        completion_tokens=state.completion_tokens,
+        cached_tokens=num_cached_tokens,
+        # Time the job spent in the queue before this worker handed it to its engine.
+        queue_time_s=max(state.added_at - state.job.created_at, 0.0),
+        gpu_time_s=state.gpu_time_s,
+    )
+
+
+def delta_from_output(state: JobState, out: RequestOutput, worker_id: str) -> Delta:
+    """Turn one engine step's output for a job into the job's next Delta (mutates state)."""
+    chunks = [_chunk(d) for d in out.deltas]
+    for c in chunks:
+        state.produced[c.index] = state.produced.get(c.index, 0) + len(c.token_ids)
+    delta = Delta(
+        job_id=state.id,
+        seq=state.next_seq,
+        chunks=chunks,
+        finished=out.finished,
+        usage=_usage(state, out.num_prompt_tokens, out.num_cached_tokens) if out.finished else None,
+        worker_id=worker_id,
+    )
+    state.next_seq += 1
+    state.finished = out.finished
+    return delta
+
+
+def final_delta(
+    state: JobState, finish_reason: str, worker_id: str, error: str | None = None
+) -> Delta:
+    """Close a job the engine never finished (cancelled before start, rejected, failed)."""
+    n = max(state.job.sampling.n, 1)
+    delta = Delta(
+        job_id=state.id,
+        seq=state.next_seq,
+        chunks=[
+            CompletionChunk(index=i, token_ids=[], finish_reason=finish_reason) for i in range(n)
+        ],
+        finished=True,
+        usage=_usage(state, len(state.job.prompt_token_ids), 0),
+        error=error,
+        worker_id=worker_id,
+    )
+    state.next_seq += 1
+    state.finished = True
+    return delta
+
+
+def error_delta(job_id: str, error: str, worker_id: str) -> Delta:
+    """For a message too broken to decode: the id comes from its Nats-Msg-Id header."""
+    return Delta(
+        job_id=job_id,
+        seq=0,
+        chunks=[CompletionChunk(index=0, token_ids=[], finish_reason="error")],
+        finished=True,
+        error=error,
+        worker_id=worker_id,
+    )

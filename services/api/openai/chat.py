@@ -1,0 +1,96 @@
+"""POST /v1/chat/completions output: SSE chunks or one response, from a running Generation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from services.api.errors import internal_error
+from services.api.jobs.client import JobFailed
+from services.api.openai.format import chat_logprob_entries, chat_logprobs, usage_info
+from services.api.openai.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    ChatTokenLogprob,
+)
+from services.api.streaming.event_stream import sse_body
+from services.api.streaming.generation import ChoiceEvent, Generation
+
+
+def chat_id(gen: Generation) -> str:
+    return f"chatcmpl-{gen.request_id}"
+
+
+def chat_stream(
+    gen: Generation, include_usage: bool, top_logprobs: int | None
+) -> AsyncIterator[bytes]:
+    """top_logprobs: None when logprobs were not requested, else k (0 allowed)."""
+    rid, created, model = chat_id(gen), int(time.time()), gen.model.name
+    texts = gen.model.token_texts
+
+    def chunk(choice: ChatChunkChoice) -> str:
+        return ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=[choice]
+        ).model_dump_json()
+
+    resumed = gen.attached and gen.streams[0].replay_through >= 0
+    # A re-attached client got the role chunks before it reconnected.
+    prelude = [
+        chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+        for i in ([] if resumed else sorted(gen.choices))
+    ]
+
+    def render(ev: ChoiceEvent) -> str:
+        lp = None
+        if top_logprobs is not None and ev.logprobs:
+            lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+        return chunk(
+            ChatChunkChoice(
+                index=ev.index,
+                delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
+                logprobs=lp,
+                finish_reason=ev.finish_reason,
+            )
+        )
+
+    def usage_chunk() -> str:
+        return ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=[], usage=usage_info(gen.usage)
+        ).model_dump_json()
+
+    return sse_body(gen, render, prelude, usage_chunk if include_usage else None)
+
+
+async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatCompletionResponse:
+    texts = gen.model.token_texts
+    parts: dict[int, list[str]] = {i: [] for i in gen.choices}
+    lps: dict[int, list[ChatTokenLogprob]] = {i: [] for i in gen.choices}
+    finish: dict[int, str | None] = dict.fromkeys(gen.choices)
+    try:
+        async for batch in gen.events():
+            for ev in batch:
+                parts[ev.index].append(ev.text)
+                if top_logprobs is not None and ev.logprobs:
+                    lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+                if ev.finish_reason is not None:
+                    finish[ev.index] = ev.finish_reason
+    except JobFailed as e:
+        raise internal_error(f"generation failed: {e}") from e
+    return ChatCompletionResponse(
+        id=chat_id(gen),
+        model=gen.model.name,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content="".join(parts[i])),
+                logprobs=chat_logprobs(lps[i]) if top_logprobs is not None else None,
+                finish_reason=finish[i],
+            )
+            for i in sorted(parts)
+        ],
+        usage=usage_info(gen.usage),
+    )

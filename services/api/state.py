@@ -1,0 +1,102 @@
+"""What every request handler reads: the API's connections, registry, metrics and gateway.
+
+It lives apart from `app.py` so route modules import it without importing the app that
+includes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+
+from services.api.drain import DrainState
+from services.api.errors import model_not_found, service_unavailable
+from services.api.gateway.admission import Gateway
+from services.api.jobs.builder import PreparedRequest
+from services.api.jobs.client import JobClient
+from services.api.metrics import record_generation
+from services.api.model_registry import ModelRegistry, ServedModel
+from services.api.streaming.generation import Generation
+from shared.metrics import ApiMetrics
+from shared.settings import ApiSettings
+
+log = structlog.get_logger("jetserve.api")
+
+
+@dataclass
+class ApiState:
+    """Everything a request handler needs; one per app."""
+
+    settings: ApiSettings
+    nc: NATS
+    js: JetStreamContext
+    jobs: JobClient
+    registry: ModelRegistry
+    metrics: ApiMetrics
+    prom: CollectorRegistry
+    job_records: Any = None  # KV bucket of the jobs API
+    drain: DrainState = field(default_factory=DrainState)
+    gateway: Gateway | None = None  # auth, limits, usage (services/api/gateway/admission.py)
+
+    async def resolve(self, name: str, require_live: bool = True) -> ServedModel:
+        try:
+            model = await self.registry.get(name, require_live=require_live)
+        except Exception as e:
+            log.error("tokenizer_load_failed", model=name, error=str(e))
+            raise service_unavailable(f"could not load the tokenizer of '{name}': {e}") from e
+        if model is None:
+            raise model_not_found(name)
+        return model
+
+    async def start_generation(
+        self, model: ServedModel, prepared: PreparedRequest, user: str | None
+    ) -> Generation:
+        tags = {"user": user} if user else {}
+        if self.gateway is not None:
+            # Key caps, tokens/min, priority class, cost tags: 4xx/429 before queueing.
+            admission = await self.gateway.admit(model, prepared, user)
+            prepared, tags = admission.prepared, admission.tags
+        gen = Generation(self.jobs, model, prepared, tags=tags)
+        if self.gateway is not None:
+            self.gateway.attach(gen, admission)
+        structlog.contextvars.bind_contextvars(job_id=gen.request_id)
+        try:
+            await gen.start()
+        except Exception as e:
+            if self.gateway is not None:
+                self.gateway.release(gen)
+            log.error("job_publish_failed", error=str(e))
+            raise service_unavailable(f"could not queue the request: {e}") from e
+        return gen
+
+    def finish(self, gen: Generation) -> None:
+        """Cancel what still runs and record metrics; idempotent."""
+        gen.close()
+        if not gen.recorded:
+            gen.recorded = True
+            record_generation(self.metrics, gen)
+            if self.gateway is not None:
+                self.gateway.on_finish(gen)
+            t = gen.timing
+            log.info(
+                "request_finished",
+                job_id=gen.request_id,
+                model=gen.model.name,
+                prompt_tokens=gen.usage.prompt_tokens,
+                completion_tokens=gen.usage.completion_tokens,
+                cached_tokens=gen.usage.cached_tokens,
+                finish_reasons=[c.finish_reason for c in gen.choices.values()],
+                ttft_s=None if t.first_token is None else round(t.first_token - t.start, 4),
+                e2e_s=round((t.end or t.start) - t.start, 4),
+            )
+
+
+def api_state(request: Request) -> ApiState:
+    """The app's state, set by its lifespan (services/api/app.py)."""
+    return request.app.state.api
