@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+LOAD_FORMATS = ("safetensors", "dummy", "simulated")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,6 +136,11 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     seed: int = 0
+    # "safetensors" (the checkpoint), "dummy" (random weights) or "simulated" (no model:
+    # a roofline clock stands in for the GPU; a test and benchmark tool, see
+    # engine_worker/engine/simulated/), with `simulate_profile` naming model and GPU.
+    load_format: str = "safetensors"
+    simulate_profile: str = ""
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -153,6 +160,12 @@ class EngineConfig:
         return DTYPES.get(model_cfg.torch_dtype, torch.bfloat16)
 
     def validate(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        if (self.load_format == "simulated") != bool(self.simulate_profile):
+            raise ValueError("load_format 'simulated' and simulate_profile go together")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

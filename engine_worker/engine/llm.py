@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_worker.engine.config import EngineConfig
-from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.engine.factory import build_engine
 from engine_worker.engine.outputs import TokenLogprob
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import TokenizerBundle, load_tokenizer
@@ -32,7 +32,7 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, model: str, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = build_engine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer: TokenizerBundle | None = None
         try:
             self.tokenizer = load_tokenizer(model)

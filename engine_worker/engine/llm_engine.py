@@ -15,9 +15,9 @@ from engine_worker.engine.config import EngineConfig, ModelConfig, load_model_co
 from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
-from engine_worker.engine.outputs import CompletionDelta, RequestOutput
+from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from engine_worker.engine.sampler import sample
-from engine_worker.engine.scheduler import Scheduler
+from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
 from shared.sampling_params import SamplingParams
 
@@ -51,8 +51,9 @@ def _seed_for(seed: int, index: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, load_format: str = "safetensors") -> None:
+    def __init__(self, config: EngineConfig, load_format: str | None = None) -> None:
         config.validate()
+        load_format = load_format or config.load_format
         self.config = config
         self.model_dir = Path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_dir)
@@ -79,12 +80,7 @@ class LLMEngine:
 
         block_size = config.block_size
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(mc, block_size)
-        # A sequence must fit the cache on its own, or preemption could never make room.
-        self.max_model_len = min(limit, num_blocks * block_size)
-        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
-        )
+        self._init_scheduling(num_blocks, limit)
         kv = allocate_kv_cache(mc, num_blocks, block_size, self.dtype, self.device)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         backend = select_backend(
@@ -95,8 +91,19 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv, backend, block_size, self.device)
         if use_graphs and backend.name == "triton":
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+
+    def _init_scheduling(self, num_blocks: int, limit: int) -> None:
+        """Everything but the model: cache blocks, scheduler, request table, generator."""
+        config = self.config
+        block_size = config.block_size
+        # A sequence must fit the cache on its own, or preemption could never make room.
+        self.max_model_len = min(limit, num_blocks * block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.eos_token_ids: set[int] = set(mc.eos_token_ids)
+        self.eos_token_ids: set[int] = set(self.model_config.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -240,9 +247,7 @@ class LLMEngine:
         if not batch:
             return outputs
         sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in batch.items]
-        logits = self.runner.execute(batch.items, sample_mask)
-        samplers = self.scheduler.commit(batch)
-        tokens, logprobs = sample(logits, samplers, self.generator)
+        samplers, tokens, logprobs = self._forward_and_sample(batch, sample_mask)
         touched: dict[str, RequestState] = {}
         for seq, token, lp in zip(samplers, tokens, logprobs, strict=True):
             seq.token_ids.append(token)
@@ -258,6 +263,19 @@ class LLMEngine:
             if state.finished:
                 del self.requests[state.request_id]
         return outputs
+
+    def _forward_and_sample(
+        self, batch: ScheduledBatch, sample_mask: list[bool]
+    ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """Run the model on the batch, commit it, and sample a token for each sequence
+        whose known tokens are now all computed (those sequences, their tokens).
+
+        The one place the device is touched; the simulated engine replaces it.
+        """
+        logits = self.runner.execute(batch.items, sample_mask)
+        samplers = self.scheduler.commit(batch)
+        tokens, logprobs = sample(logits, samplers, self.generator)
+        return samplers, tokens, logprobs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

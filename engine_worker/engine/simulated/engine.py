@@ -1,0 +1,136 @@
+"""The engine with its model forward replaced by a wait on a roofline clock.
+
+Everything else is the real engine: scheduler (continuous batching, chunked prefill,
+preemption), block manager (paged KV, prefix caching), sequences, stop checks, deltas.
+The forward sleeps for the step time `cost_model.step_cost` gives for the scheduled
+batch; `time.sleep` releases the GIL as a GPU kernel does, so the worker's event loop
+runs meanwhile exactly as it would beside a real device. Tokens come from
+`tokens.next_token`. A test and benchmark tool: selected with load_format
+"simulated", never by default.
+
+The tokenizer and vocabulary come from the model folder (a tiny checkpoint or the demo
+model), the costs and the KV cache size from the profile (e.g. Llama-3.1-8B on an H100).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine_worker.engine.config import EngineConfig, load_model_config
+from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.engine.outputs import TokenLogprob
+from engine_worker.engine.scheduler import ScheduledBatch
+from engine_worker.engine.sequence import Sequence
+from engine_worker.engine.simulated.cost_model import shape_of, step_cost
+from engine_worker.engine.simulated.profiles import Profile, get_profile
+from engine_worker.engine.simulated.tokens import allowed_token_ids, next_token
+from shared.logging import get_logger
+
+STATS_LOG_INTERVAL_S = 2.0
+
+
+@dataclass
+class DeviceStats:
+    """The simulated device's own account, to compare with what the host achieved.
+
+    `busy_period_s` sums the wall time between consecutive step starts while work was
+    pending throughout; `busy_device_s` the simulated time of those same steps. Their
+    ratio minus one is the step-period inflation the host (scheduler, worker, NATS
+    client sharing the process) adds to the device's step time.
+    """
+
+    steps: int = 0
+    device_s: float = 0.0
+    tokens: int = 0
+    busy_period_s: float = 0.0
+    busy_device_s: float = 0.0
+
+    @property
+    def inflation(self) -> float:
+        return self.busy_period_s / self.busy_device_s - 1 if self.busy_device_s else 0.0
+
+
+class SimulatedEngine(LLMEngine):
+    def __init__(self, config: EngineConfig) -> None:  # no super(): there is no model
+        config.validate()
+        self.config = config
+        self.profile: Profile = get_profile(config.simulate_profile)
+        self.model_dir = Path(config.model)
+        self.model_config = load_model_config(self.model_dir)
+        self.device = torch.device("cpu")
+        self.dtype = torch.bfloat16
+        limit = config.max_model_len or self.profile.model.max_position_embeddings
+        num_blocks = config.num_kv_blocks or self.profile.num_kv_blocks(config.block_size)
+        self._init_scheduling(num_blocks, limit)
+        self.device_stats = DeviceStats()
+        self._allowed: list[int] | None = None
+        self._last_start: float | None = None
+        self._last_device_s = 0.0
+        self._last_log = time.monotonic()
+        self._log = get_logger("engine_worker.simulated").bind(profile=self.profile.name)
+
+    def _forward_and_sample(
+        self, batch: ScheduledBatch, sample_mask: list[bool]
+    ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        start = time.perf_counter()
+        shape = shape_of([(n, seq.num_computed_tokens + n) for seq, n in batch.items])
+        seconds = step_cost(self.profile, shape).seconds
+        self._account(start, seconds, shape.num_tokens)
+        samplers = self.scheduler.commit(batch)
+        tokens = [next_token(seq.token_ids, self._allowed_ids()) for seq in samplers]
+        logprobs = [_logprob(seq, t) for seq, t in zip(samplers, tokens, strict=True)]
+        # Wait out the rest of the device time (the host's own work above overlaps it).
+        remaining = seconds - (time.perf_counter() - start)
+        if remaining > 0:
+            time.sleep(remaining)
+        return samplers, tokens, logprobs
+
+    def _allowed_ids(self) -> list[int]:
+        """Resolved lazily: the worker adds the tokenizer's EOS ids after construction."""
+        if self._allowed is None:
+            self._allowed = allowed_token_ids(self.model_config.vocab_size, self.eos_token_ids)
+        return self._allowed
+
+    def _account(self, start: float, seconds: float, num_tokens: int) -> None:
+        s = self.device_stats
+        if self._last_start is not None:
+            s.busy_period_s += start - self._last_start
+            s.busy_device_s += self._last_device_s
+        s.steps += 1
+        s.device_s += seconds
+        s.tokens += num_tokens
+        self._last_start, self._last_device_s = start, seconds
+        if start - self._last_log >= STATS_LOG_INTERVAL_S:
+            self._last_log = start
+            self.log_stats()
+
+    def step(self):  # type: ignore[override]
+        outputs = super().step()
+        if not self.has_unfinished_requests():
+            self._last_start = None  # idle next: the gap before new work is not a period
+        return outputs
+
+    def log_stats(self) -> None:
+        s = self.device_stats
+        self._log.info(
+            "simulated_device",
+            steps=s.steps,
+            device_s=round(s.device_s, 6),
+            tokens=s.tokens,
+            busy_period_s=round(s.busy_period_s, 6),
+            busy_device_s=round(s.busy_device_s, 6),
+            inflation=round(s.inflation, 5),
+        )
+
+
+def _logprob(seq: Sequence, token: int) -> TokenLogprob | None:
+    """Stand-in logprobs, when asked: the drawn token is certain; alternatives trail."""
+    k = seq.params.logprobs
+    if k is None:
+        return None
+    top = [(token, 0.0)] + [((token + i) % 2**31, -float(i)) for i in range(1, k)]
+    return TokenLogprob(token, 0.0, top[:k])
