@@ -16,6 +16,8 @@ from typing import Any
 import msgpack
 
 from shared.sampling_params import SamplingParams
+from shared.structured_output import from_wire as structured_from_wire
+from shared.structured_output import to_wire as structured_to_wire
 
 SCHEMA_VERSION = 1
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -155,7 +157,7 @@ def _unpack(data: bytes, what: str) -> dict[str, Any]:
 
 
 def _sampling_to_wire(s: SamplingParams) -> dict[str, Any]:
-    return {
+    wire = {
         "max_tokens": s.max_tokens,
         "temperature": s.temperature,
         "top_p": s.top_p,
@@ -170,6 +172,10 @@ def _sampling_to_wire(s: SamplingParams) -> dict[str, Any]:
         "ignore_eos": s.ignore_eos,
         "n": s.n,
     }
+    if s.structured is not None:
+        # Optional and only present when set: a v1 reader that predates it ignores the key.
+        wire["structured"] = structured_to_wire(s.structured)
+    return wire
 
 
 def _sampling_from_wire(value: Any) -> SamplingParams:
@@ -193,7 +199,15 @@ def _sampling_from_wire(value: Any) -> SamplingParams:
         stop_token_ids=get("stop_token_ids", _int_list),
         ignore_eos=get("ignore_eos", _bool),
         n=get("n", _int),
+        structured=_structured(m.get("structured")),
     )
+
+
+def _structured(value: Any) -> Any:
+    try:
+        return structured_from_wire(value)
+    except ValueError as e:
+        raise MessageError(f"sampling.structured: {e}") from e
 
 
 def encode_job(job: Job) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.structured_output import StructuredOutput
+
 GREEDY_EPS = 1e-5
 
 
@@ -25,6 +27,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     n: int = 1
+    # Output constraint (JSON schema, regex, choice, grammar); None: free text.
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -62,3 +66,5 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
+        if self.structured is not None:
+            self.structured.validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLo
 from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
+from engine_worker.engine.structured.constraint import SequenceConstraint
+from engine_worker.engine.structured.grammars import DEFAULT_CACHE_SIZE, GrammarCache
+from engine_worker.engine.structured.masks import MaskFiller
 from shared.sampling_params import SamplingParams
 
 
@@ -108,6 +112,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._pending: list[RequestOutput] = []
+        # Structured outputs: built on the first constrained request (needs xgrammar).
+        self.grammars: GrammarCache | None = None
+        self.masks: MaskFiller | None = None
 
     @property
     def model_name(self) -> str:
@@ -152,6 +159,7 @@ class LLMEngine:
                 f"{self.max_model_len - 1} so that one token can be generated"
             )
         produced = self._check_resume(resume_token_ids, params, len(prompt_token_ids))
+        compiled = self._compiled_grammar(params)
         seqs: list[Sequence] = []
         for index in range(params.n):
             gen = None
@@ -172,6 +180,9 @@ class LLMEngine:
                 prefill_leader=seqs[0] if seqs and self.config.enable_prefix_caching else None,
             )
             seq.num_emitted = len(produced[index])
+            if compiled is not None:
+                seq.constraint = SequenceConstraint.start(compiled, self.eos_token_ids)
+                seq.constraint.replay(produced[index])  # a takeover continues mid-grammar
             if produced[index]:
                 self._check_stop(seq, produced[index][-1])
             seqs.append(seq)
@@ -181,6 +192,20 @@ class LLMEngine:
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.add(seq)
+
+    def _compiled_grammar(self, params: SamplingParams) -> object | None:
+        """The request's compiled grammar (cached by spec); ValueError if it cannot be had."""
+        if params.structured is None:
+            return None
+        if self.grammars is None:
+            self.grammars = GrammarCache.for_model(
+                self.model_dir,
+                self.model_config.vocab_size,
+                self.eos_token_ids,
+                capacity=DEFAULT_CACHE_SIZE,
+            )
+            self.masks = MaskFiller(self.model_config.vocab_size)
+        return self.grammars.get(params.structured)
 
     def _check_resume(
         self, resume_token_ids: list[list[int]] | None, params: SamplingParams, num_prompt: int
@@ -251,6 +276,8 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         for seq, token, lp in zip(samplers, tokens, logprobs, strict=True):
             seq.token_ids.append(token)
+            if seq.constraint is not None and not seq.constraint.accept(token):
+                seq.finish_reason, seq.status = "error", SequenceStatus.FINISHED
             if lp is not None:
                 seq.pending_logprobs.append(lp)
             self._check_stop(seq, token)
@@ -270,17 +297,30 @@ class LLMEngine:
         """Run the model on the batch, commit it, and sample a token for each sequence
         whose known tokens are now all computed (those sequences, their tokens).
 
-        The one place the device is touched; the simulated engine replaces it.
+        The one place the device is touched; the simulated engine replaces it. Grammar
+        masks of this step's constrained samplers fill on a helper thread while the model
+        runs and are applied to the logits before sampling.
         """
+        pending = None
+        if self.masks is not None:
+            will_sample = [seq for (seq, _), s in zip(batch.items, sample_mask, strict=True) if s]
+            pending = self.masks.start(will_sample)
         logits = self.runner.execute(batch.items, sample_mask)
         samplers = self.scheduler.commit(batch)
-        tokens, logprobs = sample(logits, samplers, self.generator)
+        apply_mask = None
+        if pending is not None and self.masks is not None:
+            apply_mask = functools.partial(self.masks.apply, pending)
+        tokens, logprobs = sample(logits, samplers, self.generator, apply_mask)
         return samplers, tokens, logprobs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
         reason = None
-        if not p.ignore_eos and token in self.eos_token_ids:
+        if seq.is_finished:
+            return
+        if seq.constraint is not None and seq.constraint.terminated:
+            reason, seq.stop_token_id = "stop", token  # the grammar is complete (even ignore_eos)
+        elif not p.ignore_eos and token in self.eos_token_ids:
             reason, seq.stop_token_id = "stop", token
         elif token in p.stop_token_ids:
             reason, seq.stop_token_id = "stop", token

@@ -7,6 +7,8 @@ so its tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine_worker.engine.outputs import TokenLogprob
@@ -59,12 +61,21 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None = None,
+    apply_mask: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row; logprobs are of the raw model distribution, as vLLM reports them."""
+    """One token per row; logprobs are of the raw model distribution, as vLLM reports them.
+
+    `apply_mask` (structured outputs) sets the grammar-forbidden logits of constrained
+    rows to -inf in place, before penalties, temperature and filters see them.
+    """
     logits = logits.float()
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+    if apply_mask is not None:
+        apply_mask(logits)  # the step's own logits tensor; raw logprobs are already taken
     if any(s.params.needs_penalties for s in seqs):
         logits = logits.clone()
         apply_penalties(logits, seqs)

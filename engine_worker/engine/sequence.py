@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine_worker.engine.outputs import TokenLogprob
+from engine_worker.engine.structured.constraint import SequenceConstraint
 from shared.sampling_params import SamplingParams
 
 
@@ -47,6 +48,7 @@ class Sequence:
     # then take its full blocks from the prefix cache instead of recomputing them.
     prefill_leader: Sequence | None = None
     num_preemptions: int = 0
+    constraint: SequenceConstraint | None = None  # grammar state of a structured output
 
     @property
     def num_tokens(self) -> int:
