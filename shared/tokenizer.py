@@ -84,9 +84,15 @@ class TokenizerBundle:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **context: Any,
     ) -> str:
-        """Render the model's chat template the way transformers does (sandboxed jinja2)."""
+        """Render the model's chat template the way transformers does (sandboxed jinja2).
+
+        `context` holds extra template variables, e.g. `tools` or `enable_thinking`.
+        """
         template = self.chat_template
         if not template:
             raise ValueError("this model has no chat template; use the completions API")
@@ -97,6 +103,7 @@ class TokenizerBundle:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **context,
         )
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -34,6 +34,13 @@ class WorkerStatus:
     metrics_port: int = 0
     started_at: float = 0.0
     updated_at: float = 0.0
+    # What the model is, for Ollama's /api/tags, /api/show and /api/ps (optional: older
+    # workers leave them out and readers fall back to defaults).
+    family: str = ""  # llama | mistral | qwen2 | qwen3
+    num_parameters: int = 0
+    dtype: str = ""  # float32 | bfloat16 | float16
+    model_bytes: int = 0  # size of the weight files
+    model_digest: str = ""  # sha256 hex identifying the checkpoint
 
     @property
     def key(self) -> str:

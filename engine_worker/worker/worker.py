@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from engine_worker.worker.job_state import (
     sampling_params,
     state_from_history,
 )
+from engine_worker.worker.model_facts import ModelFacts, model_facts
 from engine_worker.worker.status_server import StatusServer
 from shared.dead_letters import publish_dead_letter
 from shared.event_log import Appended, append
@@ -115,6 +117,7 @@ class Worker:
         self.jobs: dict[str, JobState] = {}
         self.cancelled = CancelMemory(ttl_s=settings.cancel_memory_s)
         self.engine: LLMEngine | None = None
+        self.facts: ModelFacts | None = None
         self.engine_thread: EngineThread | None = None
         self.snapshot: StepResult | None = None
         self.nc: NATS | None = None
@@ -150,6 +153,7 @@ class Worker:
         except ValueError as e:
             self.log.warning("no_tokenizer", error=str(e))
         self.engine = engine
+        self.facts = await asyncio.to_thread(model_facts, engine)
         self.snapshot = StepResult([], engine.stats(), admit_slots(engine), 0)
 
         self.nc = await self._connect()
@@ -696,6 +700,7 @@ class Worker:
             metrics_port=self.status_server.port,
             started_at=self.started_at,
             updated_at=time.time(),
+            **(dataclasses.asdict(self.facts) if self.facts else {}),
         )
 
     async def _heartbeat_once(self) -> None:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api.drain import DrainMiddleware, DrainState
-from services.api.errors import APIError, bad_request
+from services.api.errors import APIError, bad_request, error_response
 from services.api.gateway.admission import Gateway, GatewayMiddleware
 from services.api.gateway.edge_limits import add_cors
 from services.api.gateway.settings import GatewaySettings
@@ -29,6 +29,8 @@ from services.api.jobs.client import JobClient
 from services.api.jobs.routes import router as jobs_router
 from services.api.metrics import QueuePoller, RequestCounter
 from services.api.model_registry import ModelRegistry
+from services.api.ollama.catalog import router as ollama_catalog_router
+from services.api.ollama.routes import router as ollama_router
 from services.api.openai.routes import router
 from services.api.openapi_doc import install_openapi
 from services.api.state import ApiState
@@ -61,21 +63,25 @@ async def connect_nats(url: str) -> NATS:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
-        return exc.response()
+    """Every error in the dialect of its route (services/api/errors.py)."""
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc, request.url.path)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        error = APIError(exc.status_code, str(exc.detail), code=code)
+        return error_response(error, request.url.path)
 
-    async def validation(_: Request, exc: Exception) -> Response:
-        return bad_request(f"invalid request: {exc}").response()
+    async def validation(request: Request, exc: Exception) -> Response:
+        return error_response(bad_request(f"invalid request: {exc}"), request.url.path)
 
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", error=str(exc))
-        return APIError(500, "internal server error", code="internal_error").response()
+        error = APIError(500, "internal server error", code="internal_error")
+        return error_response(error, request.url.path)
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -146,4 +152,6 @@ def create_app(
     app.include_router(router)
     install_openapi(app, gateway.settings.public_paths)
     app.include_router(jobs_router)
+    app.include_router(ollama_router)
+    app.include_router(ollama_catalog_router)
     return app

@@ -22,7 +22,7 @@ import structlog
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.api.errors import service_unavailable
+from services.api.errors import error_response, service_unavailable
 
 log = structlog.get_logger("jetserve.api.drain")
 
@@ -62,7 +62,7 @@ class DrainMiddleware:
             return
         if self.state.draining:
             error = service_unavailable("this API replica is shutting down; retry the request")
-            response = error.response()
+            response = error_response(error, scope.get("path", ""))
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
             await response(scope, receive, send)
             return

@@ -1,14 +1,17 @@
-"""OpenAI-format errors: every failure a client sees has the same JSON shape.
+"""API errors in the dialect of the route: OpenAI's shape, or Ollama's on its routes.
 
-`{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses for
-that kind of failure, so SDKs raise their matching exception classes.
+OpenAI: `{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses
+for that kind of failure, so SDKs raise their matching exception classes. Ollama's routes
+(`/` and `/api/...`) answer `{"error": "<message>"}` with the same status, which is what
+Ollama clients read; `error_response` picks the shape from the request path, so the
+gateway's 401/413/429 reach an Ollama client in its own dialect too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 # status -> OpenAI error `type`
 ERROR_TYPES = {
@@ -74,3 +77,28 @@ def service_unavailable(message: str) -> APIError:
 
 def internal_error(message: str) -> APIError:
     return APIError(500, message, code="internal_error")
+
+
+# Headers an error response carries in either dialect.
+_KEPT_HEADERS = ("retry-after", "www-authenticate")
+
+
+def ollama_path(path: str) -> bool:
+    """Ollama's dialect: its root probe and everything under /api/."""
+    return path == "/" or path.startswith("/api/")
+
+
+def ollama_body(message: str) -> dict:
+    return {"error": message}
+
+
+def error_response(exc: APIError, path: str) -> Response:
+    """The error as the client of this path expects it."""
+    resp = exc.response()
+    if not ollama_path(path):
+        return resp
+    out = JSONResponse(ollama_body(exc.message), status_code=exc.status)
+    for name in _KEPT_HEADERS:
+        if name in resp.headers:
+            out.headers[name] = resp.headers[name]
+    return out

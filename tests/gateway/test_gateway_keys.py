@@ -33,12 +33,13 @@ from gateway_support import (
 from stack import Stack
 
 from services.api.app import create_app
+from services.api.errors import ollama_path
 from services.api.gateway.settings import GatewaySettings
 from services.api.openapi_doc import OPENAPI_PATH, build_openapi
 from shared.messages import decode_job
 from shared.settings import ApiSettings
 
-PUBLIC = ("/health", "/ready", "/metrics")
+PUBLIC = ("/health", "/ready", "/metrics", "/", "/api/version")
 KEYS = {
     "admin": {},
     "rpm": {"limits": {"requests_per_minute": 6}},
@@ -96,9 +97,15 @@ def test_public_paths_answer_without_a_key(gw: Stack) -> None:
 def test_no_other_endpoint_answers_without_a_valid_key(gw: Stack) -> None:
     checked = [(m, p) for m, p in routes() if p not in PUBLIC]
     checked += [("GET", "/no/such/path"), ("POST", "/v1/embeddings")]
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/openapi.json"} <= {
-        p for _, p in checked
-    }
+    assert {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/openapi.json",
+        "/api/generate",
+        "/api/chat",
+        "/api/tags",
+    } <= {p for _, p in checked}
     bad_headers = [
         {},
         {"Authorization": "Bearer sk-not-a-key-0123456789abcdef"},
@@ -109,8 +116,11 @@ def test_no_other_endpoint_answers_without_a_valid_key(gw: Stack) -> None:
         for method, path in checked:
             for headers in bad_headers:
                 resp = httpx.request(method, api.url + path, headers=headers, json={}, timeout=10)
-                err = assert_openai_error(resp, 401, "authentication_error")
-                assert err["code"] == "invalid_api_key"
+                if ollama_path(path):  # Ollama's dialect: {"error": "..."}
+                    assert resp.status_code == 401 and isinstance(resp.json()["error"], str)
+                else:
+                    err = assert_openai_error(resp, 401, "authentication_error")
+                    assert err["code"] == "invalid_api_key"
                 assert resp.headers["www-authenticate"] == "Bearer"
                 assert secret("admin") not in resp.text
     print(f"401 checked on {len(checked)} endpoints x {len(bad_headers)} bad headers x 2 APIs")
@@ -348,3 +358,24 @@ def test_cors(gw: Stack) -> None:
         api.url + "/v1/models", headers={**auth("admin"), "Origin": "http://evil.example"}
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_ollama_routes_go_through_the_same_gateway(gw: Stack, model: str) -> None:
+    """Keys, caps and metering on Ollama's routes, errors in Ollama's shape."""
+    import ollama
+
+    api = gw.apis[0]
+    labels = {"key_id": "key_admin", "tag": "ollama"}
+    before = api.metric("jetserve:usage_completion_tokens_total", **labels)
+    client = ollama.Client(host=api.url, headers={**auth("admin"), "X-Feature": "ollama"})
+    out = client.generate(model=model, prompt="Hello", raw=True, options={"num_predict": 4})
+    assert out.eval_count >= 1
+    assert api.metric("jetserve:usage_completion_tokens_total", **labels) == before + out.eval_count
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=api.url).generate(model=model, prompt="Hello")
+    assert e.value.status_code == 401 and "API key" in e.value.error
+    capped = ollama.Client(host=api.url, headers=auth("capped"))
+    with pytest.raises(ollama.ResponseError) as e:
+        capped.generate(model=model, prompt="Hello", raw=True, options={"num_predict": 50})
+    assert e.value.status_code == 400 and "at most 8" in e.value.error
+    assert len(capped.generate(model=model, prompt="Hello", raw=True).context) > 0

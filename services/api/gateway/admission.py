@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.api.errors import APIError, bad_request
+from services.api.errors import APIError, bad_request, error_response
 from services.api.gateway.auth import AuthError, authenticate
 from services.api.gateway.edge_limits import (
     ClientGone,
@@ -57,7 +57,11 @@ from services.api.streaming.generation import Generation
 
 log = structlog.get_logger("jetserve.api.gateway")
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # fallback-capable
+# Requests that run on a worker: they count against the key's concurrent-request cap.
+CONCURRENT_PATHS = GENERATION_PATHS | frozenset(
+    {"/v1/embeddings", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
+)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PRIORITY_LIMIT = 2**31
 
@@ -415,23 +419,23 @@ class GatewayMiddleware:
             if length is not None and length > settings.max_body_bytes:
                 raise too_large(settings.max_body_bytes)
         except APIError as e:
-            await e.response()(scope, receive, send)
+            await error_response(e, path)(scope, receive, send)
             return
-        generation = path in GENERATION_PATHS
+        counted = path in CONCURRENT_PATHS
         limit = caller.key.limits.max_concurrent if caller.key else None
-        if generation and not gw.concurrency.acquire(caller.key_id, limit):
+        if counted and not gw.concurrency.acquire(caller.key_id, limit):
             err = gw._limited(
                 caller, "max_concurrent", 1.0,
                 f"Too many concurrent requests for this API key (limit {limit}).",
             )  # fmt: skip
-            await err.response()(scope, receive, send)
+            await error_response(err, path)(scope, receive, send)
             return
         token = _caller.set(caller)
         try:
-            await self._serve(scope, receive, send, generation)
+            await self._serve(scope, receive, send, path in GENERATION_PATHS)
         finally:
             _caller.reset(token)
-            if generation:
+            if counted:
                 gw.concurrency.release(caller.key_id)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, generation: bool) -> None:
@@ -443,7 +447,7 @@ class GatewayMiddleware:
             except ClientGone:
                 return
             except APIError as e:
-                await e.response()(scope, receive, send)
+                await error_response(e, scope.get("path", ""))(scope, receive, send)
                 return
             if generation:
                 target = gw.fallback_for(scope, body)

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import APIError
+from services.api.errors import APIError, error_response
 
 EXPOSED_HEADERS = ["Retry-After", "X-Request-Id"]
 ALLOWED_HEADERS = [
@@ -118,9 +118,8 @@ async def call_with_deadline(
     except TimeoutError:
         if tracked.started or not deadline.expired():
             raise
-    await APIError(
-        504, f"The request did not complete within {timeout_s:g} s.", code="timeout"
-    ).response()(scope, receive, send)
+    error = APIError(504, f"The request did not complete within {timeout_s:g} s.", code="timeout")
+    await error_response(error, scope.get("path", ""))(scope, receive, send)
 
 
 def add_cors(app: FastAPI, origins: Sequence[str]) -> None:

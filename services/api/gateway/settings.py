@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Self
 
 ENV_PREFIX = "JETSERVE_"
-DEFAULT_PUBLIC_PATHS = ("/health", "/ready", "/metrics")
+# "/" and /api/version: Ollama clients probe them before sending a key.
+DEFAULT_PUBLIC_PATHS = ("/health", "/ready", "/metrics", "/", "/api/version")
 MIB = 1024 * 1024
 
 

@@ -53,8 +53,13 @@ class EventStreamResponse(Response):
 
     media_type = SSE_MEDIA_TYPE
 
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(status_code=200, headers=SSE_HEADERS, media_type=SSE_MEDIA_TYPE)
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        media_type: str = SSE_MEDIA_TYPE,  # Ollama's routes stream NDJSON the same way
+    ) -> None:
+        super().__init__(status_code=200, headers=SSE_HEADERS, media_type=media_type)
         # Response sets content-length for its (empty) body; a stream must not have one.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.events = events
