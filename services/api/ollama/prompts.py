@@ -19,6 +19,12 @@ from services.api.jobs.builder import PreparedRequest, prepare_completion
 from services.api.model_registry import ServedModel
 from services.api.ollama.schemas import ChatRequest, GenerateRequest, Message, Options
 from services.api.openai.schemas import MAX_LOGPROBS, CompletionRequest
+from shared.structured_output import (
+    GrammarUnavailable,
+    StructuredOutput,
+    build_grammar,
+    json_schema_output,
+)
 
 # Ollama's defaults when neither the request nor the model sets them.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
@@ -118,7 +124,11 @@ def _logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:
 
 
 def prepare(
-    model: ServedModel, ids: list[int], options: Options | None, logprobs: int | None
+    model: ServedModel,
+    ids: list[int],
+    options: Options | None,
+    logprobs: int | None,
+    structured: StructuredOutput | None = None,
 ) -> tuple[PreparedRequest, ServedModel]:
     """Sampling and context checks through the OpenAI routes' builder."""
     o = effective_options(model, options)
@@ -138,16 +148,33 @@ def prepare(
         frequency_penalty=o.frequency_penalty or 0.0,
         logprobs=logprobs,
     )
-    return prepare_completion(req, capped), capped
+    prepared = prepare_completion(req, capped)
+    if structured is not None:
+        sampling = dataclasses.replace(prepared.sampling, structured=structured)
+        prepared = dataclasses.replace(prepared, sampling=sampling)
+    return prepared, capped
 
 
-def check_format(value: Any) -> None:
-    """`format` needs constrained decoding, which this build lacks: refuse, never ignore."""
-    if value not in (None, ""):
-        raise bad_request(
-            "format (JSON mode and JSON schemas) is not supported by this server yet; "
-            "send the request without format"
-        )
+def structured_format(value: Any) -> StructuredOutput | None:
+    """`format`: "json" (any JSON object) or a JSON schema, through constrained decoding.
+
+    The grammar is built here once so a bad schema is a 400 before anything is queued.
+    """
+    if value in (None, ""):
+        return None
+    if value == "json":
+        out = StructuredOutput("json_object")
+    elif isinstance(value, dict):
+        out = json_schema_output(value)
+    else:
+        raise bad_request('format must be "json" or a JSON schema object')
+    try:
+        build_grammar(out)
+    except GrammarUnavailable as e:
+        raise bad_request(f"format is not available on this server: {e}") from e
+    except ValueError as e:
+        raise bad_request(f"invalid format: {e}") from e
+    return out
 
 
 def _check_think(model: ServedModel, think: bool | str | None) -> bool:
@@ -175,7 +202,7 @@ def _template_context(think: bool, think_value: bool | str | None) -> dict[str, 
 
 def generate_prompt(req: GenerateRequest, model: ServedModel) -> OllamaPrompt:
     """The prompt ids of /api/generate: raw, templated, or fill-in-the-middle."""
-    check_format(req.format)
+    structured = structured_format(req.format)
     if req.images:
         raise not_supported(model.name, "images")
     if req.template:
@@ -198,7 +225,7 @@ def generate_prompt(req: GenerateRequest, model: ServedModel) -> OllamaPrompt:
         special = False
     ids = list(req.context or []) + tok.encode(text, add_special_tokens=special)
     logprobs = _logprobs(req.logprobs, req.top_logprobs)
-    prepared, capped = prepare(model, ids, req.options, logprobs)
+    prepared, capped = prepare(model, ids, req.options, logprobs, structured)
     return OllamaPrompt(prepared, capped, think, _opens_think(text), False, logprobs)
 
 
@@ -235,7 +262,7 @@ def template_messages(messages: list[Message], model: ServedModel) -> list[dict[
 
 def chat_prompt(req: ChatRequest, model: ServedModel) -> OllamaPrompt:
     """The prompt ids of /api/chat: the chat template over messages, tools and think."""
-    check_format(req.format)
+    structured = structured_format(req.format)
     think = _check_think(model, req.think)
     if not model.tokenizer.chat_template:
         raise bad_request(f'"{model.name}" has no chat template; use /api/generate with raw')
@@ -249,5 +276,5 @@ def chat_prompt(req: ChatRequest, model: ServedModel) -> OllamaPrompt:
     if not ids:
         raise bad_request("the rendered chat prompt is empty")
     logprobs = _logprobs(req.logprobs, req.top_logprobs)
-    prepared, capped = prepare(model, ids, req.options, logprobs)
+    prepared, capped = prepare(model, ids, req.options, logprobs, structured)
     return OllamaPrompt(prepared, capped, think, _opens_think(text), bool(req.tools), logprobs)

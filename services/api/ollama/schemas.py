@@ -55,7 +55,7 @@ class _Generation(_Request):
     model: str
     stream: bool | None = True
     options: Options | None = None
-    format: Any = None  # "json" or a JSON schema: refused until constrained decoding exists
+    format: Any = None  # "json" or a JSON schema: constrained decoding
     keep_alive: float | int | str | None = None  # accepted: workers keep models loaded
     logprobs: bool | None = None
     top_logprobs: int | None = None

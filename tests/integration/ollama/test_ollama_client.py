@@ -192,10 +192,28 @@ def test_tools_and_think_refused_where_the_template_lacks_them(client) -> None:
     assert got.done and (got.message.thinking or got.message.content) is not None
 
 
-def test_format_is_refused_not_ignored(client) -> None:
-    with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model="tiny", prompt=PROMPT, format="json")
-    assert e.value.status_code == 400 and "format" in e.value.error
+def test_format_json_and_schema_constrain_the_output(client) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["ok", "n"],
+    }
+    for stream in (False, True):
+        got = client.generate(
+            model="tiny", prompt=PROMPT, format=schema, options={"num_predict": 40}, stream=stream
+        )
+        text = got.response if not stream else "".join(p.response for p in got)
+        value = json.loads(text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool)
+    chat = client.chat(
+        model="tiny", messages=MESSAGES, format=schema, options={"num_predict": 40, "seed": 3}
+    )
+    assert set(json.loads(chat.message.content)) == {"ok", "n"}
+    free = client.generate(model="tiny", prompt=PROMPT, format="json", options={"num_predict": 60})
+    if free.done_reason == "stop":  # a random model may still be inside a string at 60 tokens
+        assert isinstance(json.loads(free.response), dict)
+    else:
+        assert free.response.startswith("{")
 
 
 def test_show_and_ps(client) -> None:
@@ -244,14 +262,15 @@ BAD_INPUTS = [
     ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "suffix": "y"}),
     ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "think": "very"}),
     ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "context": [10**9]}),
-    ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "format": {"type": "object"}}),
+    ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "format": "yaml"}),
+    ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "format": {"type": 5}}),
     ("POST", "/api/generate", {"model": "tiny", "prompt": "x", "top_logprobs": 99}),
     ("POST", "/api/chat", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}),
     ("POST", "/api/chat", {"model": "tiny", "messages": [{"content": "x"}]}),
     ("POST", "/api/chat", {"model": "tiny", "messages": "hello"}),
     ("POST", "/api/chat", {"model": "tiny", "messages": [{"role": "user", "images": ["x"]}]}),
     ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "tools": [{"type": "f"}]}),
-    ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": "json"}),
+    ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": 3}),
     ("POST", "/api/show", {}),
     ("POST", "/api/show", {"model": 5}),
     ("GET", "/api/generate", None),
