@@ -1,5 +1,6 @@
 """Worker building blocks in-process: engine thread, job state transforms, cancel memory,
-status endpoint. The NATS side is covered by test_worker.py against real processes."""
+status endpoint. The NATS side: tests/integration/worker/ (intake and outbox in-process)
+and test_worker.py (the whole process)."""
 
 from __future__ import annotations
 

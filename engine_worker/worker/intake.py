@@ -1,0 +1,258 @@
+"""Jobs in: pull only what the engine can start, decode, validate, restore, admit.
+
+The worker pulls from the model's durable consumer only as many jobs as the engine can
+start now, so the backlog waits in JetStream where any worker can take it and where its
+size is the autoscaling signal. Before a job runs its Deltas already in LLM_EVENTS are
+read, so a redelivered job (its worker crashed or was stopped) or a replayed dead letter
+continues after the last stored token. A delivery beyond `max_deliver` is moved to
+LLM_DEAD instead of being run. Malformed jobs are logged and terminated (never
+redelivered); cancels arrive on a core subject and either abort a running job or are
+remembered for a queued one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from engine_worker.worker.cancel_memory import CancelMemory
+from engine_worker.worker.engine_thread import AddRequest, EngineThread, StepResult
+from engine_worker.worker.janitor import dead_reason
+from engine_worker.worker.job_state import (
+    JobState,
+    error_delta,
+    final_delta,
+    sampling_params,
+    state_from_history,
+)
+from engine_worker.worker.outbox import Outbox, Outgoing
+from engine_worker.worker.running import RunningJobs
+from shared.dead_letters import publish_dead_letter
+from shared.job_events import read_history
+from shared.messages import MessageError, decode_job, encode_delta
+from shared.metrics import WorkerMetrics
+from shared.subjects import CANCEL_WILDCARD, events_subject, job_id_from_subject, sanitize_model
+
+FETCH_WAIT_S = 0.5  # long-poll for the first job; bounds how fast a stop is noticed
+FETCH_MORE_WAIT_S = 0.05  # after one job arrived, how long to wait for more
+HISTORY_TIMEOUT_S = 10.0
+
+
+def num_delivered(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered or 1)
+    except Exception:
+        return 1
+
+
+@dataclass
+class Intake:
+    nc: NATS
+    sub: Any  # pull subscription bound to the model's durable consumer
+    jobs: RunningJobs
+    outbox: Outbox
+    engine: EngineThread
+    snapshot: StepResult  # the engine's latest state: how many jobs it can start now
+    stopping: asyncio.Event  # set: pull nothing more
+    model_name: str
+    worker_id: str
+    max_deliver: int
+    cancelled: CancelMemory
+    metrics: WorkerMetrics
+    log: Any
+    _adds_submitted: int = 0
+    _capacity_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _cancel_sub: Any = None
+
+    async def subscribe_cancels(self) -> None:
+        self._cancel_sub = await self.nc.subscribe(CANCEL_WILDCARD, cb=self.on_cancel)
+
+    def engine_stepped(self, result: StepResult) -> None:
+        self.snapshot = result
+        self._capacity_changed.set()
+
+    def capacity(self) -> int:
+        """Jobs to pull now: what the engine can start minus adds it has not seen yet."""
+        if self.stopping.is_set():
+            return 0
+        in_flight = self._adds_submitted - self.snapshot.adds_applied
+        return self.snapshot.admit_slots - in_flight
+
+    async def pull_loop(self) -> None:
+        while not self.stopping.is_set():
+            if self.capacity() <= 0:
+                self._capacity_changed.clear()
+                if self.capacity() <= 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._capacity_changed.wait(), FETCH_WAIT_S)
+                continue
+            # One lingering pull returns as soon as a job arrives; then a short one for
+            # whatever else is already queued, up to the remaining capacity.
+            for batch, wait in ((1, FETCH_WAIT_S), (None, FETCH_MORE_WAIT_S)):
+                n = batch or self.capacity()
+                if n <= 0 or self.stopping.is_set():
+                    break
+                try:
+                    msgs = await self.sub.fetch(n, timeout=wait)
+                except TimeoutError:
+                    break
+                except Exception as e:  # disconnected, server restarting: retry shortly
+                    self.log.warning("fetch_failed", error=f"{type(e).__name__}: {e}")
+                    await asyncio.sleep(0.5)
+                    break
+                # Histories are read concurrently (one round trip each for a fresh job);
+                # jobs then start in the order they were delivered.
+                states = await asyncio.gather(*(self.prepare(msg) for msg in msgs))
+                for state in states:
+                    if state is not None:
+                        self.admit(state)
+
+    async def prepare(self, msg: Msg) -> JobState | None:
+        """Decode a delivery and restore the job's state from LLM_EVENTS; None if handled."""
+        try:
+            job = decode_job(msg.data)
+        except MessageError as e:
+            await self.reject_malformed(msg, str(e))
+            return None
+        with structlog.contextvars.bound_contextvars(job_id=job.id):
+            if sanitize_model(job.model) != sanitize_model(self.model_name):
+                state = JobState(job, msg)
+                error = f"job for model {job.model!r} reached a worker of {self.model_name!r}"
+                self.reject(state, "wrong_model", error)
+                return None
+            existing = self.jobs.get(job.id)
+            if existing is not None:
+                # Our in-progress acks were late and the server redelivered to us: keep
+                # running, answer for the newest delivery.
+                existing.msg = msg
+                self.log.warning("job_redelivered_while_running")
+                return None
+            try:
+                history = await read_history(self.nc.jetstream(), job.id, HISTORY_TIMEOUT_S)
+            except Exception as e:
+                # Not acked: JetStream redelivers it after ack_wait, when NATS answers again.
+                self.log.warning("job_history_unreadable", error=f"{type(e).__name__}: {e}")
+                return None
+            delivered = num_delivered(msg)
+            if history.terminal:
+                # The last worker stored the final Delta but died before its ack.
+                self.log.info("job_already_finished", num_delivered=delivered)
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+                return None
+            state = state_from_history(job, msg, history)
+            if history.num_deltas:
+                self.metrics.jobs_resumed.labels(model_name=self.model_name).inc()
+                self.log.info(
+                    "job_resumed",
+                    num_delivered=delivered,
+                    next_seq=state.next_seq,
+                    produced_tokens=history.num_tokens,
+                    previous_workers=history.worker_ids,
+                )
+            if delivered > self.max_deliver:
+                await self._dead_letter(state, delivered)
+                return None
+            return state
+
+    def admit(self, state: JobState) -> None:
+        """Hand a prepared job to the engine, or close it if it should not run."""
+        job = state.job
+        with structlog.contextvars.bound_contextvars(job_id=job.id):
+            if job.id in self.jobs:
+                return  # delivered twice in one batch; the first one runs
+            if job.id in self.cancelled:
+                self.log.info("job_skipped", reason="cancelled before start")
+                delta = final_delta(state, "abort", self.worker_id)
+                self.outbox.enqueue([Outgoing(state, delta, "ack")])
+                return
+            if job.deadline is not None and job.deadline < time.time():
+                self.log.info("job_skipped", reason="deadline passed before start")
+                delta = final_delta(state, "abort", self.worker_id, error="deadline exceeded")
+                self.outbox.enqueue([Outgoing(state, delta, "ack")])
+                return
+            request_id = self.jobs.admit(state)
+            self._adds_submitted += 1
+            self.engine.add(
+                AddRequest(
+                    request_id,
+                    job.prompt_token_ids,
+                    sampling_params(job),
+                    job.priority,
+                    resume_token_ids=state.resume_token_ids,
+                )
+            )
+            self.log.debug("job_admitted", prompt_tokens=len(job.prompt_token_ids))
+
+    def reject(self, state: JobState, reason: str, error: str) -> None:
+        """Close a decodable job that cannot run here (wrong model, invalid for the engine)."""
+        self.log.warning("job_rejected", job_id=state.id, reason=reason, error=error)
+        self.metrics.jobs_rejected.labels(model_name=self.model_name, reason=reason).inc()
+        delta = final_delta(state, "error", self.worker_id, error=error)
+        self.outbox.enqueue([Outgoing(state, delta, "term")])
+
+    async def reject_malformed(self, msg: Msg, error: str) -> None:
+        """Terminate: redelivering bytes that cannot decode would only fail again."""
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+        self.log.warning(
+            "job_rejected",
+            reason="malformed",
+            error=error,
+            msg_id=msg_id,
+            subject=msg.subject,
+            num_delivered=num_delivered(msg),
+        )
+        self.metrics.jobs_rejected.labels(model_name=self.model_name, reason="malformed").inc()
+        try:
+            subject = events_subject(msg_id)
+        except ValueError:
+            subject = None  # no usable id: nobody to tell
+        if subject is not None:
+            delta = error_delta(msg_id, f"malformed job: {error}", self.worker_id)
+            await self.outbox.publish(subject, encode_delta(delta))
+        with contextlib.suppress(Exception):
+            await msg.term()
+
+    async def _dead_letter(self, state: JobState, delivered: int) -> None:
+        """This delivery is one more than allowed: store the job in LLM_DEAD, close it."""
+        reason = dead_reason(delivered - 1)
+        try:
+            jobs_seq = int(state.msg.metadata.sequence.stream)
+            await publish_dead_letter(
+                self.nc.jetstream(),
+                state.msg.data,
+                state.id,
+                self.model_name,
+                reason,
+                delivered - 1,
+                self.worker_id,
+                jobs_seq,
+            )
+        except Exception as e:
+            # Left unacked: the server stops delivering it and the janitor moves it.
+            self.log.warning("dead_letter_failed", job_id=state.id, error=str(e))
+            return
+        self.log.warning("job_dead_lettered", job_id=state.id, deliveries=delivered - 1)
+        self.count_dead("delivery")
+        delta = final_delta(state, "error", self.worker_id, error=f"dead-lettered: {reason}")
+        self.outbox.enqueue([Outgoing(state, delta, "term")])
+
+    def count_dead(self, source: str) -> None:
+        self.metrics.jobs_dead_lettered.labels(model_name=self.model_name, source=source).inc()
+
+    async def on_cancel(self, msg: Msg) -> None:
+        """Abort a job we run; remember any other id in case we pull that job later."""
+        job_id = job_id_from_subject(msg.subject)
+        state = self.jobs.get(job_id)
+        if state is not None and not state.finished:
+            self.log.info("job_cancelled", job_id=job_id)
+            self.engine.abort(state.request_id)
+        else:
+            self.cancelled.add(job_id)

@@ -1,0 +1,394 @@
+"""The engine worker process (`jetserve worker`): JetStream jobs in, Deltas out.
+
+One asyncio loop talks to NATS; the engine runs in its own thread (engine_thread.py).
+This module wires the parts together and runs them: intake.py pulls and admits jobs,
+the engine thread steps them, step_results.py turns each step into Deltas, outbox.py
+stores them in LLM_EVENTS and settles the jobs' messages; the janitor dead-letters what
+the server stopped delivering (see docs/durability.md). Here: connect, start, the
+periodic work (in-progress acks and deadlines, the registry heartbeat), health, and the
+shutdown: SIGTERM stops pulling, lets running jobs finish for `drain_timeout_s`, and
+hands the rest back (nak) for another worker to take over. An engine failure hands its
+jobs back the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.worker.cancel_memory import CancelMemory
+from engine_worker.worker.engine_thread import EngineThread, StepResult, admit_slots
+from engine_worker.worker.intake import FETCH_WAIT_S, Intake
+from engine_worker.worker.janitor import Janitor
+from engine_worker.worker.model_facts import ModelFacts, model_facts
+from engine_worker.worker.outbox import PUBLISH_RETRY_S, Outbox
+from engine_worker.worker.running import RunningJobs
+from engine_worker.worker.status_server import StatusServer
+from engine_worker.worker.step_results import step_deltas
+from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
+from shared.jetstream import workers_bucket as open_workers_bucket
+from shared.logging import configure_logging, get_logger
+from shared.metrics import new_registry, worker_metrics
+from shared.settings import WorkerSettings, add_worker_arguments
+from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
+from shared.tokenizer import load_tokenizer
+from shared.worker_registry import WorkerStatus, delete_status, put_status
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+def engine_config(settings: WorkerSettings) -> EngineConfig:
+    return EngineConfig(
+        model=settings.model,
+        dtype=settings.dtype,
+        device=settings.device,
+        kv_cache_memory=settings.kv_cache_memory,
+        num_kv_blocks=settings.num_kv_blocks,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=settings.max_model_len,
+        attention_backend=settings.attention_backend,
+    )
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.model_name = settings.served_name
+        self.worker_id = settings.worker_id
+        self.log = get_logger("engine_worker").bind(worker_id=self.worker_id, model=self.model_name)
+        self.registry = new_registry()
+        self.metrics = worker_metrics(self.registry)
+        self.jobs = RunningJobs()
+        self.exit_code = 0
+        self.started_at = time.time()
+        self.status_server = StatusServer(
+            self.registry, self.health, settings.metrics_host, settings.metrics_port
+        )
+        # Built by start(), in this order; shutdown() copes with any of them missing.
+        self.engine: LLMEngine | None = None
+        self.facts: ModelFacts | None = None
+        self.snapshot: StepResult | None = None
+        self.nc: NATS | None = None
+        self.engine_thread: EngineThread | None = None
+        self.outbox: Outbox | None = None
+        self.intake: Intake | None = None
+        self.janitor: Janitor | None = None
+        self._kv: Any = None
+        self._fatal: str | None = None
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    # -- start ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.status_server.start()
+        self.log.info("worker_loading", model_dir=self.settings.model)
+        engine = await asyncio.to_thread(LLMEngine, engine_config(self.settings))
+        tokenizer_files: dict[str, bytes] = {}
+        try:
+            tokenizer = load_tokenizer(self.settings.model)
+            engine.eos_token_ids |= tokenizer.eos_token_ids  # as the offline LLM does
+            tokenizer_files = tokenizer.files()
+        except ValueError as e:
+            self.log.warning("no_tokenizer", error=str(e))
+        self.engine = engine
+        self.facts = await asyncio.to_thread(model_facts, engine)
+        self.snapshot = StepResult([], engine.stats(), admit_slots(engine), 0)
+
+        self.nc = await self._connect()
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.settings)
+        await ensure_jobs_consumer(js, self.model_name, self.settings)
+        sub = await js.pull_subscribe_bind(
+            durable=consumer_name(self.model_name), stream=JOBS_STREAM
+        )
+        self._kv = await open_workers_bucket(js, self.settings)
+        obs = await models_object_store(js, self.settings)
+        for name, data in tokenizer_files.items():
+            await obs.put(model_object_name(self.model_name, name), data)
+
+        self.engine_thread = EngineThread(engine, asyncio.get_running_loop(), self._on_step)
+        self.outbox = Outbox(
+            js, self.jobs, self.engine_thread.abort, self.metrics, self.model_name, self.log
+        )
+        self.intake = Intake(
+            nc=self.nc,
+            sub=sub,
+            jobs=self.jobs,
+            outbox=self.outbox,
+            engine=self.engine_thread,
+            snapshot=self.snapshot,
+            stopping=self._stopping,
+            model_name=self.model_name,
+            worker_id=self.worker_id,
+            max_deliver=self.settings.max_deliver,
+            cancelled=CancelMemory(ttl_s=self.settings.cancel_memory_s),
+            metrics=self.metrics,
+            log=self.log,
+        )
+        self.engine_thread.start()  # started at once: shutdown joins it
+        await self.intake.subscribe_cancels()
+        self.janitor = Janitor(
+            nc=self.nc,
+            js=js,
+            model=self.model_name,
+            worker_id=self.worker_id,
+            sweep_interval_s=max(self.settings.ack_wait_s, 5.0),
+            retry_for_s=PUBLISH_RETRY_S,
+            log=self.log,
+            on_dead=self.intake.count_dead,
+        )
+        await self.janitor.start()
+
+        self._update_gauges()
+        await self._heartbeat_once()
+        for name, coro in (
+            ("publisher", self.outbox.run()),
+            ("heartbeat", self._heartbeat()),
+            ("keepalive", self._keepalive()),
+            ("puller", self.intake.pull_loop()),
+            ("janitor", self.janitor.sweep_forever()),
+        ):
+            self._tasks[name] = asyncio.create_task(coro, name=name)
+        self.log.info(
+            "worker_ready",
+            subject=jobs_subject(self.model_name),
+            metrics_port=self.status_server.port,
+            max_model_len=engine.max_model_len,
+            num_kv_blocks=engine.stats().num_total_blocks,
+            max_num_seqs=self.settings.max_num_seqs,
+        )
+
+    async def _connect(self) -> NATS:
+        """Retry the first connect so a worker may start before its nats-server."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                return await nats.connect(
+                    self.settings.nats_url,
+                    name=f"jetserve-worker-{self.worker_id}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._on_nats_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.warning("nats_connect_retry", url=self.settings.nats_url, error=str(e))
+                await asyncio.sleep(0.5)
+
+    async def _on_nats_error(self, e: Exception) -> None:
+        self.log.warning("nats_error", error=str(e))
+
+    async def _on_disconnected(self) -> None:
+        self.log.warning("nats_disconnected")
+
+    async def _on_reconnected(self) -> None:
+        self.log.info("nats_reconnected")
+
+    # -- run and stop -----------------------------------------------------------------
+    def request_stop(self) -> None:
+        if not self._stopping.is_set():
+            self.log.info("worker_stopping", running_jobs=len(self.jobs))
+            self._stopping.set()
+
+    async def run(self) -> int:
+        """Start, serve until a stop is requested, shut down; the process exit code."""
+        try:
+            await self.start()
+        except Exception as e:
+            self.log.error("worker_start_failed", error=f"{type(e).__name__}: {e}")
+            self.exit_code = 1
+        else:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+        return self.exit_code
+
+    async def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._stopping.set()
+        puller = self._tasks.pop("puller", None)
+        if puller is not None:
+            await asyncio.wait([puller], timeout=FETCH_WAIT_S + 2)
+            puller.cancel()
+        if self.janitor is not None:
+            await self.janitor.stop()
+        if self._fatal is None:
+            await self.jobs.wait_empty(self.settings.drain_timeout_s)
+        # Hand unfinished jobs back: forget them first so their abort output is not published.
+        # Their Deltas still queued are stored first, so whoever takes over continues after.
+        handed_back = self.jobs.take_all()
+        if self.engine_thread is not None:
+            for state in handed_back:
+                self.engine_thread.abort(state.request_id)
+            self.engine_thread.stop()
+            await asyncio.to_thread(self.engine_thread.join, 30)
+        publisher = self._tasks.pop("publisher", None)
+        if self.outbox is not None and publisher is not None:
+            self.outbox.close()
+            await asyncio.wait([publisher], timeout=10)
+        for state in handed_back:
+            if not state.lost:
+                with contextlib.suppress(Exception):
+                    await state.msg.nak()
+        if handed_back:
+            self.log.info("jobs_handed_back", job_ids=[s.id for s in handed_back])
+        for task in self._tasks.values():
+            task.cancel()
+        # Bounded: on Python 3.11 a cancel that lands as a NATS reply arrives can be
+        # swallowed inside asyncio.wait_for; the loops also check _stopped to end anyway.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=5)
+        self._tasks.clear()
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await delete_status(self._kv, self.model_name, self.worker_id)
+        if self.nc is not None and not self.nc.is_closed:
+            # flush + close rather than drain: draining a pull subscription waits out
+            # its last lingering fetch; everything we owe the server is already sent.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.flush(), 5)
+            await self.nc.close()
+        await self.status_server.stop()
+        self.log.info("worker_stopped", exit_code=self.exit_code)
+
+    # -- engine results (on the loop, posted by the engine thread) --------------------
+    def _on_step(self, result: StepResult) -> None:
+        assert self.intake is not None and self.outbox is not None
+        self.snapshot = result
+        self.intake.engine_stepped(result)
+        self._update_gauges()
+        if result.fatal is not None:
+            self._fail_all(result.fatal)
+            return
+        for request_id, error in result.rejected:
+            state = self.jobs.state_of(request_id)
+            if state is not None:
+                self.intake.reject(state, "invalid", error)
+        self.outbox.enqueue(
+            step_deltas(result, self.jobs, self.metrics, self.model_name, self.worker_id)
+        )
+
+    def _fail_all(self, error: str) -> None:
+        """The engine raised: stop this worker; shutdown hands its jobs back (nak).
+
+        The jobs may be fine on a healthy worker, which continues them from their stored
+        Deltas; a job that breaks every engine runs out of deliveries and is dead-lettered.
+        """
+        if self._fatal is not None:
+            return
+        self._fatal = error
+        self.exit_code = 1
+        self.log.error("engine_failed", error=error, running_jobs=len(self.jobs))
+        self.request_stop()
+
+    # -- health, gauges, periodic work ------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        connected = self.nc is not None and self.nc.is_connected
+        ready = self.engine_thread is not None and self.engine_thread.alive
+        ok = connected and ready and self._fatal is None and not self._stopping.is_set()
+        status = "ok" if ok else ("loading" if self.engine is None else "unavailable")
+        return ok, {
+            "status": status,
+            "worker_id": self.worker_id,
+            "model": self.model_name,
+            "nats_connected": connected,
+            "running_jobs": len(self.jobs),
+        }
+
+    def _update_gauges(self) -> None:
+        if self.snapshot is None:
+            return
+        s, m, name = self.snapshot.stats, self.metrics, self.model_name
+        m.num_requests_running.labels(model_name=name).set(s.num_running)
+        m.num_requests_waiting.labels(model_name=name).set(s.num_waiting)
+        m.kv_cache_usage_perc.labels(model_name=name).set(s.kv_cache_usage)
+        m.prefix_cache_hit_rate.labels(model_name=name).set(s.prefix_cache_hit_rate)
+        m.num_free_blocks.labels(model_name=name).set(s.num_free_blocks)
+        m.num_total_blocks.labels(model_name=name).set(s.num_total_blocks)
+        m.num_preemptions.labels(model_name=name).set(s.num_preemptions)
+
+    async def _keepalive(self) -> None:
+        """In-progress acks keep ack_wait from expiring on long jobs; deadlines abort."""
+        interval = self.settings.ack_wait_s / 3
+        while not self._stopped.is_set():
+            await asyncio.sleep(interval)
+            now = time.time()
+            for state in self.jobs.states():
+                deadline = state.job.deadline
+                if deadline is not None and now > deadline and self.engine_thread is not None:
+                    self.engine_thread.abort(state.request_id)
+                with contextlib.suppress(Exception):
+                    await state.msg.in_progress()
+
+    def status(self) -> WorkerStatus:
+        assert self.engine is not None and self.snapshot is not None
+        s = self.snapshot.stats
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            model=self.model_name,
+            capacity=self.settings.max_num_seqs,
+            max_model_len=self.engine.max_model_len,
+            kv_cache_usage=s.kv_cache_usage,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+            metrics_port=self.status_server.port,
+            started_at=self.started_at,
+            updated_at=time.time(),
+            **(dataclasses.asdict(self.facts) if self.facts else {}),
+        )
+
+    async def _heartbeat_once(self) -> None:
+        try:
+            await put_status(self._kv, self.status())
+        except Exception as e:
+            self.log.warning("heartbeat_failed", error=str(e))
+
+    async def _heartbeat(self) -> None:
+        while not self._stopped.is_set():
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self._heartbeat_once()
+
+
+# -- `jetserve worker` ------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_worker_arguments(parser)
+
+
+async def serve(settings: WorkerSettings) -> int:
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    return await worker.run()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = WorkerSettings.from_args(args)
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        settings.validate()
+    except ValueError as e:
+        get_logger("engine_worker").error("bad_settings", error=str(e))
+        return 2
+    return asyncio.run(serve(settings))

@@ -1,0 +1,141 @@
+"""The worker's Delta publishing path: queue, fenced append to LLM_EVENTS, then settle.
+
+Everything a worker says about a job goes through one queue drained by one task, so a
+job's Deltas are stored in seq order (one batch per engine step, a job at most once in
+a batch). Each append is fenced on the job's previous Delta (shared/event_log.py): a
+worker that lost the job to a takeover learns it here and drops the job without acking.
+A job's message is acked (or terminated) only after its final Delta is stored, so a
+crash before that means redelivery, never a lost request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from engine_worker.worker.job_state import JobState
+from engine_worker.worker.running import RunningJobs
+from shared.event_log import Appended, append
+from shared.messages import Delta, encode_delta
+from shared.metrics import WorkerMetrics
+
+PUBLISH_ATTEMPTS = 3
+PUBLISH_RETRY_S = 30.0  # a Delta is retried this long (NATS restarting) before the job is dropped
+
+
+@dataclass
+class Outgoing:
+    """A Delta to store, and what to do with the job's message once it is stored."""
+
+    state: JobState
+    delta: Delta
+    action: str | None = None  # None (more to come), "ack" or "term"
+
+
+@dataclass
+class Outbox:
+    js: JetStreamContext
+    jobs: RunningJobs  # a settled or dropped job is forgotten here
+    abort: Callable[[str], None]  # stops an engine request: a dropped job must not run on
+    metrics: WorkerMetrics
+    model_name: str
+    log: Any
+    retry_for_s: float = PUBLISH_RETRY_S
+    _queue: asyncio.Queue[list[Outgoing] | None] = field(default_factory=asyncio.Queue)
+
+    def enqueue(self, batch: list[Outgoing]) -> None:
+        if batch:
+            self._queue.put_nowait(batch)
+
+    def close(self) -> None:
+        """`run` returns after storing everything enqueued before this."""
+        self._queue.put_nowait(None)
+
+    async def run(self) -> None:
+        """Store each step's Deltas in order (a job's seq never overtakes), then settle."""
+        while True:
+            batch = await self._queue.get()
+            if batch is None:
+                return
+            try:
+                await self._store_and_settle(batch)
+            except Exception as e:  # a bug must not silently stop all publishing
+                self.log.error("publisher_failed", error=f"{type(e).__name__}: {e}")
+
+    async def publish(self, subject: str, data: bytes) -> bool:
+        """Unfenced JetStream publish (for a job with no log of its own), briefly retried."""
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.js.publish(subject, data)
+                return True
+            except Exception as e:
+                self.log.warning(
+                    "publish_failed", subject=subject, attempt=attempt + 1, error=str(e)
+                )
+                await asyncio.sleep(0.2 * (attempt + 1))
+        return False
+
+    async def _append(self, out: Outgoing) -> Appended:
+        if out.state.lost:
+            return Appended.LOST
+        assert out.state.events is not None
+
+        def on_retry(attempt: int, error: Exception) -> None:
+            self.log.warning(
+                "publish_retry", job_id=out.state.id, attempt=attempt, error=str(error)
+            )
+
+        return await append(
+            self.js, out.state.events, encode_delta(out.delta), self.retry_for_s, on_retry
+        )
+
+    async def _store_and_settle(self, batch: list[Outgoing]) -> None:
+        """One gather per step: a job has at most one Delta in it, so seq order holds."""
+        stored = await asyncio.gather(*(self._append(o) for o in batch))
+        for out, result in zip(batch, stored, strict=True):
+            if result is not Appended.STORED:
+                self._drop(out.state, result)
+            elif out.action is not None:
+                await self._settle(out)
+
+    async def _settle(self, out: Outgoing) -> None:
+        self.jobs.forget(out.state)
+        try:
+            if out.action == "ack":
+                await out.state.msg.ack()
+            else:
+                await out.state.msg.term()
+        except Exception as e:
+            # The job's final Delta is stored: a redelivery will just ack it.
+            self.log.warning("ack_failed", job_id=out.state.id, error=str(e))
+        usage = out.delta.usage
+        self.log.info(
+            "job_finished",
+            job_id=out.state.id,
+            finish_reasons=[c.finish_reason for c in out.delta.chunks],
+            completion_tokens=usage.completion_tokens if usage else 0,
+            error=out.delta.error,
+        )
+
+    def _drop(self, state: JobState, result: Appended) -> None:
+        """Stop a job whose Delta could not be stored, without acking it.
+
+        LOST: another worker appended to its log (a takeover): it owns the job now.
+        FAILED: NATS did not take the Delta in time; skipping it would leave a gap, so
+        the job is left to redelivery, and whoever runs it next continues after the
+        last Delta that was stored.
+        """
+        if state.lost:
+            return
+        state.lost = True
+        state.finished = True
+        self.jobs.forget(state)
+        if state.request_id:
+            self.abort(state.request_id)
+        if result is Appended.LOST:
+            self.metrics.jobs_lost.labels(model_name=self.model_name).inc()
+        self.log.warning("job_dropped", job_id=state.id, reason=result.value)

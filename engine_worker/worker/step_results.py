@@ -1,0 +1,44 @@
+"""One engine step's outputs as the Deltas to publish, with the token and success counters."""
+
+from __future__ import annotations
+
+from engine_worker.worker.engine_thread import StepResult
+from engine_worker.worker.job_state import delta_from_output
+from engine_worker.worker.outbox import Outgoing
+from engine_worker.worker.running import RunningJobs
+from shared.metrics import WorkerMetrics
+
+
+def step_deltas(
+    result: StepResult,
+    jobs: RunningJobs,
+    metrics: WorkerMetrics,
+    model_name: str,
+    worker_id: str,
+) -> list[Outgoing]:
+    """A Delta per current job in `result` (a finished one acks its message); the step's
+    time is shared equally among its jobs as their GPU time."""
+    batch: list[Outgoing] = []
+    share = result.step_time_s / max(len(result.outputs), 1)
+    m = metrics
+    for out in result.outputs:
+        state = jobs.state_of(out.request_id)
+        if state is None or state.finished:
+            continue  # handed back during shutdown, lost, or closed already
+        state.gpu_time_s += share
+        if not state.prompt_counted:
+            state.prompt_counted = True
+            m.prompt_tokens.labels(model_name=model_name).inc(out.num_prompt_tokens)
+        delta = delta_from_output(state, out, worker_id)
+        new_tokens = sum(len(c.token_ids) for c in delta.chunks)
+        if new_tokens:
+            m.generation_tokens.labels(model_name=model_name).inc(new_tokens)
+        action = None
+        if delta.finished:
+            action = "ack"
+            reasons = [c.finish_reason for c in delta.chunks if c.finish_reason]
+            m.request_success.labels(
+                model_name=model_name, finished_reason=reasons[0] if reasons else "stop"
+            ).inc()
+        batch.append(Outgoing(state, delta, action))
+    return batch

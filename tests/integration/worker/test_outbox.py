@@ -1,0 +1,144 @@
+"""The worker's outbox in-process against a real nats-server: Deltas stored in order in
+LLM_EVENTS, the job's message settled only after its last one, a takeover drops the job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+import pytest_asyncio
+import structlog
+from nats.aio.client import Client as NATS
+
+from engine_worker.worker.job_state import JobState, final_delta
+from engine_worker.worker.outbox import Outbox, Outgoing
+from engine_worker.worker.running import RunningJobs
+from shared.jetstream import ensure_jobs_consumer, ensure_streams
+from shared.job_events import read_job_events
+from shared.messages import CompletionChunk, Delta, Job, SamplingParams, encode_delta, encode_job
+from shared.metrics import new_registry, worker_metrics
+from shared.settings import BusSettings
+from shared.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject
+
+MODEL = "outbox-model"
+
+
+@dataclass
+class Aborts:
+    """The engine side of a drop: which engine requests the outbox stopped."""
+
+    request_ids: list[str] = field(default_factory=list)
+
+    def __call__(self, request_id: str) -> None:
+        self.request_ids.append(request_id)
+
+
+@pytest_asyncio.fixture
+async def nc(nats_server) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url)
+    settings = BusSettings()
+    await ensure_streams(client.jetstream(), settings)
+    await ensure_jobs_consumer(client.jetstream(), MODEL, settings)
+    yield client
+    await client.close()
+
+
+async def delivered_job(nc: NATS) -> JobState:
+    """A job published to LLM_JOBS and pulled like a worker does: its state with a live Msg."""
+    js = nc.jetstream()
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    job = Job(job_id, MODEL, [1, 2, 3], SamplingParams(max_tokens=4), time.time(), "")
+    await js.publish(jobs_subject(MODEL), encode_job(job), headers={"Nats-Msg-Id": job_id})
+    sub = await js.pull_subscribe_bind(durable=consumer_name(MODEL), stream=JOBS_STREAM)
+    (msg,) = await sub.fetch(1, timeout=5)
+    return JobState(job, msg)
+
+
+def token_delta(state: JobState, token: int) -> Delta:
+    delta = Delta(state.id, state.next_seq, [CompletionChunk(0, [token])], worker_id="w1")
+    state.next_seq += 1
+    return delta
+
+
+def make_outbox(nc: NATS, jobs: RunningJobs, aborts: Aborts, registry=None) -> Outbox:
+    metrics = worker_metrics(registry or new_registry())
+    log = structlog.get_logger("test_outbox")
+    return Outbox(nc.jetstream(), jobs, aborts, metrics, MODEL, log, retry_for_s=2.0)
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def consumer_counts(nc: NATS) -> tuple[int, int]:
+    info = await nc.jetstream().consumer_info(JOBS_STREAM, consumer_name(MODEL))
+    return info.num_ack_pending, info.num_pending
+
+
+async def test_deltas_are_stored_in_order_and_the_job_acked_after_the_last(nc: NATS) -> None:
+    jobs, aborts = RunningJobs(), Aborts()
+    outbox = make_outbox(nc, jobs, aborts)
+    state = await delivered_job(nc)
+    jobs.admit(state)
+    publisher = asyncio.create_task(outbox.run())
+    for token in (7, 8):
+        outbox.enqueue([Outgoing(state, token_delta(state, token))])
+    # Stored but not finished: the message is still held (unacked) by this worker.
+    await asyncio.sleep(0.3)
+    assert await consumer_counts(nc) == (1, 0) and len(jobs) == 1
+    outbox.enqueue([Outgoing(state, final_delta(state, "length", "w1"), "ack")])
+    outbox.close()
+    await asyncio.wait_for(publisher, 10)
+
+    deltas, last_seq = await read_job_events(nc.jetstream(), state.id)
+    assert [d.seq for d in deltas] == [0, 1, 2]
+    assert [c.token_ids for d in deltas for c in d.chunks] == [[7], [8], []]
+    assert deltas[-1].finished and state.events.fence == last_seq
+    assert await consumer_counts(nc) == (0, 0)  # acked: gone from the work queue
+    assert len(jobs) == 0 and aborts.request_ids == []
+
+
+async def test_term_action_terminates_the_message(nc: NATS) -> None:
+    jobs = RunningJobs()
+    outbox = make_outbox(nc, jobs, Aborts())
+    state = await delivered_job(nc)
+    publisher = asyncio.create_task(outbox.run())
+    delta = final_delta(state, "error", "w1", error="rejected")
+    outbox.enqueue([Outgoing(state, delta, "term")])
+    outbox.close()
+    await asyncio.wait_for(publisher, 10)
+    (stored,), _ = await read_job_events(nc.jetstream(), state.id)
+    assert stored.error == "rejected" and stored.finished
+    assert await consumer_counts(nc) == (0, 0)
+
+
+async def test_a_takeover_drops_the_job_without_acking(nc: NATS) -> None:
+    jobs, aborts, registry = RunningJobs(), Aborts(), new_registry()
+    outbox = make_outbox(nc, jobs, aborts, registry)
+    state = await delivered_job(nc)
+    request_id = jobs.admit(state)
+    publisher = asyncio.create_task(outbox.run())
+    outbox.enqueue([Outgoing(state, token_delta(state, 7))])
+    await until(lambda: state.events.fence > 0)
+    # Another worker took the job over and appended its own Delta to the job's log.
+    other = Delta(state.id, 1, [CompletionChunk(0, [99])], worker_id="w2")
+    await nc.jetstream().publish(events_subject(state.id), encode_delta(other))
+    outbox.enqueue([Outgoing(state, token_delta(state, 8))])
+    outbox.enqueue([Outgoing(state, final_delta(state, "length", "w1"), "ack")])
+    outbox.close()
+    await asyncio.wait_for(publisher, 10)
+
+    deltas, _ = await read_job_events(nc.jetstream(), state.id)
+    assert [(d.seq, d.worker_id) for d in deltas] == [(0, "w1"), (1, "w2")]  # one writer each
+    assert state.lost and len(jobs) == 0
+    assert aborts.request_ids == [request_id]  # the engine stops running it
+    lost = registry.get_sample_value("jetserve:jobs_lost_total", {"model_name": MODEL})
+    assert lost == 1
+    assert await consumer_counts(nc) == (1, 0)  # not acked: the new owner settles it
