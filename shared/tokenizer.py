@@ -34,6 +34,19 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' tojson: plain JSON (jinja2's own escapes <, > and & for HTML)."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
 @dataclass
 class TokenizerBundle:
     """Everything text-side a model folder defines."""
@@ -98,6 +111,7 @@ class TokenizerBundle:
             raise ValueError("this model has no chat template; use the completions API")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
         return env.from_string(template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,

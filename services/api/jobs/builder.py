@@ -7,8 +7,10 @@ bad request never reaches a worker.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from services.api.errors import bad_request
 from services.api.model_registry import ServedModel
@@ -18,6 +20,13 @@ from services.api.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
+)
+from services.api.structured.chat_output import ChatOutputPlan
+from services.api.structured.request_fields import (
+    plan_tools,
+    reasoning_enabled,
+    structured_output,
+    template_kwargs,
 )
 from shared.messages import SamplingParams
 
@@ -37,6 +46,7 @@ class PreparedRequest:
     skip_special_tokens: bool
     priority: int
     max_tokens_explicit: bool
+    output_plan: ChatOutputPlan | None = None  # chat: tool calls and reasoning to split off
 
 
 def _check_range(value: float | None, name: str, lo: float, hi: float) -> None:
@@ -117,6 +127,7 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Sam
         stop_token_ids=stop_ids,
         ignore_eos=bool(req.ignore_eos),
         n=n,
+        structured=structured_output(req),
     )
 
 
@@ -169,24 +180,55 @@ def prepare_completion(req: CompletionRequest, model: ServedModel) -> PreparedRe
     )
 
 
+def _template_tool_calls(calls: Any, where: str) -> list[Any]:
+    """Assistant tool_calls as templates expect them: arguments as an object, not text
+    (transformers' templates write `arguments | tojson`), as vLLM hands them over."""
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls must be an array", param="messages")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{where}.tool_calls entries need function.name", param="messages")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass  # a template can still print the text
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
+
+
 def chat_messages(req: ChatCompletionRequest) -> list[dict]:
     if not req.messages:
         raise bad_request("messages must contain at least one message", param="messages")
     out = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         d = dict(m.model_extra or {})
         d["role"] = m.role
         d["content"] = m.text()
+        if m.role == "assistant" and d.get("tool_calls") is not None:
+            d["tool_calls"] = _template_tool_calls(d["tool_calls"], f"messages[{i}]")
         out.append(d)
     return out
 
 
-def chat_prompt(req: ChatCompletionRequest, model: ServedModel) -> list[int]:
+def chat_prompt(
+    req: ChatCompletionRequest,
+    model: ServedModel,
+    tools: list[dict[str, Any]] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[list[int], str]:
+    """The prompt's token ids and its text (a template may open a think block at its end)."""
     messages = chat_messages(req)
     tok = model.tokenizer
     try:
         text = tok.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt is not False
+            messages,
+            add_generation_prompt=req.add_generation_prompt is not False,
+            tools=tools,
+            **(kwargs or {}),
         )
     except ValueError as e:  # no template
         raise bad_request(str(e), param="messages") from e
@@ -195,7 +237,7 @@ def chat_prompt(req: ChatCompletionRequest, model: ServedModel) -> list[int]:
     ids = tok.encode(text, add_special_tokens=False)
     if not ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
-    return ids
+    return ids, text
 
 
 def prepare_chat(req: ChatCompletionRequest, model: ServedModel) -> PreparedRequest:
@@ -207,17 +249,33 @@ def prepare_chat(req: ChatCompletionRequest, model: ServedModel) -> PreparedRequ
         if not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    prompt = chat_prompt(req, model)
+    tools, plan, forced = plan_tools(req, model.tokenizer)
+    kwargs = template_kwargs(req)
+    prompt, prompt_text = chat_prompt(req, model, tools, kwargs)
     requested = req.max_completion_tokens
     param = "max_completion_tokens"
     if requested is None:
         requested, param = req.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(requested, len(prompt), model.max_model_len, param)
+    sampling = _sampling(req, max_tokens, logprobs)
+    if forced is not None:
+        if sampling.structured is not None:
+            raise bad_request(
+                "a forced tool call (tool_choice required or named) cannot be combined with "
+                "another output constraint",
+                param="tool_choice",
+            )
+        sampling = replace(sampling, structured=forced)
+    # A constraint applies from the first token, so there is no think block to split.
+    if sampling.structured is None and reasoning_enabled(model.tokenizer, kwargs):
+        plan.reasoning = True
+        plan.prompt_opens_think = prompt_text.rstrip().endswith("<think>")
     return PreparedRequest(
         prompts=[prompt],
-        sampling=_sampling(req, max_tokens, logprobs),
+        sampling=sampling,
         stop=stop_strings(req.stop),
         skip_special_tokens=req.skip_special_tokens is not False,
         priority=req.priority or 0,
         max_tokens_explicit=requested is not None,
+        output_plan=plan,
     )

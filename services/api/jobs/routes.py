@@ -24,16 +24,15 @@ from services.api.errors import APIError, bad_request, service_unavailable
 from services.api.jobs.builder import PreparedRequest, prepare_chat, prepare_completion
 from services.api.jobs.records import JobRecord, get_record, put_record
 from services.api.model_registry import ServedModel
-from services.api.openai.chat import chat_stream
+from services.api.openai.chat import assemble_message, chat_stream
 from services.api.openai.completions import completion_stream
 from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from services.api.request_body import parse_body
 from services.api.state import ApiState, api_state
-from services.api.streaming.detokenizer import IncrementalDetokenizer
-from services.api.streaming.generation import ChoiceState, Generation
+from services.api.streaming.generation import Generation, new_choice_state
 from services.api.streaming.reattach import attach_generation, request_cursor
 from services.api.streaming.sse import EventStreamResponse
-from services.api.streaming.stop_strings import StopStringMatcher
+from services.api.structured.chat_output import ChatPart
 from shared.event_log import Appended, EventLog, append
 from shared.job_events import JobHistory, fold, read_job_events
 from shared.messages import CompletionChunk, Delta, Usage, encode_delta
@@ -128,18 +127,14 @@ async def create_job(request: Request) -> Response:
 
 # -- GET /v1/jobs/{id} -------------------------------------------------------------------
 def _choice_texts(
-    model: ServedModel, prepared: PreparedRequest, deltas: list[Delta]
-) -> dict[int, tuple[str, str | None]]:
-    """(text so far, finish reason) of each choice, by the same rules the streams apply."""
-    tok = model.tokenizer.tokenizer
+    model: ServedModel, prepared: PreparedRequest, deltas: list[Delta], job_id: str
+) -> dict[int, tuple[list[ChatPart], str | None]]:
+    """(text so far, split as chat splits it; finish reason) of each choice, by the same
+    rules the streams apply."""
     choices = {
-        i: ChoiceState(
-            IncrementalDetokenizer(tok, prepared.skip_special_tokens),
-            StopStringMatcher(prepared.stop),
-        )
-        for i in range(prepared.sampling.n)
+        i: new_choice_state(model, prepared, f"{job_id}:{i}") for i in range(prepared.sampling.n)
     }
-    texts: dict[int, list[str]] = {i: [] for i in choices}
+    texts: dict[int, list[ChatPart]] = {i: [] for i in choices}
     history = JobHistory("")
     for delta in deltas:
         if not fold(history, delta):
@@ -149,8 +144,8 @@ def _choice_texts(
             if st is None or st.finish_reason is not None or chunk.finish_reason == "error":
                 continue  # an error is the job's state, not the end of a choice's text
             text, _ = st.feed(chunk.token_ids, chunk.finish_reason)
-            texts[chunk.index].append(text)
-    return {i: ("".join(texts[i]), st.finish_reason) for i, st in choices.items()}
+            texts[chunk.index].append(st.part if st.part is not None else ChatPart(text))
+    return {i: (texts[i], st.finish_reason) for i, st in choices.items()}
 
 
 def job_status(history: JobHistory, finish_reasons: list[str | None]) -> str:
@@ -171,14 +166,14 @@ def job_view(
     history = JobHistory(record.id)
     for delta in deltas:
         fold(history, delta)
-    choices = _choice_texts(model, prepared, deltas)
+    choices = _choice_texts(model, prepared, deltas, record.id)
     out_choices = []
-    for i, (text, reason) in sorted(choices.items()):
+    for i, (parts, reason) in sorted(choices.items()):
         choice: dict[str, Any] = {"index": i, "finish_reason": reason}
         if record.endpoint == "chat.completions":
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = assemble_message(parts).model_dump()
         else:
-            choice["text"] = text
+            choice["text"] = "".join(p.content for p in parts)
         choice["completion_tokens"] = len(history.token_ids.get(i, []))
         out_choices.append(choice)
     cached = history.usage.cached_tokens if history.usage is not None else 0

@@ -16,9 +16,53 @@ from services.api.openai.schemas import (
     ChatDelta,
     ChatMessageOut,
     ChatTokenLogprob,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
 )
 from services.api.streaming.event_stream import sse_body
 from services.api.streaming.generation import ChoiceEvent, Generation
+from services.api.structured.chat_output import ChatPart
+
+
+def part_delta(part: ChatPart) -> ChatDelta:
+    """One stream delta with whatever the text split into: reasoning, content, calls."""
+    calls = [
+        ToolCallDelta(
+            index=c.index,
+            id=c.id,
+            type="function" if c.id is not None else None,
+            function=FunctionCallDelta(name=c.name, arguments=c.arguments),
+        )
+        for c in part.calls
+    ]
+    return ChatDelta(
+        content=part.content or None,
+        reasoning_content=part.reasoning or None,
+        tool_calls=calls or None,
+    )
+
+
+def assemble_message(parts: list[ChatPart]) -> ChatMessageOut:
+    """The non-streamed message: the same pieces a stream sends, joined."""
+    content = "".join(p.content for p in parts)
+    reasoning = "".join(p.reasoning for p in parts)
+    calls: dict[int, ToolCall] = {}
+    for piece in (c for p in parts for c in p.calls):
+        call = calls.get(piece.index)
+        if call is None:
+            calls[piece.index] = ToolCall(
+                id=piece.id or "",
+                function=FunctionCall(name=piece.name or "", arguments=piece.arguments),
+            )
+        else:
+            call.function.arguments += piece.arguments
+    return ChatMessageOut(
+        content=None if calls and not content.strip() else content,
+        reasoning_content=reasoning or None,
+        tool_calls=[calls[i] for i in sorted(calls)] or None,
+    )
 
 
 def chat_id(gen: Generation) -> str:
@@ -48,10 +92,14 @@ def chat_stream(
         lp = None
         if top_logprobs is not None and ev.logprobs:
             lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+        if ev.part is not None:
+            delta = part_delta(ev.part)
+        else:
+            delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
         return chunk(
             ChatChunkChoice(
                 index=ev.index,
-                delta=ChatDelta(content=ev.text) if ev.text else ChatDelta(),
+                delta=delta,
                 logprobs=lp,
                 finish_reason=ev.finish_reason,
             )
@@ -67,13 +115,13 @@ def chat_stream(
 
 async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatCompletionResponse:
     texts = gen.model.token_texts
-    parts: dict[int, list[str]] = {i: [] for i in gen.choices}
+    parts: dict[int, list[ChatPart]] = {i: [] for i in gen.choices}
     lps: dict[int, list[ChatTokenLogprob]] = {i: [] for i in gen.choices}
     finish: dict[int, str | None] = dict.fromkeys(gen.choices)
     try:
         async for batch in gen.events():
             for ev in batch:
-                parts[ev.index].append(ev.text)
+                parts[ev.index].append(ev.part if ev.part is not None else ChatPart(ev.text))
                 if top_logprobs is not None and ev.logprobs:
                     lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
                 if ev.finish_reason is not None:
@@ -86,7 +134,7 @@ async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatComple
         choices=[
             ChatChoice(
                 index=i,
-                message=ChatMessageOut(content="".join(parts[i])),
+                message=assemble_message(parts[i]),
                 logprobs=chat_logprobs(lps[i]) if top_logprobs is not None else None,
                 finish_reason=finish[i],
             )

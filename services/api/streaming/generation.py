@@ -23,6 +23,7 @@ from services.api.jobs.client import JobClient, JobFailed, JobStream
 from services.api.model_registry import ServedModel
 from services.api.streaming.detokenizer import IncrementalDetokenizer
 from services.api.streaming.stop_strings import StopStringMatcher
+from services.api.structured.chat_output import ChatOutputParser, ChatPart
 from shared.messages import Delta, Job, TokenLogprobTuple
 from shared.subjects import events_subject
 
@@ -39,6 +40,7 @@ class ChoiceEvent:
     logprobs: list[TokenLogprobTuple] | None
     finish_reason: str | None
     event_id: str  # "<job_id>:<seq>" of the delta it came from
+    part: ChatPart | None = None  # chat with tools or reasoning: the text, split
 
 
 @dataclass
@@ -47,6 +49,8 @@ class ChoiceState:
     stops: StopStringMatcher
     num_tokens: int = 0
     finish_reason: str | None = None
+    output: ChatOutputParser | None = None  # splits tool calls and reasoning off the text
+    part: ChatPart | None = None  # what the last feed() split off (with `output`)
 
     def feed(self, token_ids: list[int], finish_reason: str | None) -> tuple[str, str | None]:
         """New final text of this choice and its finish reason once it has one."""
@@ -57,9 +61,25 @@ class ChoiceState:
             tail, stopped = self.stops.feed(self.detok.flush())
             text += tail if stopped else tail + self.stops.flush()
             reason = "stop" if stopped else finish_reason
+        if self.output is not None:
+            self.part = self.output.feed(text)
+            if reason is not None:
+                self.part.extend(self.output.finish())
+                if reason == "stop" and self.output.num_calls:
+                    reason = "tool_calls"
         if reason is not None:
             self.finish_reason = reason
         return text, reason
+
+
+def new_choice_state(model: ServedModel, prepared: PreparedRequest, scope: str) -> ChoiceState:
+    """`scope` ("<job_id>:<choice>") seeds the choice's tool call ids."""
+    plan = prepared.output_plan
+    return ChoiceState(
+        IncrementalDetokenizer(model.tokenizer.tokenizer, prepared.skip_special_tokens),
+        StopStringMatcher(prepared.stop),
+        output=plan.parser(scope) if plan is not None else None,
+    )
 
 
 @dataclass
@@ -110,7 +130,7 @@ class Generation:
         return self._job(i, self.prepared.prompts[i])
 
     def _job(self, i: int, prompt: list[int]) -> Job:
-        job_id = self.request_id if len(self.prepared.prompts) == 1 else f"{self.request_id}-{i}"
+        job_id = self._job_id(i)
         sampling = self.prepared.sampling
         if sampling.seed is None:
             # Always seeded: a worker that takes the job over mid-way then continues
@@ -127,15 +147,15 @@ class Generation:
             tags=dict(self.tags),
         )
 
+    def _job_id(self, i: int) -> str:
+        return self.request_id if len(self.prepared.prompts) == 1 else f"{self.request_id}-{i}"
+
     def _init_choices(self) -> None:
-        tok = self.model.tokenizer.tokenizer
         for i, prompt in enumerate(self.prepared.prompts):
             self.usage.prompt_tokens += len(prompt)
             for c in range(self.n):
-                self.choices[i * self.n + c] = ChoiceState(
-                    IncrementalDetokenizer(tok, self.prepared.skip_special_tokens),
-                    StopStringMatcher(self.prepared.stop),
-                )
+                scope = f"{self._job_id(i)}:{c}"
+                self.choices[i * self.n + c] = new_choice_state(self.model, self.prepared, scope)
 
     async def attach(
         self,
@@ -237,6 +257,8 @@ class Generation:
                     prev.logprobs = (prev.logprobs or []) + ev.logprobs
                 prev.finish_reason = ev.finish_reason or prev.finish_reason
                 prev.event_id = ev.event_id
+                if ev.part is not None:
+                    prev.part = (prev.part or ChatPart()).extend(ev.part)
         return [merged[i] for i in sorted(merged)]
 
     def _apply(self, job_index: int, delta: Delta) -> list[ChoiceEvent]:
@@ -261,7 +283,9 @@ class Generation:
                 self.timing.max_tokens_in_a_choice, st.num_tokens
             )
             if text or reason is not None or chunk.logprobs:
-                events.append(ChoiceEvent(idx, text, chunk.token_ids, chunk.logprobs, reason, eid))
+                events.append(
+                    ChoiceEvent(idx, text, chunk.token_ids, chunk.logprobs, reason, eid, st.part)
+                )
         if not delta.finished:
             self._cancel_if_all_stopped(job_index)
         return events
