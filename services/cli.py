@@ -1,7 +1,8 @@
 """The `jetserve` command: each subcommand lives in the module that owns it.
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; it is
-imported only when chosen, so `jetserve api` never imports torch.
+imported only when chosen, so `jetserve api` never imports torch. Flags come from the
+settings declarations (shared/settings/); a bad flag or env var is one error line, exit 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from shared.settings import SettingsError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("engine_worker.demo.checkpoint", "build the small demo model offline"),
@@ -24,8 +27,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="jetserve", description=__doc__.splitlines()[0])
+    parser = Parser(prog="jetserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     module = None
@@ -42,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     assert module is not None
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except SettingsError as e:
+        print(f"jetserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,25 +13,44 @@ import asyncio
 import datetime as dt
 import json
 import sys
+from typing import ClassVar
 
 import nats
+from pydantic import model_validator
 
 from shared.dead_letters import DeadLetter, list_dead_letters, replay
 from shared.jetstream import ensure_streams
 from shared.job_events import read_history
-from shared.settings import BusSettings, add_bus_arguments
+from shared.settings import BusSettings, Settings, add_flags, setting
+
+
+class ListOptions(Settings):
+    section: ClassVar[str] = "list"
+
+    as_json: bool = setting(False, env=None, flag="--json", help="one JSON object per line")
+
+
+class ReplayOptions(Settings):
+    section: ClassVar[str] = "replay"
+
+    ids: list[str] = setting([], env=None, flag="--id", help="job id to replay (repeatable)")
+    replay_all: bool = setting(False, env=None, flag="--all", help="every dead-lettered job")
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> ReplayOptions:
+        if bool(self.ids) == self.replay_all:
+            raise ValueError("give --id ID (repeatable) or --all, not both and not neither")
+        return self
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Bus flags before or after the action: both parsers know them.
+    add_flags(parser, BusSettings)
     sub = parser.add_subparsers(dest="action", required=True)
-    ls = sub.add_parser("list", help="list dead-lettered jobs")
-    add_bus_arguments(ls)
-    ls.add_argument("--json", action="store_true", help="one JSON object per line")
-    rp = sub.add_parser("replay", help="queue dead-lettered jobs again")
-    add_bus_arguments(rp)
-    which = rp.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", dest="ids", action="append", help="job id (repeatable)")
-    which.add_argument("--all", action="store_true", help="every dead-lettered job")
+    add_flags(sub.add_parser("list", help="list dead-lettered jobs"), ListOptions, BusSettings)
+    add_flags(
+        sub.add_parser("replay", help="queue dead-lettered jobs again"), ReplayOptions, BusSettings
+    )
 
 
 def _when(ts: float) -> str:
@@ -88,6 +107,8 @@ async def _replay(js, ids: list[str] | None) -> int:
 
 async def main(args: argparse.Namespace) -> int:
     settings = BusSettings.from_args(args)
+    if args.action == "replay":
+        ReplayOptions.from_args(args)  # a bad choice is reported before connecting
 
     async def quiet(_: Exception) -> None:
         pass  # the failure is reported once, below, not as a traceback per attempt
@@ -99,8 +120,9 @@ async def main(args: argparse.Namespace) -> int:
         js = nc.jetstream()
         await ensure_streams(js, settings)
         if args.action == "list":
-            return await _list(js, args.json)
-        return await _replay(js, None if args.all else args.ids)
+            return await _list(js, ListOptions.from_args(args).as_json)
+        replay_opts = ReplayOptions.from_args(args)
+        return await _replay(js, None if replay_opts.replay_all else replay_opts.ids)
     finally:
         await nc.close()
 

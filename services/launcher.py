@@ -23,7 +23,8 @@ from types import FrameType
 
 import httpx
 
-from shared.settings import LauncherSettings, add_launcher_arguments
+from shared.settings import EngineSettings, LauncherSettings, add_flags
+from shared.settings.fields import to_argv
 
 READY_TIMEOUT_S = 300.0  # first start may load a large model
 STOP_TIMEOUT_S = 20.0
@@ -128,22 +129,19 @@ class Launcher:
              "-p", str(s.nats_port)],
         )  # fmt: skip
         wait_for_port(s.nats_port, nats.proc, 30)
-        common = ["--nats-url", self.nats_url]
-        if s.log_level:
-            common += ["--log-level", s.log_level]
+        common = ["--nats-url", self.nats_url, "--log-level", s.log_level]
+        if s.is_set("log_json"):
+            common.append("--log-json" if s.log_json else "--no-log-json")
         worker = [sys.executable, "-m", "services.cli", "worker", "--model", str(model),
                   "--metrics-port", str(s.metrics_port), *common]  # fmt: skip
         if s.model_name:
             worker += ["--model-name", s.model_name]
-        for flag, value in (("--device", s.device), ("--dtype", s.dtype),
-                            ("--kv-cache-memory", s.kv_cache_memory)):  # fmt: skip
-            if value not in (None, "", "auto"):
-                worker += [flag, str(value)]
+        worker += to_argv(s, [EngineSettings])  # the engine flags given to `up`
         self._spawn("worker", worker)
         self._spawn(
             "api",
             [sys.executable, "-m", "services.cli", "api", "--host", s.host,
-             "--port", str(s.port), "--auth", "off", "--drain-timeout", "5", *common],
+             "--port", str(s.port), "--no-auth", "--drain-timeout", "5", *common],
         )  # fmt: skip
         self._wait_ready()
         name = s.model_name or model.name
@@ -215,7 +213,7 @@ class Launcher:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_launcher_arguments(parser)
+    add_flags(parser, LauncherSettings)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,13 +16,7 @@ from nats_process import NatsServer
 from shared.jetstream import ensure_jobs_consumer, ensure_streams, queue_depth
 from shared.logging import configure_logging, get_logger
 from shared.metrics import api_metrics, new_registry, render, worker_metrics
-from shared.settings import (
-    ApiSettings,
-    BusSettings,
-    WorkerSettings,
-    add_api_arguments,
-    add_worker_arguments,
-)
+from shared.settings import ApiSettings, BusSettings, WorkerSettings, add_flags
 from shared.subjects import (
     DEAD_STREAM,
     EVENTS_STREAM,
@@ -95,7 +89,7 @@ def test_settings_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JETSERVE_LOG_JSON", "0")
     monkeypatch.setenv("JETSERVE_API_PORT", "9000")
     parser = argparse.ArgumentParser()
-    add_worker_arguments(parser)
+    add_flags(parser, WorkerSettings)
     w = WorkerSettings.from_args(parser.parse_args(["--max-num-seqs", "4"]))
     assert (w.nats_url, w.model, w.max_num_seqs, w.log_json) == (
         "nats://env:1",
@@ -107,7 +101,7 @@ def test_settings_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert w.worker_id and w.worker_id != WorkerSettings().worker_id
     w.validate()
     parser = argparse.ArgumentParser()
-    add_api_arguments(parser)
+    add_flags(parser, ApiSettings)
     a = ApiSettings.from_args(parser.parse_args(["--nats-url", "nats://flag:2"]))
     assert (a.nats_url, a.port, a.host) == ("nats://flag:2", 9000, "0.0.0.0")
     monkeypatch.setenv("JETSERVE_MAX_NUM_SEQS", "many")

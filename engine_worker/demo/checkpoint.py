@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ from engine_worker.demo.corpus import (
     SPECIAL_TOKENS,
     demo_corpus,
 )
+from shared.settings import LauncherSettings, Settings, add_flags, setting
+from shared.settings.fields import same_as
 
 CHECKPOINT_FILES = (
     "config.json",
@@ -552,8 +554,6 @@ def build_demo_checkpoint(
 
 def default_demo_dir() -> Path:
     """JETSERVE_DEMO_MODEL_DIR, else <JETSERVE_DATA_DIR>/models/jetserve-demo (as the launcher)."""
-    from shared.settings import LauncherSettings
-
     return LauncherSettings.from_env().resolved_demo_model_dir
 
 
@@ -571,26 +571,28 @@ def ensure_demo_checkpoint(path: Path | None = None, **build_kwargs: Any) -> Pat
 # --------------------------------------------------------------------------- CLI
 
 
+class BuildDemoOptions(Settings):
+    section: ClassVar[str] = "build-demo"
+
+    out: str = same_as(
+        LauncherSettings,
+        "demo_model_dir",
+        flag="--out",
+        help="output folder; empty: <JETSERVE_DATA_DIR>/models/jetserve-demo",
+    )
+    seed: int = setting(0, ge=0, env=None, help="same seed, same weights")
+    steps: int = setting(DEFAULT_STEPS, ge=1, env=None, help="training steps")
+    force: bool = setting(False, env=None, help="rebuild even if complete")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output folder [env JETSERVE_DEMO_MODEL_DIR, default .jetserve/models/jetserve-demo]",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same weights (default 0)")
-    parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if complete")
+    add_flags(parser, BuildDemoOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out if args.out is not None else default_demo_dir()
-    if args.steps < 1:
-        print("--steps must be at least 1", file=sys.stderr)
-        return 2
-    if is_complete_checkpoint(out) and not args.force:
+    opts = BuildDemoOptions.from_args(args)
+    out = Path(opts.out) if opts.out else default_demo_dir()
+    if is_complete_checkpoint(out) and not opts.force:
         print(f"demo model already built at {out} (use --force to rebuild)", file=sys.stderr)
         return 0
 
@@ -598,6 +600,6 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    build_demo_checkpoint(out, seed=args.seed, steps=args.steps, progress=progress)
+    build_demo_checkpoint(out, seed=opts.seed, steps=opts.steps, progress=progress)
     print(f"built demo model at {out} in {time.monotonic() - started:.0f}s", file=sys.stderr)
     return 0

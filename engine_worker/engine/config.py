@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 
+from shared.settings.engine import EngineSettings
+from shared.settings.fields import setting
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-
-LOAD_FORMATS = ("safetensors", "dummy", "simulated")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,29 +119,11 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     )
 
 
-@dataclass
-class EngineConfig:
-    """How the engine runs a model: memory, batching and device choices."""
+class EngineConfig(EngineSettings):
+    """How the engine runs a model: the engine settings (declared once, in
+    shared/settings/engine.py, with their bounds and defaults) plus the model folder."""
 
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
-    kv_cache_memory: int = 512 * 1024 * 1024
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    cuda_graphs: bool = True
-    seed: int = 0
-    # "safetensors" (the checkpoint), "dummy" (random weights) or "simulated" (no model:
-    # a roofline clock stands in for the GPU; a test and benchmark tool, see
-    # engine_worker/engine/simulated/), with `simulate_profile` naming model and GPU.
-    load_format: str = "safetensors"
-    simulate_profile: str = ""
+    model: str = setting(help="Hugging Face model folder", env=None)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -150,25 +133,7 @@ class EngineConfig:
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
         """'auto' keeps the checkpoint's dtype on GPU and uses fp32 on CPU (bf16 matmuls are slow there)."""
         if self.dtype != "auto":
-            if self.dtype not in DTYPES:
-                raise ValueError(
-                    f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}"
-                )
             return DTYPES[self.dtype]
         if device.type == "cpu":
             return torch.float32
         return DTYPES.get(model_cfg.torch_dtype, torch.bfloat16)
-
-    def validate(self) -> None:
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(
-                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
-            )
-        if (self.load_format == "simulated") != bool(self.simulate_profile):
-            raise ValueError("load_format 'simulated' and simulate_profile go together")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")

@@ -13,7 +13,13 @@ import torch
 from engine_worker.engine.attention.backend import resolve_backend_name, select_backend
 from engine_worker.engine.block_manager import BlockManager
 from engine_worker.engine.config import EngineConfig, ModelConfig, load_model_config
-from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from engine_worker.engine.kv_budget import fit_context, kv_cache_bytes
+from engine_worker.engine.model_runner import (
+    ModelRunner,
+    allocate_kv_cache,
+    kv_bytes_per_block,
+    profile_step,
+)
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
 from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
@@ -56,7 +62,6 @@ def _seed_for(seed: int, index: int) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, load_format: str | None = None) -> None:
-        config.validate()
         load_format = load_format or config.load_format
         self.config = config
         self.model_dir = Path(config.model)
@@ -83,7 +88,7 @@ class LLMEngine:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
 
         block_size = config.block_size
-        num_blocks = config.num_kv_blocks or self._blocks_for_memory(mc, block_size)
+        num_blocks = self._num_kv_blocks(model, limit, backend_name)
         self._init_scheduling(num_blocks, limit)
         kv = allocate_kv_cache(mc, num_blocks, block_size, self.dtype, self.device)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
@@ -96,12 +101,37 @@ class LLMEngine:
         if use_graphs and backend.name == "triton":
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
 
+    def _num_kv_blocks(self, model: torch.nn.Module, limit: int, backend_name: str) -> int:
+        """--num-kv-blocks, else what the KV cache budget (kv_budget.py) holds."""
+        config, mc = self.config, self.model_config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+
+        def profile() -> int:
+            backend = select_backend(backend_name, self.device)
+            tokens = min(config.max_num_batched_tokens, limit)
+            return profile_step(
+                model,  # type: ignore[arg-type]
+                mc,
+                backend,
+                config.block_size,
+                tokens,
+                config.max_num_seqs,
+                self.dtype,
+                self.device,
+            )
+
+        budget = kv_cache_bytes(config, self.device, profile)
+        return max(budget // kv_bytes_per_block(mc, config.block_size, self.dtype), 1)
+
     def _init_scheduling(self, num_blocks: int, limit: int) -> None:
         """Everything but the model: cache blocks, scheduler, request table, generator."""
         config = self.config
         block_size = config.block_size
         # A sequence must fit the cache on its own, or preemption could never make room.
-        self.max_model_len = min(limit, num_blocks * block_size)
+        self.max_model_len = fit_context(
+            limit, config.max_model_len is not None, num_blocks, block_size
+        )
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
@@ -119,14 +149,6 @@ class LLMEngine:
     @property
     def model_name(self) -> str:
         return self.model_dir.name
-
-    def _blocks_for_memory(self, mc: ModelConfig, block_size: int) -> int:
-        per_block = kv_bytes_per_block(mc, block_size, self.dtype)
-        budget = self.config.kv_cache_memory
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = max(budget, int(free * self.config.gpu_memory_utilization) - 2**30)
-        return max(budget // per_block, 1)
 
     # -- requests -----------------------------------------------------------
     def add_request(

@@ -12,6 +12,7 @@ from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.cuda_graphs import DecodeGraphs
 from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.sequence import Sequence
+from shared.sampling_params import SamplingParams
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -135,3 +136,37 @@ class ModelRunner:
                 inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
             )
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+
+@torch.inference_mode()
+def profile_step(
+    model: LlamaForCausalLM,
+    cfg: ModelConfig,
+    backend: AttentionBackend,
+    block_size: int,
+    num_tokens: int,
+    num_samples: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """Run the largest step once (a prefill of `num_tokens` dummy tokens, then logits and a
+    sort for `num_samples` rows, as the sampler does) so its activation peak can be
+    measured; returns the bytes of the small probe KV cache it used, not to be counted."""
+    num_blocks = -(-num_tokens // block_size)
+    kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype, device)
+    seq = Sequence(
+        seq_id=-1,
+        request_id="memory-profile",
+        index=0,
+        token_ids=[0] * num_tokens,
+        num_prompt_tokens=num_tokens,
+        params=SamplingParams(),
+        priority=0,
+        arrival=0,
+        block_table=list(range(num_blocks)),
+    )
+    inputs = prepare_inputs([(seq, num_tokens)], [True], block_size, device)
+    hidden = model(inputs.input_ids, inputs.positions, kv, inputs.meta, backend)
+    logits = model.compute_logits(hidden[-1:].expand(num_samples, -1).contiguous())
+    torch.sort(torch.softmax(logits, dim=-1), dim=-1)
+    return num_blocks * kv_bytes_per_block(cfg, block_size, dtype)

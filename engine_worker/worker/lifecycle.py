@@ -25,6 +25,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.factory import build_engine
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.worker.cancel_memory import CancelMemory
 from engine_worker.worker.engine_thread import EngineThread, StepResult, admit_slots
@@ -39,7 +40,7 @@ from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object
 from shared.jetstream import workers_bucket as open_workers_bucket
 from shared.logging import configure_logging, get_logger
 from shared.metrics import new_registry, worker_metrics
-from shared.settings import WorkerSettings, add_worker_arguments
+from shared.settings import EngineSettings, WorkerSettings, add_flags
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
 from shared.tokenizer import load_tokenizer
 from shared.worker_registry import WorkerStatus, delete_status, put_status
@@ -48,17 +49,9 @@ CONNECT_TIMEOUT_S = 30.0
 
 
 def engine_config(settings: WorkerSettings) -> EngineConfig:
-    return EngineConfig(
-        model=settings.model,
-        dtype=settings.dtype,
-        device=settings.device,
-        kv_cache_memory=settings.kv_cache_memory,
-        num_kv_blocks=settings.num_kv_blocks,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=settings.max_model_len,
-        attention_backend=settings.attention_backend,
-    )
+    """The worker's engine settings plus its model."""
+    engine_fields = {name: getattr(settings, name) for name in EngineSettings.model_fields}
+    return EngineConfig(model=settings.model, **engine_fields)
 
 
 class Worker:
@@ -93,9 +86,9 @@ class Worker:
 
     # -- start ------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.status_server.start()
+        await self._start_status_server()
         self.log.info("worker_loading", model_dir=self.settings.model)
-        engine = await asyncio.to_thread(LLMEngine, engine_config(self.settings))
+        engine = await asyncio.to_thread(build_engine, engine_config(self.settings))
         tokenizer_files: dict[str, bytes] = {}
         try:
             tokenizer = load_tokenizer(self.settings.model)
@@ -199,6 +192,22 @@ class Worker:
 
     async def _on_reconnected(self) -> None:
         self.log.info("nats_reconnected")
+
+    async def _start_status_server(self) -> None:
+        """A default port that is busy (another worker on this host) falls back to a free
+        one; a port the person chose is theirs or an error."""
+        wanted = self.settings.metrics_port
+        try:
+            await self.status_server.start(
+                fall_back_when_busy=not self.settings.is_set("metrics_port")
+            )
+        except OSError as e:
+            raise OSError(
+                f"--metrics-port / JETSERVE_WORKER_METRICS_PORT {wanted} cannot be bound "
+                f"({e.strerror}); choose another, or leave it unset to take a free one"
+            ) from None
+        if wanted != 0 and self.status_server.port != wanted:
+            self.log.warning("metrics_port_busy", wanted=wanted, port=self.status_server.port)
 
     # -- run and stop -----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -372,7 +381,7 @@ class Worker:
 
 # -- `jetserve worker` ------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_worker_arguments(parser)
+    add_flags(parser, WorkerSettings)
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -384,11 +393,7 @@ async def serve(settings: WorkerSettings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = WorkerSettings.from_args(args)
+    settings = WorkerSettings.from_args(args)  # a bad value: one error line, exit 2
+    settings.validate()
     configure_logging(settings.log_level, json=settings.log_json)
-    try:
-        settings.validate()
-    except ValueError as e:
-        get_logger("engine_worker").error("bad_settings", error=str(e))
-        return 2
     return asyncio.run(serve(settings))

@@ -8,6 +8,7 @@ the worker's graceful-drain ones.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,8 +60,14 @@ class StatusServer:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+    async def start(self, fall_back_when_busy: bool = False) -> None:
+        """Bind; with `fall_back_when_busy`, a port in use gives way to any free one."""
+        try:
+            self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        except OSError as e:
+            if not fall_back_when_busy or e.errno != errno.EADDRINUSE:
+                raise
+            self._server = await asyncio.start_server(self._handle, self._host, 0)
 
     async def stop(self) -> None:
         if self._server is not None:

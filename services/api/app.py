@@ -24,7 +24,6 @@ from services.api.drain import DrainMiddleware, DrainState
 from services.api.errors import APIError, bad_request, error_response
 from services.api.gateway.admission import Gateway, GatewayMiddleware
 from services.api.gateway.edge_limits import add_cors
-from services.api.gateway.settings import GatewaySettings
 from services.api.jobs.client import JobClient
 from services.api.jobs.routes import router as jobs_router
 from services.api.metrics import QueuePoller, RequestCounter
@@ -36,7 +35,7 @@ from services.api.openapi_doc import install_openapi
 from services.api.state import ApiState
 from shared.jetstream import ensure_streams, job_records_bucket
 from shared.metrics import api_metrics, new_registry
-from shared.settings import ApiSettings
+from shared.settings import ApiSettings, GatewaySettings
 
 log = structlog.get_logger("jetserve.api")
 

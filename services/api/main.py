@@ -9,23 +9,24 @@ import argparse
 
 import uvicorn
 
-from services.api.gateway.settings import GatewaySettings, add_gateway_arguments
 from shared.logging import configure_logging
-from shared.settings import ApiSettings, add_api_arguments
+from shared.settings import ApiSettings, GatewaySettings, add_flags
+
+SETTINGS = (ApiSettings, GatewaySettings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_api_arguments(parser)
-    add_gateway_arguments(parser)
+    add_flags(parser, *SETTINGS)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = ApiSettings.from_args(args)
+    gateway = GatewaySettings.from_args(args)
     configure_logging(settings.log_level, json=settings.log_json)
     from services.api.app import create_app
     from services.api.drain import DrainingServer
 
-    app = create_app(settings, GatewaySettings.from_args(args))
+    app = create_app(settings, gateway)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -7,7 +7,6 @@ only the property it checks.
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from services.config_reference import env_names
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -30,11 +31,8 @@ NATS_CLUSTER_CONF = DEPLOY / "nats" / "cluster.conf"
 PROMETHEUS_CONFIGS = sorted((DEPLOY / "prometheus").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "jetserve.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
-SETTINGS = REPO / "shared" / "settings.py"
-GATEWAY_SETTINGS = REPO / "services" / "api" / "gateway" / "settings.py"  # the API's gateway
 
 ENV_NAME = re.compile(r"\bJETSERVE_[A-Z0-9_]+\b")
-_SETTINGS_READERS = {"_env", "_env_int", "_env_float", "_env_bool"}
 
 
 def docker_compose_binary() -> str | None:
@@ -110,33 +108,9 @@ def pod_specs() -> Iterator[tuple[K8sDoc, dict[str, Any]]]:
 
 
 def settings_env_names() -> set[str]:
-    """JETSERVE_* names shared/settings.py (and the API's gateway settings) read: ENV_PREFIX
-    + the first argument of each `_env*("NAME", ...)` call, taken from the source so nothing
-    is imported or guessed."""
-    return _env_names(SETTINGS) | _env_names(GATEWAY_SETTINGS)
-
-
-def _env_names(settings: Path) -> set[str]:
-    tree = ast.parse(settings.read_text())
-    prefix = None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "ENV_PREFIX" for t in node.targets
-        ):
-            prefix = ast.literal_eval(node.value)
-    assert prefix == "JETSERVE_", f"{settings.name} ENV_PREFIX is {prefix!r}"
-    names = set()
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in _SETTINGS_READERS
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            names.add(prefix + node.args[0].value)
-    return names
+    """JETSERVE_* names some `jetserve` command reads, from the settings declarations as
+    the CLI builds them (the same source as docs/configuration.md)."""
+    return env_names()
 
 
 def deployment_texts() -> dict[Path, str]:

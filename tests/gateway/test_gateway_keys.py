@@ -34,10 +34,9 @@ from stack import Stack
 
 from services.api.app import create_app
 from services.api.errors import ollama_path
-from services.api.gateway.settings import GatewaySettings
 from services.api.openapi_doc import OPENAPI_PATH, build_openapi
 from shared.messages import decode_job
-from shared.settings import ApiSettings
+from shared.settings import ApiSettings, GatewaySettings
 
 PUBLIC = ("/health", "/ready", "/metrics", "/", "/api/version")
 KEYS = {

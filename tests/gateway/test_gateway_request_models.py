@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from services.api.errors import APIError
 from services.api.gateway.admission import Caller, Gateway, _caller
 from services.api.gateway.keys import ApiKeyRecord, KeyLimits, hash_secret
-from services.api.gateway.settings import GatewaySettings
 from services.api.jobs.builder import PreparedRequest, prepare_chat, prepare_completion
 from services.api.model_registry import ServedModel, tokenizer_max_len
 from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
@@ -30,6 +29,7 @@ from services.api.streaming.token_text import TokenTexts
 from shared.messages import Job, decode_job, encode_job
 from shared.metrics import new_registry
 from shared.sampling_params import SamplingParams
+from shared.settings import GatewaySettings
 from shared.tokenizer import load_tokenizer
 
 EXAMPLES = 500

@@ -49,11 +49,11 @@ from services.api.gateway.rate_limit import (
     bucket_name,
     rate_bucket,
 )
-from services.api.gateway.settings import GatewaySettings
 from services.api.gateway.usage import ANONYMOUS, UsageMeter, UsageRecord, clean_tag
 from services.api.jobs.builder import PreparedRequest
 from services.api.model_registry import ModelRegistry, ServedModel
 from services.api.streaming.generation import Generation
+from shared.settings import GatewaySettings
 
 log = structlog.get_logger("jetserve.api.gateway")
 

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 KEYS_BUCKET = "llm_api_keys"
 SECRET_PREFIX = "sk-js-"
 # Lower runs first in the engine scheduler (Job.priority). A key's class is the floor of
@@ -189,16 +191,15 @@ def seed_record(entry: Any, index: int) -> ApiKeyRecord:
 
 
 def parse_keys_file(path: str | Path) -> list[ApiKeyRecord]:
-    """JSON, or YAML when PyYAML is installed (a list, or {keys: [...]})."""
+    """JSON or YAML (a list, or {keys: [...]})."""
     text = Path(path).read_text()
     try:
         data = json.loads(text)
     except ValueError:
         try:
-            import yaml
-        except ImportError as e:
-            raise KeyRecordError(f"{path} is not JSON and PyYAML is not installed") from e
-        data = yaml.safe_load(text)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise KeyRecordError(f"{path} is neither JSON nor YAML: {e}") from None
     if isinstance(data, dict):
         data = data.get("keys")
     if not isinstance(data, list):

@@ -12,68 +12,114 @@ import asyncio
 import json
 import sys
 import time
+import typing
+from dataclasses import fields
+from typing import ClassVar, Literal
 
 import nats
 
 from services.api.gateway.key_store import all_records, keys_bucket, put_record, revoke
-from services.api.gateway.keys import PRIORITY_CLASSES, KeyLimits, new_record
-from shared.settings import BusSettings
+from services.api.gateway.keys import MAX_LIMIT, PRIORITY_CLASSES, KeyLimits, new_record
+from shared.settings import BusSettings, Settings, add_flags, setting
 
-LIMIT_FLAGS = {
-    "requests_per_minute": "--rpm",
-    "tokens_per_minute": "--tpm",
-    "max_tokens": "--max-tokens",
-    "max_prompt_tokens": "--max-prompt-tokens",
-    "max_concurrent": "--max-concurrent",
-}
+
+class OutputOptions(Settings):
+    section: ClassVar[str] = "output"
+
+    as_json: bool = setting(False, env=None, flag="--json", help="machine-readable output")
+
+
+class CreateOptions(Settings):
+    section: ClassVar[str] = "create"
+
+    name: str = setting(env=None, help="who or what the key is for")
+    priority: Literal["interactive", "batch"] = setting(
+        "interactive", env=None, help="scheduler class: interactive runs before batch"
+    )
+    requests_per_minute: int | None = setting(
+        None, ge=1, le=MAX_LIMIT, env=None, flag="--rpm", help="requests per minute"
+    )
+    tokens_per_minute: int | None = setting(
+        None,
+        ge=1,
+        le=MAX_LIMIT,
+        env=None,
+        flag="--tpm",
+        help="prompt + completion tokens per minute",
+    )
+    max_tokens: int | None = setting(
+        None, ge=1, le=MAX_LIMIT, env=None, help="cap on one request's completion tokens"
+    )
+    max_prompt_tokens: int | None = setting(
+        None, ge=1, le=MAX_LIMIT, env=None, help="cap on one request's prompt tokens"
+    )
+    max_concurrent: int | None = setting(
+        None, ge=1, le=MAX_LIMIT, env=None, help="open requests (streams included) per API replica"
+    )
+
+
+class RevokeOptions(Settings):
+    section: ClassVar[str] = "revoke"
+
+    key_id: str = setting(env=None, positional=True, help="id of the key to revoke")
+
+
+LIMITS = tuple(f.name for f in fields(KeyLimits))
+assert set(typing.get_args(CreateOptions.model_fields["priority"].annotation)) == set(
+    PRIORITY_CLASSES
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats-url", help="NATS server URL [env JETSERVE_NATS_URL]")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # Common flags before or after the action: every parser knows them.
+    common = (OutputOptions, BusSettings)
+    add_flags(parser, *common)
     sub = parser.add_subparsers(dest="action", required=True)
-    create = sub.add_parser("create", help="create a key and print its secret once")
-    create.add_argument("--name", required=True, help="who or what the key is for")
-    create.add_argument(
-        "--priority", choices=sorted(PRIORITY_CLASSES), default="interactive",
-        help="scheduler class: interactive runs before batch",
-    )  # fmt: skip
-    for field_name, flag in LIMIT_FLAGS.items():
-        create.add_argument(flag, dest=field_name, type=int, help=field_name.replace("_", " "))
-    rev = sub.add_parser("revoke", help="revoke a key by id (stops working within seconds)")
-    rev.add_argument("key_id")
-    sub.add_parser("list", help="list keys (ids, names, limits; never secrets)")
+    add_flags(
+        sub.add_parser("create", help="create a key and print its secret once"),
+        CreateOptions,
+        *common,
+    )
+    add_flags(
+        sub.add_parser("revoke", help="revoke a key by id (stops working within seconds)"),
+        RevokeOptions,
+        *common,
+    )
+    add_flags(sub.add_parser("list", help="list keys (ids, names, limits; never secrets)"), *common)
 
 
 async def _run(args: argparse.Namespace) -> int:
-    settings = BusSettings.from_env()
-    nc = await nats.connect(args.nats_url or settings.nats_url, connect_timeout=5)
+    settings = BusSettings.from_args(args)
+    as_json = OutputOptions.from_args(args).as_json
+    create = CreateOptions.from_args(args) if args.action == "create" else None
+    revoke_id = RevokeOptions.from_args(args).key_id if args.action == "revoke" else ""
+    nc = await nats.connect(settings.nats_url, connect_timeout=5)
     try:
         kv = await keys_bucket(nc.jetstream(), settings.stream_replicas)
-        if args.action == "create":
+        if create is not None:
             limits = KeyLimits.from_dict(
-                {f: getattr(args, f) for f in LIMIT_FLAGS if getattr(args, f) is not None}
+                {f: getattr(create, f) for f in LIMITS if getattr(create, f) is not None}
             )
-            secret, record = new_record(args.name, limits, args.priority)
+            secret, record = new_record(create.name, limits, create.priority)
             await put_record(kv, record)
-            if args.json:
+            if as_json:
                 print(json.dumps({"id": record.id, "name": record.name, "key": secret}))
             else:
                 print(f"created {record.id} ({record.name}); the key, shown only now:\n{secret}")
             return 0
         if args.action == "revoke":
-            record = await revoke(kv, args.key_id)
+            record = await revoke(kv, revoke_id)
             if record is None:
-                print(f"no key with id {args.key_id}", file=sys.stderr)
+                print(f"no key with id {revoke_id}", file=sys.stderr)
                 return 1
             print(
                 json.dumps({"id": record.id, "revoked": True})
-                if args.json
+                if as_json
                 else f"revoked {record.id}"
             )
             return 0
         records = await all_records(kv)
-        if args.json:
+        if as_json:
             print(json.dumps([_public(r) for r in records]))
         else:
             for r in records:

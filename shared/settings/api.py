@@ -1,0 +1,27 @@
+"""The stateless API service (`jetserve api`); its gateway layer is in gateway.py."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from shared.settings.bus import BusSettings
+from shared.settings.fields import setting
+
+
+class ApiSettings(BusSettings):
+    section: ClassVar[str] = "API"
+
+    host: str = setting("0.0.0.0", env="API_HOST", help="bind address of the HTTP server")
+    port: int = setting(8000, ge=1, le=65535, env="API_PORT", help="HTTP port")
+    drain_timeout_s: float = setting(
+        30.0,
+        ge=0,
+        env="API_DRAIN_TIMEOUT",
+        help="on SIGTERM, new requests get 503 while open streams get this long to finish",
+    )
+    reattach_grace_s: float = setting(
+        0.0,
+        ge=0,
+        help="a streaming client that disconnects has its job cancelled after this long "
+        "unless it re-attaches (Last-Event-ID) through any replica; 0 cancels at once",
+    )

@@ -1,0 +1,51 @@
+"""What every service needs: logging, and how to reach NATS and agree on stream limits."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from shared.settings.fields import Settings, setting
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class LogSettings(Settings):
+    section: ClassVar[str] = "logging"
+
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = setting(
+        "info", help="least severe log level written to stderr"
+    )
+    log_json: bool = setting(
+        True, help="one JSON object per log line; --no-log-json for readable console lines"
+    )
+
+
+class BusSettings(LogSettings):
+    """NATS and the JetStream limits every service must agree on."""
+
+    section: ClassVar[str] = "NATS and streams"
+
+    nats_url: str = setting(DEFAULT_NATS_URL, help="NATS server URL")
+    events_max_age_s: float = setting(
+        3600.0, gt=0, help="how long a job's deltas stay replayable in LLM_EVENTS (re-attach)"
+    )
+    jobs_duplicate_window_s: float = setting(
+        120.0, gt=0, help="Nats-Msg-Id de-duplication window of LLM_JOBS (a re-sent job is dropped)"
+    )
+    worker_ttl_s: float = setting(
+        10.0, gt=0, help="a worker's registry entry expires this long after its last heartbeat"
+    )
+    ack_wait_s: float = setting(
+        30.0,
+        gt=0,
+        help="a job whose worker sends no in-progress ack for this long is redelivered "
+        "(workers ack every third of it; a worker needs more than 2 s)",
+    )
+    max_deliver: int = setting(
+        5,
+        ge=0,
+        help="a job delivered more often than this (each worker crash costs one) goes to LLM_DEAD",
+    )
+    stream_replicas: int = setting(
+        1, ge=1, le=5, help="replicas of each stream and bucket (3 on a 3-node NATS cluster)"
+    )

@@ -1,0 +1,110 @@
+"""The engine knobs (`jetserve worker`, `generate`, `up`); the engine's EngineConfig is
+these plus the model folder, so a default lives here and nowhere else."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import ByteSize, field_validator, model_validator
+
+from shared.settings.fields import Settings, setting
+
+CPU_KV_CACHE_MEMORY = ByteSize(512 * 1024 * 1024)  # KV cache on CPU when none is given
+
+
+class EngineSettings(Settings):
+    section: ClassVar[str] = "engine"
+
+    device: str = setting("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto",
+        help="weights and KV cache dtype; auto keeps the checkpoint's on GPU, float32 on CPU",
+    )
+    block_size: int = setting(
+        16,
+        ge=1,
+        le=256,
+        help="tokens per KV cache block (a power of two): the paging and prefix-cache unit",
+    )
+    kv_cache_memory: ByteSize | None = setting(
+        None,
+        ge=1,
+        help="KV cache size in bytes, exactly; unset: on CUDA the cache gets "
+        "--gpu-memory-utilization of the GPU's memory minus what weights and activations "
+        "use, on CPU 512 MiB",
+        shown_default="unset (see help)",
+    )
+    gpu_memory_utilization: float = setting(
+        0.9,
+        gt=0,
+        le=1,
+        help="fraction of the GPU's total memory this worker may use (weights, activations "
+        "and KV cache); sizes the KV cache when --kv-cache-memory is not given",
+    )
+    num_kv_blocks: int | None = setting(
+        None, ge=1, help="KV cache size in blocks; overrides --kv-cache-memory (tests, benchmarks)"
+    )
+    max_num_seqs: int = setting(
+        64, ge=1, help="most sequences decoded together in one step (the batch size)"
+    )
+    max_num_batched_tokens: int = setting(
+        2048,
+        ge=1,
+        help="token budget of one step: decodes first, then prompts, a longer prompt is "
+        "prefilled in chunks of what is left (chunked prefill)",
+    )
+    max_model_len: int | None = setting(
+        None,
+        ge=2,
+        help="longest prompt + output in tokens; unset: the model's max_position_embeddings, "
+        "cut to what the KV cache holds (with a warning); set: start fails if the cache "
+        "cannot hold one sequence this long",
+    )
+    enable_prefix_caching: bool = setting(
+        True, help="reuse the KV blocks of a prompt prefix already computed (chained block hashes)"
+    )
+    attention_backend: Literal["auto", "torch", "triton"] = setting(
+        "auto", help="attention kernels: auto takes triton on CUDA and the torch reference on CPU"
+    )
+    cuda_graphs: bool = setting(
+        True,
+        help="capture decode steps in CUDA graphs (CUDA with the triton backend only); "
+        "--no-cuda-graphs runs eagerly, like vLLM's --enforce-eager",
+    )
+    seed: int = setting(
+        0, ge=0, help="seed of the engine's sampler for requests that bring no seed of their own"
+    )
+    load_format: Literal["safetensors", "dummy", "simulated"] = setting(
+        "safetensors",
+        help="safetensors: the checkpoint's weights; dummy: random weights of its shape; "
+        "simulated: no model, a roofline clock stands in for the GPU (a test and benchmark "
+        "tool, see engine_worker/engine/simulated/; needs --simulate-profile)",
+    )
+    simulate_profile: str = setting(
+        "",
+        help="model and GPU the simulated engine stands in for (h100-llama3-8b, "
+        "h200-llama3-8b); only with --load-format simulated",
+    )
+
+    @model_validator(mode="after")
+    def _simulation_named(self) -> EngineSettings:
+        if (self.load_format == "simulated") != bool(self.simulate_profile):
+            raise ValueError("--load-format simulated and --simulate-profile go together")
+        return self
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in ("auto", "cpu", "cuda") or (
+            index and (kind != "cuda" or not index.isdigit())
+        ):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
