@@ -57,3 +57,61 @@ def test_the_engine_sizes_its_cache_from_the_bytes(tiny_llama: Path) -> None:
     assert engine.stats().num_total_blocks == (1024 * 1024) // per_block
     with pytest.raises(ValueError, match="--max-model-len 512 does not fit"):
         LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=4, max_model_len=512))
+
+
+def test_the_profile_step_runs_the_largest_step(tiny_llama: Path) -> None:
+    """The step CUDA sizing measures runs on any device (here the CPU)."""
+    from engine_worker.engine.attention.backend import select_backend
+    from engine_worker.engine.model_runner import profile_step
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=8))
+    mc = engine.model_config
+    probe = profile_step(
+        engine.runner.model, mc, select_backend("torch", CPU), 16, 40, 3, engine.dtype, CPU
+    )
+    assert probe == 3 * kv_bytes_per_block(mc, 16, engine.dtype)  # ceil(40 / 16) blocks
+
+
+class FakeCuda:
+    """torch.cuda's memory counters as numbers: the arithmetic of the sizing rule, on a
+    machine without a GPU (the kernels themselves are not involved)."""
+
+    def __init__(self, total: int, free: int, reserved: int, allocated: int, peak: int) -> None:
+        self.total, self.free, self.reserved = total, free, reserved
+        self.allocated, self.peak = allocated, peak
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "mem_get_info", lambda _d=None: (self.free, self.total))
+        monkeypatch.setattr(cuda, "memory_reserved", lambda _d=None: self.reserved)
+        monkeypatch.setattr(cuda, "memory_allocated", lambda _d=None: self.allocated)
+        monkeypatch.setattr(cuda, "max_memory_allocated", lambda _d=None: self.peak)
+        for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+            monkeypatch.setattr(cuda, name, lambda *_a: None)
+
+
+GIB = 1024**3
+
+
+def test_cuda_gets_utilization_of_total_minus_weights_and_activations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 100 GiB GPU, 16 GiB of weights loaded, a step peaks 4 GiB above them (+1 GiB probe).
+    FakeCuda(100 * GIB, 84 * GIB, 16 * GIB, 16 * GIB, 21 * GIB).install(monkeypatch)
+    config = EngineConfig(model="m", gpu_memory_utilization=0.5)
+    budget = kv_cache_bytes(config, torch.device("cuda"), lambda: 1 * GIB)
+    assert budget == 50 * GIB - 16 * GIB - 4 * GIB
+    exact = EngineConfig(model="m", kv_cache_memory="8GiB", gpu_memory_utilization=0.5)
+    assert kv_cache_bytes(exact, torch.device("cuda"), never_profile) == 8 * GIB
+
+
+def test_cuda_sizing_fails_with_the_numbers_when_nothing_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    FakeCuda(100 * GIB, 30 * GIB, 16 * GIB, 16 * GIB, 20 * GIB).install(monkeypatch)
+    with pytest.raises(ValueError, match=r"asks for 90\.00 GiB of 100\.00 GiB, but only 46\.00"):
+        kv_cache_bytes(EngineConfig(model="m"), torch.device("cuda"), lambda: 0)
+    FakeCuda(100 * GIB, 84 * GIB, 16 * GIB, 16 * GIB, 21 * GIB).install(monkeypatch)
+    with pytest.raises(ValueError, match="leaves no room for a KV cache"):
+        low = EngineConfig(model="m", gpu_memory_utilization=0.2)
+        kv_cache_bytes(low, torch.device("cuda"), lambda: 0)
