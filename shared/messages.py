@@ -10,6 +10,8 @@ are ignored so a newer producer can add optional fields without breaking v1 read
 from __future__ import annotations
 
 import re
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +81,9 @@ class Delta:
     usage: Usage | None = None
     error: str | None = None  # worker-side failure, always with finished=True
     worker_id: str = ""
+    # An embedding job's pooled vector, on its final Delta. Optional on the wire (float32
+    # little-endian bytes): a reader that predates it ignores the key.
+    embedding: list[float] | None = None
     v: int = SCHEMA_VERSION
 
 
@@ -175,6 +180,9 @@ def _sampling_to_wire(s: SamplingParams) -> dict[str, Any]:
     if s.structured is not None:
         # Optional and only present when set: a v1 reader that predates it ignores the key.
         wire["structured"] = structured_to_wire(s.structured)
+    if s.pooling is not None:  # optional too (embeddings); see Delta.embedding
+        wire["pooling"] = s.pooling
+        wire["normalize"] = s.normalize
     return wire
 
 
@@ -200,6 +208,8 @@ def _sampling_from_wire(value: Any) -> SamplingParams:
         ignore_eos=get("ignore_eos", _bool),
         n=get("n", _int),
         structured=_structured(m.get("structured")),
+        pooling=_optional(m.get("pooling"), _str, "sampling.pooling"),
+        normalize=get("normalize", _bool),
     )
 
 
@@ -252,6 +262,26 @@ def decode_job(data: bytes) -> Job:
 
 
 # --- Delta -------------------------------------------------------------------------------
+
+
+def pack_floats(values: list[float]) -> bytes:
+    return array("f", values).tobytes() if sys.byteorder == "little" else _swapped(values)
+
+
+def _swapped(values: list[float]) -> bytes:
+    a = array("f", values)
+    a.byteswap()
+    return a.tobytes()
+
+
+def unpack_floats(value: Any, name: str) -> list[float]:
+    if not isinstance(value, bytes | bytearray) or len(value) % 4:
+        raise MessageError(f"{name} must be float32 bytes")
+    a = array("f")
+    a.frombytes(bytes(value))
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tolist()
 
 
 def _chunk_to_wire(c: CompletionChunk) -> dict[str, Any]:
@@ -335,6 +365,7 @@ def encode_delta(d: Delta) -> bytes:
             },
             "error": d.error,
             "worker_id": d.worker_id,
+            **({} if d.embedding is None else {"embedding": pack_floats(d.embedding)}),
         },
         use_bin_type=True,
     )
@@ -356,4 +387,5 @@ def decode_delta(data: bytes) -> Delta:
         usage=None if m.get("usage") is None else _usage_from_wire(m["usage"]),
         error=_optional(m.get("error"), _str, "error"),
         worker_id=_str(m.get("worker_id", ""), "worker_id"),
+        embedding=_optional(m.get("embedding"), unpack_floats, "embedding"),
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from shared.structured_output import StructuredOutput
 
 GREEDY_EPS = 1e-5
+POOLING = ("last", "mean")
 
 
 @dataclass
@@ -29,6 +30,10 @@ class SamplingParams:
     n: int = 1
     # Output constraint (JSON schema, regex, choice, grammar); None: free text.
     structured: StructuredOutput | None = None
+    # An embedding request: prefill only, the hidden states pooled ("last" token or "mean")
+    # instead of sampled; None: generate text.
+    pooling: str | None = None
+    normalize: bool = True  # L2-normalize the pooled vector
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +69,11 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.pooling is not None:
+            if self.pooling not in POOLING:
+                raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
+            if self.n != 1 or self.structured is not None or self.logprobs is not None:
+                raise ValueError("an embedding request takes n=1, no logprobs, no constraint")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
         if self.structured is not None:

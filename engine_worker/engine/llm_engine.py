@@ -55,6 +55,15 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
 
+def pool(seq: Sequence, last: torch.Tensor) -> list[float]:
+    """The embedding of a fully prefilled sequence: last token or mean, maybe L2-normalized."""
+    assert seq.pooled_sum is not None
+    vec = last if seq.params.pooling == "last" else seq.pooled_sum / seq.num_tokens
+    if seq.params.normalize:
+        vec = torch.nn.functional.normalize(vec, dim=0)
+    return vec.tolist()
+
+
 def _seed_for(seed: int, index: int) -> int:
     """Distinct, reproducible streams for a request's n completions."""
     return (seed * 1_000_003 + index) % (2**63)
@@ -293,9 +302,21 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in batch.items]
-        samplers, tokens, logprobs = self._forward_and_sample(batch, sample_mask)
+        # Embedding sequences never sample: their prefill ends in a pooled vector instead.
+        sample_mask = [
+            seq.num_computed_tokens + n == seq.num_tokens and seq.params.pooling is None
+            for seq, n in batch.items
+        ]
+        embedded: list[Sequence] = []
+        if any(seq.params.pooling is not None for seq, _ in batch.items):
+            samplers, tokens, logprobs, embedded = self._forward_pool_and_sample(batch, sample_mask)
+        else:
+            samplers, tokens, logprobs = self._forward_and_sample(batch, sample_mask)
         touched: dict[str, RequestState] = {}
+        for seq in embedded:
+            seq.finish_reason, seq.status = "stop", SequenceStatus.FINISHED
+            self.scheduler.remove(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
         for seq, token, lp in zip(samplers, tokens, logprobs, strict=True):
             seq.token_ids.append(token)
             if seq.constraint is not None and not seq.constraint.accept(token):
@@ -307,11 +328,46 @@ class LLMEngine:
                 self.scheduler.remove(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         for state in touched.values():
-            deltas = [self._delta(s) for s in state.seqs if s.num_emitted < s.num_output_tokens]
+            deltas = [
+                self._delta(s)
+                for s in state.seqs
+                if s.num_emitted < s.num_output_tokens or s in embedded
+            ]
             outputs.append(self._output(state, deltas))
             if state.finished:
                 del self.requests[state.request_id]
         return outputs
+
+    def _forward_pool_and_sample(
+        self, batch: ScheduledBatch, sample_mask: list[bool]
+    ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None], list[Sequence]]:
+        """`_forward_and_sample` for a batch with embedding sequences in it: their hidden
+        states are summed across prefill chunks, and those whose prompt is now fully
+        computed get their pooled vector (the last list)."""
+        pool_mask = [seq.params.pooling is not None for seq, _ in batch.items]
+        starts = [seq.num_computed_tokens for seq, _ in batch.items]
+        pending = None
+        if self.masks is not None:
+            will_sample = [seq for (seq, _), s in zip(batch.items, sample_mask, strict=True) if s]
+            pending = self.masks.start(will_sample)
+        logits, pooled = self.runner.execute_pooling(batch.items, sample_mask, pool_mask)
+        committed = self.scheduler.commit(batch)
+        for (seq, _), start, rows in zip(batch.items, starts, pooled, strict=True):
+            if rows is None:
+                continue
+            if start == 0 or seq.pooled_sum is None:  # a preemption restarts the prefill
+                seq.pooled_sum = rows.total
+            else:
+                seq.pooled_sum = seq.pooled_sum + rows.total
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.embedding = pool(seq, rows.last)
+        samplers = [s for s in committed if s.params.pooling is None]
+        embedded = [s for s in committed if s.params.pooling is not None]
+        apply_mask = None
+        if pending is not None and self.masks is not None:
+            apply_mask = functools.partial(self.masks.apply, pending)
+        tokens, logprobs = sample(logits, samplers, self.generator, apply_mask)
+        return samplers, tokens, logprobs, embedded
 
     def _forward_and_sample(
         self, batch: ScheduledBatch, sample_mask: list[bool]
@@ -373,4 +429,5 @@ class LLMEngine:
             finished=state.finished,
             num_prompt_tokens=state.num_prompt_tokens,
             num_cached_tokens=max(s.num_cached_tokens for s in state.seqs),
+            embedding=state.seqs[0].embedding,
         )

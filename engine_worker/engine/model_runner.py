@@ -30,6 +30,14 @@ def allocate_kv_cache(
 
 
 @dataclass
+class PooledRows:
+    """One step's hidden states of an embedding sequence: their sum and the last one."""
+
+    total: torch.Tensor
+    last: torch.Tensor
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -125,9 +133,9 @@ class ModelRunner:
         graphs.capture()
         self.decode_graphs = graphs
 
-    @torch.inference_mode()
-    def execute(self, items: list[tuple[Sequence, int]], sample_mask: list[bool]) -> torch.Tensor:
-        """Logits [num sampling sequences, vocab] in fp32."""
+    def _hidden(
+        self, items: list[tuple[Sequence, int]], sample_mask: list[bool]
+    ) -> tuple[torch.Tensor, StepInputs]:
         inputs = prepare_inputs(items, sample_mask, self.block_size, self.device)
         if self.decode_graphs is not None and self.decode_graphs.fits(inputs.meta):
             hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
@@ -135,7 +143,32 @@ class ModelRunner:
             hidden = self.model(
                 inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
             )
+        return hidden, inputs
+
+    @torch.inference_mode()
+    def execute(self, items: list[tuple[Sequence, int]], sample_mask: list[bool]) -> torch.Tensor:
+        """Logits [num sampling sequences, vocab] in fp32."""
+        hidden, inputs = self._hidden(items, sample_mask)
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    @torch.inference_mode()
+    def execute_pooling(
+        self, items: list[tuple[Sequence, int]], sample_mask: list[bool], pool_mask: list[bool]
+    ) -> tuple[torch.Tensor, list[PooledRows | None]]:
+        """Logits as `execute`, plus, per item of an embedding sequence, its rows' fp32 sum
+        and last row (final-norm hidden states), for the engine to pool across chunks."""
+        hidden, inputs = self._hidden(items, sample_mask)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        pooled: list[PooledRows | None] = []
+        start = 0
+        for (_, n), pool in zip(items, pool_mask, strict=True):
+            if pool:
+                rows = hidden[start : start + n].float()
+                pooled.append(PooledRows(rows.sum(dim=0), rows[-1].clone()))
+            else:
+                pooled.append(None)
+            start += n
+        return logits, pooled
 
 
 @torch.inference_mode()

@@ -34,3 +34,4 @@ class RequestOutput:
     finished: bool
     num_prompt_tokens: int
     num_cached_tokens: int
+    embedding: list[float] | None = None  # an embedding request's pooled vector, when done

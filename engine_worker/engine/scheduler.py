@@ -123,7 +123,8 @@ class Scheduler:
                 break
             if not seq.ready_to_admit():
                 continue
-            cached = self.bm.find_cached_prefix(seq)
+            # An embedding pools every prompt position's hidden state: nothing may be skipped.
+            cached = [] if seq.params.pooling else self.bm.find_cached_prefix(seq)
             num_cached = len(cached) * self.bm.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.bm.can_allocate(seq, num_cached + num_new, cached):

@@ -49,6 +49,10 @@ class Sequence:
     prefill_leader: Sequence | None = None
     num_preemptions: int = 0
     constraint: SequenceConstraint | None = None  # grammar state of a structured output
+    # Embedding sequences (params.pooling): fp32 sum of the hidden states computed so far
+    # (reset when a preemption restarts the prefill), then the pooled vector.
+    pooled_sum: torch.Tensor | None = None
+    embedding: list[float] | None = None
 
     @property
     def num_tokens(self) -> int:

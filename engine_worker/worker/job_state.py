@@ -101,6 +101,7 @@ def delta_from_output(state: JobState, out: RequestOutput, worker_id: str) -> De
         finished=out.finished,
         usage=_usage(state, out.num_prompt_tokens, out.num_cached_tokens) if out.finished else None,
         worker_id=worker_id,
+        embedding=out.embedding,
     )
     state.next_seq += 1
     state.finished = out.finished

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api.drain import DrainMiddleware, DrainState
+from services.api.embeddings.openai_route import router as embeddings_router
 from services.api.errors import APIError, bad_request, error_response
 from services.api.gateway.admission import Gateway, GatewayMiddleware
 from services.api.gateway.edge_limits import add_cors
@@ -29,6 +30,7 @@ from services.api.jobs.routes import router as jobs_router
 from services.api.metrics import QueuePoller, RequestCounter
 from services.api.model_registry import ModelRegistry
 from services.api.ollama.catalog import router as ollama_catalog_router
+from services.api.ollama.embed import router as ollama_embed_router
 from services.api.ollama.routes import router as ollama_router
 from services.api.openai.routes import router
 from services.api.openapi_doc import install_openapi
@@ -153,4 +155,6 @@ def create_app(
     app.include_router(jobs_router)
     app.include_router(ollama_router)
     app.include_router(ollama_catalog_router)
+    app.include_router(ollama_embed_router)
+    app.include_router(embeddings_router)
     return app

@@ -106,7 +106,7 @@ def _num_predict(value: int | None) -> int | None:
     return value
 
 
-def _capped(model: ServedModel, num_ctx: int | None) -> ServedModel:
+def capped_model(model: ServedModel, num_ctx: int | None) -> ServedModel:
     if num_ctx is None:
         return model
     if num_ctx < 1:
@@ -132,7 +132,7 @@ def prepare(
 ) -> tuple[PreparedRequest, ServedModel]:
     """Sampling and context checks through the OpenAI routes' builder."""
     o = effective_options(model, options)
-    capped = _capped(model, o.num_ctx)
+    capped = capped_model(model, o.num_ctx)
     req = CompletionRequest(
         model=model.name,
         prompt=ids,

@@ -118,6 +118,7 @@ class Generation:
     usage: UsageTotals = field(default_factory=UsageTotals)
     streams: list[JobStream] = field(default_factory=list)
     choices: dict[int, ChoiceState] = field(default_factory=dict)
+    embeddings: dict[int, list[float]] = field(default_factory=dict)  # prompt index -> vector
     recorded: bool = False  # metrics observed
     attached: bool = False  # follows an existing job (re-attach, jobs API)
 
@@ -264,6 +265,8 @@ class Generation:
     def _apply(self, job_index: int, delta: Delta) -> list[ChoiceEvent]:
         if delta.error is not None:
             raise JobFailed(delta.error)
+        if delta.embedding is not None:
+            self.embeddings[job_index] = delta.embedding
         if delta.usage is not None:
             self.usage.cached_tokens += delta.usage.cached_tokens
             self.usage.queue_time_s += delta.usage.queue_time_s

@@ -271,6 +271,14 @@ BAD_INPUTS = [
     ("POST", "/api/chat", {"model": "tiny", "messages": [{"role": "user", "images": ["x"]}]}),
     ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "tools": [{"type": "f"}]}),
     ("POST", "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": 3}),
+    ("POST", "/api/embed", {"model": "tiny"}),
+    ("POST", "/api/embed", {"model": "tiny", "input": []}),
+    ("POST", "/api/embed", {"model": "tiny", "input": [""]}),
+    ("POST", "/api/embed", {"model": "tiny", "input": 5}),
+    ("POST", "/api/embed", {"model": "tiny", "input": "x", "dimensions": 0}),
+    ("POST", "/api/embed", {"model": "tiny", "input": "x", "pooling": "max"}),
+    ("POST", "/api/embed", {"model": "nope", "input": "x"}),
+    ("POST", "/api/embeddings", {"model": "tiny", "prompt": ["x"]}),
     ("POST", "/api/show", {}),
     ("POST", "/api/show", {"model": 5}),
     ("GET", "/api/generate", None),
@@ -286,3 +294,70 @@ def test_bad_input_gets_an_ollama_4xx_and_the_service_keeps_serving(ostack, clie
         error = resp.json()["error"]
         assert isinstance(error, str) and error, (path, body, resp.text)
     assert client.generate(model="tiny", prompt=PROMPT, raw=True, options=GREEDY).done
+
+
+def hf_pooled(model_dir: Path, text: str, pooling: str, normalize: bool) -> list[float]:
+    import torch
+    from transformers import AutoModel
+
+    from shared.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(model_dir).encode(text)
+    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids])).last_hidden_state[0]
+    vec = hidden[-1] if pooling == "last" else hidden.mean(dim=0)
+    return (torch.nn.functional.normalize(vec, dim=0) if normalize else vec).tolist()
+
+
+def close(a: list[float], b: list[float], tol: float = 1e-4) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+def test_embed_equals_transformers_and_the_openai_route(client, oai, tiny_llama) -> None:
+    texts = ["The quick brown fox", "A paged key value cache stores attention keys."]
+    got = client.embed(model="tiny", input=texts)
+    assert len(got.embeddings) == 2 and got.prompt_eval_count > 0
+    for text, vec in zip(texts, got.embeddings, strict=True):
+        assert close(vec, hf_pooled(tiny_llama, text, "last", True))
+    mean = httpx.post(
+        str(client._client.base_url) + "/api/embed",
+        json={"model": "tiny", "input": texts[0], "pooling": "mean"},
+    ).json()["embeddings"][0]
+    assert close(mean, hf_pooled(tiny_llama, texts[0], "mean", True))
+    legacy = client.embeddings(model="tiny", prompt=texts[0]).embedding
+    assert close(legacy, hf_pooled(tiny_llama, texts[0], "last", False))
+    ref = oai.embeddings.create(model="tiny", input=texts)  # the SDK asks for base64
+    assert [d.index for d in ref.data] == [0, 1]
+    assert all(close(d.embedding, v) for d, v in zip(ref.data, got.embeddings, strict=True))
+    assert ref.usage.prompt_tokens == got.prompt_eval_count
+    short = client.embed(model="tiny", input=texts[0], dimensions=8).embeddings[0]
+    assert len(short) == 8 and abs(sum(v * v for v in short) - 1) < 1e-5
+
+
+def test_embed_of_the_second_model_and_truncation(client, tools_model) -> None:
+    vec = client.embed(model="tiny-tools", input="hello there").embeddings[0]
+    assert close(vec, hf_pooled(tools_model, "hello there", "last", True))
+    long_text = "fox " * 600
+    assert len(client.embed(model="tiny", input=long_text).embeddings[0]) == 64
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="tiny", input=long_text, truncate=False)
+    assert e.value.status_code == 400
+
+
+def test_openai_embeddings_bad_input_is_an_openai_400(ostack: Stack, oai) -> None:
+    url = ostack.api.url + "/v1/embeddings"
+    for body in (
+        {"model": "tiny"},
+        {"model": "tiny", "input": []},
+        {"model": "tiny", "input": [[]]},
+        {"model": "tiny", "input": [10**9]},
+        {"model": "tiny", "input": "x", "encoding_format": "hex"},
+        {"model": "tiny", "input": "x", "pooling": "cls"},
+        {"model": "tiny", "input": "fox " * 600},
+    ):
+        resp = httpx.post(url, json=body, timeout=30)
+        assert resp.status_code == 400, (body, resp.text)
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(url, json={"model": "nope", "input": "x"}).status_code == 404
+    assert len(oai.embeddings.create(model="tiny", input="ok", encoding_format="float").data) == 1
