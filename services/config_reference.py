@@ -110,6 +110,10 @@ variable counts as unset. Booleans are `--x` / `--no-x` on the command line and
 `1/true/yes/on` or `0/false/no/off` in the environment; anything else is an error. Byte
 sizes take a plain number or a unit (`512MiB`, `8GiB`; `8GB` is 8 x 10^9). A bad value
 stops the command with one line naming the flag or variable, exit code 2.
+
+A new setting is one field, `name: int = setting(8, ge=1, help="...")`, in the class of
+its concern in `shared/settings/` (see `shared/settings/fields.py`); its flag, variable,
+`--help` line and row here follow (regenerate this page).
 """
 
 

@@ -1,7 +1,8 @@
 """Every env var, port and command the deployment files use exists in the code.
 
-The names and defaults come from shared/settings.py and services/cli.py; compose, the
-Kubernetes manifests, the Dockerfiles, the NATS and Prometheus configs must agree.
+The names and defaults come from the settings declarations (shared/settings/) as the
+`jetserve` CLI builds them; compose, the Kubernetes manifests, the Dockerfiles, the NATS
+and Prometheus configs must agree.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def test_launcher_runs_the_topology_on_the_same_ports() -> None:
 def test_env_vars_exist_in_settings(path: Path) -> None:
     used = set(ENV_NAME.findall(path.read_text()))
     unknown = used - settings_env_names()
-    assert not unknown, f"{path.name} sets variables shared/settings.py never reads: {unknown}"
+    assert not unknown, f"{path.name} sets variables no jetserve setting declares: {unknown}"
 
 
 def test_docs_only_name_real_env_vars() -> None:

@@ -97,3 +97,23 @@ def test_a_bad_env_var_or_combination_is_one_line(
     assert main(argv) == 2
     err = one_error_line(capsys)
     assert err.startswith(f"jetserve {argv[0]}: error: ") and fragment in err, err
+
+
+def test_up_hands_the_engine_flags_it_was_given_to_its_worker() -> None:
+    from shared.settings import EngineSettings, LauncherSettings, WorkerSettings
+    from shared.settings.fields import to_argv
+
+    argv = ["up", "--block-size", "8", "--no-enable-prefix-caching", "--kv-cache-memory", "1GiB"]
+    parser, _ = build_parser(argv)
+    launcher = LauncherSettings.from_args(parser.parse_args(argv), {})
+    handed = to_argv(launcher, [EngineSettings])
+    assert handed == ["--block-size", "8", "--kv-cache-memory", "1073741824",
+                      "--no-enable-prefix-caching"]  # fmt: skip
+    worker_argv = ["worker", "--model", "m", *handed]
+    parser, _ = build_parser(worker_argv)
+    worker = WorkerSettings.from_args(parser.parse_args(worker_argv), {})
+    assert (worker.block_size, worker.kv_cache_memory, worker.enable_prefix_caching) == (
+        8,
+        1024**3,
+        False,
+    )
