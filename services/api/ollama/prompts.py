@@ -19,12 +19,11 @@ from services.api.jobs.builder import PreparedRequest, prepare_completion
 from services.api.model_registry import ServedModel
 from services.api.ollama.schemas import ChatRequest, GenerateRequest, Message, Options
 from services.api.openai.schemas import MAX_LOGPROBS, CompletionRequest
-from shared.structured_output import (
-    GrammarUnavailable,
-    StructuredOutput,
-    build_grammar,
-    json_schema_output,
-)
+from services.api.structured.chat_output import ChatOutputPlan
+from services.api.structured.request_fields import checked
+from services.api.structured.schema_subset import UnsupportedSchema, check_schema
+from services.api.structured.tool_parsers import detect_family
+from shared.structured_output import StructuredOutput, json_schema_output
 
 # Ollama's defaults when neither the request nor the model sets them.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
@@ -43,7 +42,7 @@ FIM_TOKENS = (
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
     ("<PRE>", "<SUF>", "<MID>"),  # CodeLlama
 )
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINK_OPEN = "<think>"
 
 
 @dataclass
@@ -52,10 +51,21 @@ class OllamaPrompt:
 
     prepared: PreparedRequest
     model: ServedModel  # with max_model_len capped by num_ctx
-    think: bool  # split <think>...</think> out of the output
-    thinking_open: bool  # the rendered prompt already opened a think block
-    tools: bool  # parse tool calls out of the output
     logprobs: int | None
+
+
+def output_plan(model: ServedModel, text: str, think: bool, tools: bool) -> ChatOutputPlan | None:
+    """How the Generation splits the output: `<think>` blocks into thinking, tool calls
+    in the template's format (Hermes tags when it names none) into tool_calls."""
+    if not think and not tools:
+        return None
+    family = (detect_family(model.tokenizer.chat_template) or "hermes") if tools else None
+    return ChatOutputPlan(
+        tool_mode="auto" if tools else None,
+        family=family,
+        reasoning=think,
+        prompt_opens_think=text.rstrip().endswith(THINK_OPEN),
+    )
 
 
 def not_supported(model: str, what: str) -> APIError:
@@ -158,23 +168,20 @@ def prepare(
 def structured_format(value: Any) -> StructuredOutput | None:
     """`format`: "json" (any JSON object) or a JSON schema, through constrained decoding.
 
-    The grammar is built here once so a bad schema is a 400 before anything is queued.
+    Checked as for the OpenAI routes' response_format (the schema subset the grammar
+    enforces, the grammar built once), so a bad schema is a 400 before anything is queued.
     """
     if value in (None, ""):
         return None
     if value == "json":
-        out = StructuredOutput("json_object")
-    elif isinstance(value, dict):
-        out = json_schema_output(value)
-    else:
-        raise bad_request('format must be "json" or a JSON schema object')
+        return checked(StructuredOutput("json_object"), "format")
+    if not isinstance(value, dict):
+        raise bad_request('format must be "json" or a JSON schema object', param="format")
     try:
-        build_grammar(out)
-    except GrammarUnavailable as e:
-        raise bad_request(f"format is not available on this server: {e}") from e
-    except ValueError as e:
-        raise bad_request(f"invalid format: {e}") from e
-    return out
+        check_schema(value)
+    except UnsupportedSchema as e:
+        raise bad_request(f"unsupported JSON schema in format: {e}", param="format") from e
+    return checked(json_schema_output(value), "format")
 
 
 def _check_think(model: ServedModel, think: bool | str | None) -> bool:
@@ -226,12 +233,8 @@ def generate_prompt(req: GenerateRequest, model: ServedModel) -> OllamaPrompt:
     ids = list(req.context or []) + tok.encode(text, add_special_tokens=special)
     logprobs = _logprobs(req.logprobs, req.top_logprobs)
     prepared, capped = prepare(model, ids, req.options, logprobs, structured)
-    return OllamaPrompt(prepared, capped, think, _opens_think(text), False, logprobs)
-
-
-def _opens_think(text: str) -> bool:
-    tail = text.rstrip()
-    return tail.endswith(THINK_OPEN)
+    prepared.output_plan = output_plan(model, text, think, tools=False)
+    return OllamaPrompt(prepared, capped, logprobs)
 
 
 def template_messages(messages: list[Message], model: ServedModel) -> list[dict[str, Any]]:
@@ -277,4 +280,5 @@ def chat_prompt(req: ChatRequest, model: ServedModel) -> OllamaPrompt:
         raise bad_request("the rendered chat prompt is empty")
     logprobs = _logprobs(req.logprobs, req.top_logprobs)
     prepared, capped = prepare(model, ids, req.options, logprobs, structured)
-    return OllamaPrompt(prepared, capped, think, _opens_think(text), bool(req.tools), logprobs)
+    prepared.output_plan = output_plan(model, text, think, bool(req.tools))
+    return OllamaPrompt(prepared, capped, logprobs)

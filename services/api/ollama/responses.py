@@ -16,16 +16,16 @@ from typing import Any
 
 from services.api.errors import internal_error
 from services.api.jobs.client import JobFailed
-from services.api.ollama.output import OutputParser, Parsed
 from services.api.ollama.prompts import OllamaPrompt
 from services.api.streaming.generation import Generation
 from services.api.streaming.token_text import TokenTexts
+from services.api.structured.tool_parsers import CallPiece
 from shared.messages import TokenLogprobTuple
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 NS = 1_000_000_000
 # engine finish reason -> Ollama done_reason
-DONE_REASONS = {"stop": "stop", "length": "length", "abort": "stop"}
+DONE_REASONS = {"stop": "stop", "length": "length", "abort": "stop", "tool_calls": "stop"}
 
 
 def now_iso() -> str:
@@ -42,6 +42,23 @@ def ollama_name(model: str) -> str:
 
 
 @dataclass
+class Parsed:
+    """Output split as Ollama returns it: content, thinking and complete tool calls."""
+
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.thinking or self.tool_calls)
+
+    def extend(self, other: Parsed) -> None:
+        self.content += other.content
+        self.thinking += other.thinking
+        self.tool_calls += other.tool_calls
+
+
+@dataclass
 class Piece:
     """What one batch of choice events adds to the response."""
 
@@ -55,20 +72,44 @@ class Collected:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobTuple] = field(default_factory=list)
     finish_reason: str | None = None
+    calls: dict[int, CallPiece] = field(default_factory=dict)  # tool calls being streamed
+
+    def add_calls(self, pieces: list[CallPiece]) -> None:
+        for p in pieces:
+            call = self.calls.setdefault(p.index, CallPiece(p.index))
+            call.name = call.name or p.name
+            call.arguments += p.arguments
+
+    def complete_calls(self) -> list[dict[str, Any]]:
+        """Ollama sends whole calls with arguments as JSON objects, once the output ended."""
+        out = []
+        for _, call in sorted(self.calls.items()):
+            try:
+                arguments = json.loads(call.arguments or "{}")
+            except ValueError:
+                arguments = {}
+            out.append({"function": {"name": call.name or "", "arguments": arguments}})
+        self.calls.clear()
+        return out
 
 
-async def pieces(gen: Generation, shape: OllamaPrompt, out: Collected) -> AsyncIterator[Piece]:
-    """The parsed output as it arrives; `out` accumulates ids, logprobs and the reason."""
-    parser = OutputParser.create(shape.think, shape.tools, shape.thinking_open)
+async def pieces(gen: Generation, out: Collected) -> AsyncIterator[Piece]:
+    """The split output as it arrives (the Generation splits reasoning and tool calls off
+    the text by the request's output plan, as for the OpenAI routes); `out` accumulates
+    ids, logprobs and the finish reason."""
     async for batch in gen.events():
         for ev in batch:
-            parsed = parser.feed(ev.text)
+            if ev.part is None:
+                parsed = Parsed(content=ev.text)
+            else:
+                parsed = Parsed(content=ev.part.content, thinking=ev.part.reasoning)
+                out.add_calls(ev.part.calls)
             out.token_ids += ev.token_ids
             if ev.logprobs:
                 out.logprobs += ev.logprobs
             if ev.finish_reason is not None:
-                parsed.extend(parser.finish())
                 out.finish_reason = ev.finish_reason
+                parsed.tool_calls = out.complete_calls()
             out.parsed.extend(parsed)
             if parsed or ev.logprobs:
                 yield Piece(parsed, ev.logprobs)
@@ -154,7 +195,7 @@ async def ndjson_stream(
     out = Collected()
     texts, top = gen.model.token_texts, shape.logprobs
     try:
-        async for piece in pieces(gen, shape, out):
+        async for piece in pieces(gen, out):
             obj = {**_head(gen), **dialect.body(piece.parsed), "done": False}
             if top is not None and piece.logprobs:
                 obj["logprobs"] = ollama_logprobs(piece.logprobs, texts, top)
@@ -168,7 +209,7 @@ async def ndjson_stream(
 async def collect(gen: Generation, shape: OllamaPrompt, dialect: Dialect) -> dict[str, Any]:
     out = Collected()
     try:
-        async for _ in pieces(gen, shape, out):
+        async for _ in pieces(gen, out):
             pass
     except JobFailed as e:
         raise internal_error(f"generation failed: {e}") from e
