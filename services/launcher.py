@@ -94,23 +94,42 @@ class Launcher:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         return f"http://{shown}:{self.settings.port}"
 
+    @property
+    def nats_log(self) -> Path:
+        """nats-server's own banner and log lines go here, not into the terminal."""
+        return Path(self.settings.data_dir) / "nats-server.log"
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_requested = True
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
+    def _spawn(self, name: str, argv: list[str], log: Path | None = None) -> Child:
+        """``log``: the child's stdout and stderr go to that file, not the terminal."""
         # start_new_session: Ctrl-C goes to the launcher only; it stops children in order.
-        child = Child(name, subprocess.Popen(argv, start_new_session=True))
+        if log is None:
+            proc = subprocess.Popen(argv, start_new_session=True)
+        else:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    argv, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+                )
+        child = Child(name, proc)
         self.children.append(child)
         return child
 
     def model_dir(self) -> Path:
         if self.settings.model:
             return Path(self.settings.model)
-        from engine_worker.demo.checkpoint import ensure_demo_checkpoint
+        from engine_worker.demo.checkpoint import build_with_progress, is_complete_checkpoint
 
         path = self.settings.resolved_demo_model_dir
-        print(f"jetserve: preparing the demo model in {path} (built once)", file=sys.stderr)
-        return ensure_demo_checkpoint(path, progress=lambda m: print(m, file=sys.stderr))
+        if is_complete_checkpoint(path):
+            return path
+        print(
+            f"jetserve: training the demo model into {path} (once; about two minutes on "
+            "two CPU cores)",
+            file=sys.stderr,
+        )
+        return build_with_progress(path)
 
     def start(self, model: Path) -> None:
         s = self.settings
@@ -123,12 +142,18 @@ class Launcher:
                 raise RuntimeError(f"port {port} for {what} is in use; choose another with {flag}")
         store = Path(s.data_dir) / "nats"
         store.mkdir(parents=True, exist_ok=True)
+        print(f"jetserve: starting NATS (its log: {self.nats_log}), worker and API",
+              file=sys.stderr, flush=True)  # fmt: skip
         nats = self._spawn(
             "nats-server",
             [nats_server_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1",
              "-p", str(s.nats_port)],
+            log=self.nats_log,
         )  # fmt: skip
-        wait_for_port(s.nats_port, nats.proc, 30)
+        try:
+            wait_for_port(s.nats_port, nats.proc, 30)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"nats-server: {e}; its log: {self.nats_log}") from None
         common = ["--nats-url", self.nats_url, "--log-level", s.log_level]
         if s.is_set("log_json"):
             common.append("--log-json" if s.log_json else "--no-log-json")

@@ -1,4 +1,8 @@
-"""structlog setup shared by both services: one JSON object per line, job_id bound.
+"""structlog setup shared by both services: JSON lines for machines, console lines for people.
+
+A person at a terminal reads console lines; a log collector reads one JSON object per
+line. `json=None` picks by whether stderr is a terminal (`--log-json` / `--no-log-json`
+force either).
 
 Services bind the job id with `structlog.contextvars.bind_contextvars(job_id=...)` inside
 the task that handles the job; `merge_contextvars` then stamps it on every line that
@@ -30,14 +34,31 @@ def parse_level(level: str | int) -> int:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}; got {level!r}") from None
 
 
-def configure_logging(level: str | int = "info", json: bool = True) -> None:
+def _drop_color_message(_logger: object, _name: str, event: dict) -> dict:
+    """uvicorn passes an ANSI-coloured copy of each message as an extra; one copy is enough."""
+    event.pop("color_message", None)
+    return event
+
+
+def wants_json(json: bool | None) -> bool:
+    """JSON unless asked otherwise or stderr is a terminal."""
+    return not sys.stderr.isatty() if json is None else json
+
+
+def configure_logging(level: str | int = "info", json: bool | None = None) -> None:
     """Route structlog and stdlib logging (uvicorn, nats) through one renderer on stderr."""
     lvl = parse_level(level)
+    json = wants_json(json)
+    stamp = (
+        structlog.processors.TimeStamper(fmt="iso", utc=True)
+        if json
+        else structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False)
+    )
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        stamp,
     ]
     renderer = (
         structlog.processors.JSONRenderer()
@@ -56,7 +77,7 @@ def configure_logging(level: str | int = "info", json: bool = True) -> None:
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,

@@ -45,6 +45,7 @@ from engine_worker.demo.corpus import (
 )
 from shared.settings import LauncherSettings, Settings, add_flags, setting
 from shared.settings.fields import same_as
+from shared.terminal import ProgressBar
 
 CHECKPOINT_FILES = (
     "config.json",
@@ -356,8 +357,12 @@ def train(
     targets: torch.Tensor,
     plan: TrainingPlan,
     progress: Callable[[str], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """AdamW over the rows in order, one batch per step; returns mean loss per tenth."""
+    """AdamW over the rows in order, one batch per step; returns mean loss per tenth.
+
+    ``progress`` gets a line per tenth, ``on_step`` (steps done, loss) every step.
+    """
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -385,7 +390,10 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip, foreach=False)
         opt.step()
-        acc += loss.item()
+        value = loss.item()
+        acc += value
+        if on_step:
+            on_step(step + 1, value)
         if (step + 1) % window == 0 or step + 1 == plan.steps:
             n = (step % window) + 1
             losses.append(acc / n)
@@ -489,6 +497,7 @@ def build_demo_checkpoint(
     shape: DemoModelShape | None = None,
     plan: TrainingPlan | None = None,
     progress: Callable[[str], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
     """Train and write the demo model into ``out_dir``, replacing what is there.
 
@@ -522,7 +531,7 @@ def build_demo_checkpoint(
             f"vocab {vocab}, {n_params / 1e6:.2f}M parameters, "
             f"{plan.steps} steps of {plan.batch_size}x{plan.seq_len} tokens"
         )
-        losses = train(model, inputs, targets, plan, say)
+        losses = train(model, inputs, targets, plan, say, on_step)
 
     report = BuildReport(
         seed=seed,
@@ -596,10 +605,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo model already built at {out} (use --force to rebuild)", file=sys.stderr)
         return 0
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.monotonic()
-    build_demo_checkpoint(out, seed=opts.seed, steps=opts.steps, progress=progress)
+    build_with_progress(out, seed=opts.seed, steps=opts.steps)
     print(f"built demo model at {out} in {time.monotonic() - started:.0f}s", file=sys.stderr)
     return 0
+
+
+def build_with_progress(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS) -> Path:
+    """`build_demo_checkpoint` with a progress bar on a terminal (lines on a pipe)."""
+    bar = ProgressBar(total=steps, label="training the demo model")
+    try:
+        return build_demo_checkpoint(
+            out,
+            seed=seed,
+            steps=steps,
+            progress=bar.say,
+            on_step=lambda done, loss: bar.update(done, f"loss {loss:.3f}"),
+        )
+    finally:
+        bar.close()

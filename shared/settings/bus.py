@@ -15,8 +15,11 @@ class LogSettings(Settings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = setting(
         "info", help="least severe log level written to stderr"
     )
-    log_json: bool = setting(
-        True, help="one JSON object per log line; --no-log-json for readable console lines"
+    log_json: bool | None = setting(
+        None,
+        shown_default="auto",
+        help="one JSON object per log line; unset: readable console lines when stderr is a "
+        "terminal, JSON otherwise (pipes, files, containers)",
     )
 
 
