@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("services.launcher", "run nats-server, the API and a worker together"),
     "api": ("services.api.main", "run the OpenAI-compatible API service"),
     "worker": ("engine_worker.worker.lifecycle", "run an engine worker on one model"),
+    "models": ("services.models_cli", "push, list and remove models in the NATS object store"),
     "dead": ("services.dead_letters", "list or replay jobs in the dead-letter stream"),
     "keys": ("services.api.gateway.keys_cli", "create, revoke and list API keys (gateway)"),
 }

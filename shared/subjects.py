@@ -10,6 +10,7 @@ DEAD_STREAM = "LLM_DEAD"
 WORKERS_BUCKET = "llm_workers"
 JOB_RECORDS_BUCKET = "llm_job_records"  # the jobs API's request per job id (any replica reads it)
 MODELS_OBJECT_STORE = "llm_models"
+CHECKPOINTS_OBJECT_STORE = "llm_checkpoints"  # whole model folders (`jetserve models push`)
 
 JOBS_PREFIX = "llm.jobs"
 EVENTS_PREFIX = "llm.events"

@@ -32,6 +32,7 @@ from engine_worker.worker.engine_thread import EngineThread, StepResult, admit_s
 from engine_worker.worker.intake import FETCH_WAIT_S, Intake
 from engine_worker.worker.janitor import Janitor
 from engine_worker.worker.model_facts import ModelFacts, model_facts
+from engine_worker.worker.model_source import resolve_model
 from engine_worker.worker.outbox import PUBLISH_RETRY_S, Outbox
 from engine_worker.worker.running import RunningJobs
 from engine_worker.worker.status_server import StatusServer
@@ -385,6 +386,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(settings: WorkerSettings) -> int:
+    try:
+        settings = await resolve_model(settings)  # a local folder, or fetched from NATS
+    except Exception as e:  # not in the store, corrupted, NATS unreachable: say so, exit 1
+        get_logger("engine_worker").error("model_unavailable", model=settings.model, error=str(e))
+        return 1
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

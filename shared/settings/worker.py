@@ -25,9 +25,18 @@ class WorkerSettings(EngineSettings, BusSettings):
     section: ClassVar[str] = "worker"
 
     model: str = setting(
-        "", help="Hugging Face model folder to serve", shown_default="none, one is required"
+        "",
+        help="Hugging Face model folder to serve, or the name of a model pushed to NATS "
+        "(`jetserve models push`), fetched into --model-cache when not there yet",
+        shown_default="none, one is required",
     )
-    model_name: str = setting("", help="name clients use for the model; empty: the folder's name")
+    model_name: str = setting(
+        "", help="name clients use for the model; empty: the folder's (or stored model's) name"
+    )
+    model_cache: str = setting(
+        "~/.cache/jetserve/models",
+        help="where models fetched from NATS are kept, verified, between worker starts",
+    )
     worker_id: str = setting(
         default_factory=default_worker_id,
         help="this worker's id in the registry",
