@@ -9,6 +9,7 @@ from deploy_files import (
     COMPOSE_GPU,
     REPO,
     compose_config,
+    compose_environment,
     docker_compose_binary,
     parse_compose_port,
     raw_compose,
@@ -124,3 +125,14 @@ def test_mounted_config_files_exist() -> None:
                 assert f" AS {build['target']}\n" in dockerfile.read_text(), (
                     f"{dockerfile.name} has no stage {build['target']!r}"
                 )
+
+
+def test_gpu_worker_sizes_its_kv_cache_by_gpu_memory_utilization() -> None:
+    """The CPU file pins a 256 MiB cache; the GPU override must not inherit it (no Docker)."""
+    from shared.settings import EngineSettings
+
+    gpu = EngineSettings.from_env(compose_environment("worker", (COMPOSE, COMPOSE_GPU)))
+    assert gpu.kv_cache_memory is None
+    assert gpu.gpu_memory_utilization == 0.9
+    cpu = EngineSettings.from_env(compose_environment("worker", (COMPOSE,)))
+    assert cpu.kv_cache_memory == 256 * 1024 * 1024

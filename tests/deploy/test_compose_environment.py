@@ -103,6 +103,7 @@ def compose_like_stack(
         _wait_ok(f"http://127.0.0.1:{worker_port}/health", worker, root / "worker.log")
         _wait_ok(f"http://127.0.0.1:{api_port}/ready", api, root / "api.log")
         yield {
+            "nats_url": nats_server.url,
             "api": f"http://127.0.0.1:{api_port}",
             "worker": f"http://127.0.0.1:{worker_port}",
             "model": worker_env["JETSERVE_MODEL_NAME"],
@@ -111,6 +112,34 @@ def compose_like_stack(
         _stop(api)
         _stop(worker)
         nats_server.stop()
+
+
+def test_a_key_created_as_deploy_md_says_opens_the_api(
+    compose_like_stack: dict[str, str],
+) -> None:
+    """docs/deploy.md: compose turns auth on; `docker compose exec api jetserve keys create
+    --name me` (the API container's environment reaches NATS) makes a key that works at once."""
+    api, model = compose_like_stack["api"], compose_like_stack["model"]
+    body = {"model": model, "prompt": "Hello", "max_tokens": 2}
+    r = httpx.post(f"{api}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 401, r.text
+    assert "jetserve keys create" in r.json()["error"]["message"]
+    env = {"JETSERVE_NATS_URL": compose_like_stack["nats_url"]}
+    created = subprocess.run(
+        [sys.executable, "-m", "services.cli", "keys", "create", "--name", "me", "--json"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}, **env},
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    import json
+
+    key = json.loads(created.stdout)["key"]
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + 10  # every replica picks the key up from its watch
+    while (r := httpx.post(f"{api}/v1/completions", json=body, headers=headers, timeout=60))\
+            .status_code == 401 and time.monotonic() < deadline:  # fmt: skip
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
 
 
 def _series(url: str) -> dict[str, list[dict[str, str]]]:

@@ -30,7 +30,8 @@ def bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise AuthError(
             "You didn't provide an API key. Send it in the Authorization header as "
-            "'Authorization: Bearer YOUR_KEY'.",
+            "'Authorization: Bearer YOUR_KEY'; create one with `jetserve keys create "
+            "--name NAME` (docs/gateway.md).",
             "missing",
         )
     scheme, _, token = authorization.strip().partition(" ")
