@@ -4,7 +4,8 @@ topology properties the deployment relies on (health-gated start, scalable worke
 from __future__ import annotations
 
 import pytest
-from deploy_files import (
+
+from tests.support.deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
     REPO,

@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from deploy_files import (
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
     compose_environment,
@@ -27,8 +29,7 @@ from deploy_files import (
     dashboard_exprs,
     metric_names_in,
 )
-from nats_process import NatsServer, free_port
-from prometheus_client.parser import text_string_to_metric_families
+from tests.support.nats_process import NatsServer, free_port
 
 START_TIMEOUT_S = 120.0
 

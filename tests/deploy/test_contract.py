@@ -15,7 +15,10 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from deploy_files import (
+
+from services.cli import SUBCOMMANDS, build_parser
+from shared.settings import DEFAULT_NATS_URL, ApiSettings, LauncherSettings, WorkerSettings
+from tests.support.deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
     DEPLOY,
@@ -31,9 +34,6 @@ from deploy_files import (
     raw_compose,
     settings_env_names,
 )
-
-from services.cli import SUBCOMMANDS, build_parser
-from shared.settings import DEFAULT_NATS_URL, ApiSettings, LauncherSettings, WorkerSettings
 
 API_PORT = ApiSettings().port
 WORKER_PORT = WorkerSettings().metrics_port

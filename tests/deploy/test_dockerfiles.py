@@ -10,11 +10,13 @@ import sys
 import tomllib
 
 import pytest
-from deploy_files import DEPLOY, DOCKERFILES, REPO
+
+from tests.support.deploy_files import DEPLOY, DOCKERFILES, REPO, load_script
 
 HELPER = DEPLOY / "docker" / "pyproject_requirements.py"
-sys.path.insert(0, str(HELPER.parent))
-from pyproject_requirements import requirement_name, select_requirements  # noqa: E402
+_requirements = load_script(HELPER)
+requirement_name = _requirements.requirement_name
+select_requirements = _requirements.select_requirements
 
 
 def _stages(text: str) -> dict[str, str]:

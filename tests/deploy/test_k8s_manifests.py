@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from deploy_files import K8S, NATS_CLUSTER_CONF, K8sDoc, k8s_by_kind, k8s_documents, pod_specs
 
 from shared.subjects import JOBS_STREAM, consumer_name
+from tests.support.deploy_files import (
+    K8S,
+    NATS_CLUSTER_CONF,
+    K8sDoc,
+    k8s_by_kind,
+    k8s_documents,
+    pod_specs,
+)
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="pip install kubernetes-validate (bundled k8s schemas)"

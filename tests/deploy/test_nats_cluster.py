@@ -17,12 +17,12 @@ import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
-from nats_cluster import LoopbackCluster, loopback_cluster
 
 from shared.jetstream import jobs_consumer_config, stream_configs
 from shared.messages import Job, SamplingParams, decode_job, encode_job
 from shared.settings import BusSettings
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
+from tests.support.nats_cluster import LoopbackCluster, loopback_cluster
 
 MODEL = "cluster-test"
 NUM_JOBS = 300

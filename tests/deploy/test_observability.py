@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_files import (
+
+from shared.metrics import api_metrics, new_registry, worker_metrics
+from tests.support.deploy_files import (
     GRAFANA_PROVISIONING,
     PROMETHEUS_CONFIGS,
     concrete_promql,
@@ -18,8 +20,6 @@ from deploy_files import (
     dashboard_exprs,
     metric_names_in,
 )
-
-from shared.metrics import api_metrics, new_registry, worker_metrics
 
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool absent (apt-get install -y prometheus)"

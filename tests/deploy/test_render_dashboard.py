@@ -3,12 +3,10 @@ does, so the picture in docs/deploy.md plots the dashboard's own queries."""
 
 from __future__ import annotations
 
-import sys
+from tests.support.deploy_files import DEPLOY, dashboard_exprs, load_script
 
-from deploy_files import DEPLOY, dashboard_exprs
-
-sys.path.insert(0, str(DEPLOY / "grafana"))
-from render_dashboard import fill_variables, format_value, legend
+_render = load_script(DEPLOY / "grafana" / "render_dashboard.py")
+fill_variables, format_value, legend = _render.fill_variables, _render.format_value, _render.legend
 
 
 def test_every_dashboard_query_is_fully_expanded() -> None:

@@ -12,10 +12,10 @@ import time
 
 import httpx
 import nats
-from fault_support import StreamRead, read_stream, report, wait_for
-from stack import Stack, bus_stack_fixture, tiny_llama_long_fixture  # noqa: F401
 
 from shared.job_events import read_history
+from tests.support.faults import StreamRead, read_stream, report, wait_for
+from tests.support.stack import Stack
 
 PROMPTS = ["The quick brown fox", "Workers pull jobs", "Paged attention", "A queue of jobs"]
 

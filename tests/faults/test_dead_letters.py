@@ -19,9 +19,6 @@ import time
 from pathlib import Path
 
 import nats
-from fault_support import Collector, Tally, reference_outputs, report, wait_for
-from nats_process import NatsServer
-from stack import REPO_ROOT, BusClient, Stack, bus_fixture, bus_stack_fixture  # noqa: F401
 
 from engine_worker.worker.janitor import Janitor
 from shared.dead_letters import HDR_REASON, list_dead_letters
@@ -30,6 +27,9 @@ from shared.job_events import read_history
 from shared.messages import decode_delta
 from shared.settings import BusSettings
 from shared.subjects import DEAD_STREAM, JOBS_STREAM, consumer_name, events_subject
+from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.nats_process import NatsServer
+from tests.support.stack import REPO_ROOT, BusClient, Stack
 
 ACK_WAIT = "2.5"
 MAX_DELIVER = 2

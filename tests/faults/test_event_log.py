@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import nats
 import pytest
-from nats_process import NatsServer
 
 from shared.event_log import Appended, EventLog, append
 from shared.jetstream import ensure_streams
@@ -17,6 +16,7 @@ from shared.job_events import JobHistory, fold, fold_all, read_history
 from shared.messages import CompletionChunk, Delta, Usage, encode_delta
 from shared.settings import BusSettings
 from shared.subjects import events_subject
+from tests.support.nats_process import NatsServer
 
 
 def delta(seq: int, tokens: dict[int, list[int]], **kw) -> Delta:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 
 import httpx
-from fault_support import StreamRead, read_stream, wait_for
-from stack import Stack, bus_stack_fixture  # noqa: F401
+
+from tests.support.faults import StreamRead, read_stream, wait_for
+from tests.support.stack import Stack
 
 PROMPT = "The quick brown fox"
 

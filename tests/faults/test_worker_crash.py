@@ -13,8 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-from fault_support import Collector, Tally, reference_outputs, report, wait_for
-from stack import BusClient, Stack, bus_fixture, bus_stack_fixture  # noqa: F401
+from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.stack import BusClient, Stack
 
 ACK_WAIT = "2.5"
 PROMPTS = [[1, 20, 31, 42, 53, 64, 75], [1, 5, 6, 7, 8, 9], [1, 99, 98, 97]]

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import httpx
-from nats_process import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from tests.support.nats_process import free_port
+from tests.support.paths import REPO_ROOT
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 NATS_BANNER = ("Starting nats-server", "Server is ready", "[INF]")
 

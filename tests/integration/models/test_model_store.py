@@ -13,12 +13,12 @@ from pathlib import Path
 import nats
 import ollama
 import pytest
-from stack import REPO_ROOT, Stack
 
 from engine_worker.engine.llm import LLM
 from shared.model_store import ModelStoreError, checkpoint_store, fetch, object_name
 from shared.sampling_params import SamplingParams
 from shared.subjects import CHECKPOINTS_OBJECT_STORE
+from tests.support.stack import REPO_ROOT, Stack
 
 PROMPT = "The quick brown fox"
 

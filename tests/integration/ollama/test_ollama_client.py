@@ -16,7 +16,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from stack import Stack
+
+from tests.support.stack import Stack
 
 # Llama 3.1's tool-call format (one JSON object, `parameters`), named in a comment so the
 # template's family is detected; it renders tools and a think block.

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
-from stack import Stack, stack_fixture  # noqa: F401
+
+from tests.support.stack import Stack
 
 pytest.importorskip("xgrammar")
 

@@ -9,14 +9,8 @@ import contextlib
 import socket
 import time
 
-from stack import (  # noqa: F401  (fixtures)
-    BusClient,
-    Stack,
-    bus_fixture,
-    bus_stack_fixture,
-)
-
 from shared.settings import DEFAULT_METRICS_PORT
+from tests.support.stack import BusClient, Stack
 
 
 @contextlib.contextmanager

@@ -140,7 +140,7 @@ def test_reasoning_then_a_tool_call() -> None:
 
 
 def test_family_detection() -> None:
-    from family_templates import LLAMA3, MISTRAL, QWEN3, QWEN25  # tests/, on the path
+    from tests.support.family_templates import LLAMA3, MISTRAL, QWEN3, QWEN25
 
     assert detect_family(QWEN25) == detect_family(QWEN3) == "hermes"
     assert detect_family(LLAMA3) == "llama3_json"
