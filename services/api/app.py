@@ -31,6 +31,7 @@ from services.api.metrics import QueuePoller, RequestCounter
 from services.api.model_registry import ModelRegistry
 from services.api.ollama.catalog import router as ollama_catalog_router
 from services.api.ollama.embed import router as ollama_embed_router
+from services.api.ollama.pull import router as ollama_pull_router
 from services.api.ollama.routes import router as ollama_router
 from services.api.openai.routes import router
 from services.api.openapi_doc import install_openapi
@@ -156,5 +157,6 @@ def create_app(
     app.include_router(ollama_router)
     app.include_router(ollama_catalog_router)
     app.include_router(ollama_embed_router)
+    app.include_router(ollama_pull_router)
     app.include_router(embeddings_router)
     return app

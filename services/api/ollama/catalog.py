@@ -21,6 +21,7 @@ from services.api.ollama.routes import resolve
 from services.api.ollama.schemas import ModelRequest
 from services.api.request_body import parse_body
 from services.api.state import api_state
+from shared.model_store import Manifest, list_models
 from shared.worker_registry import WorkerStatus
 
 router = APIRouter()
@@ -77,10 +78,27 @@ async def version() -> Response:
     return JSONResponse({"version": OLLAMA_API_VERSION})
 
 
+def stored_entry(manifest: Manifest) -> dict[str, Any]:
+    """A model pushed to the store that no worker serves yet (a worker can start on it)."""
+    name = ollama_name(manifest.name)
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _iso(manifest.created_at),
+        "size": manifest.total_bytes,
+        "digest": manifest.digest,
+        "details": details(None),
+    }
+
+
 @router.get("/api/tags")
 async def tags(request: Request) -> Response:
-    reg = api_state(request).registry
-    models = [tag_entry(m, _status(reg, m)) for m in reg.models()]
+    """Served models, then models in the NATS store that no worker serves."""
+    st = api_state(request)
+    reg = st.registry
+    served = reg.models()
+    models = [tag_entry(m, _status(reg, m)) for m in served]
+    models += [stored_entry(m) for m in await list_models(st.js) if m.name not in served]
     return JSONResponse({"models": models})
 
 

@@ -106,6 +106,24 @@ async def test_pushed_model_is_served_by_name_after_the_local_copy_is_gone(
     (copy,) = names(cache / "stored-tiny")
     assert names(cache / "stored-tiny" / copy) == names(tiny_llama)
 
+    # Ollama's pull reports the stored files; tags also list stored models nobody serves.
+    statuses = list(client.pull("stored-tiny", stream=True))
+    assert statuses[0].status == "pulling manifest" and statuses[-1].status == "success"
+    layers = [s for s in statuses if s.digest]
+    assert sum(s.total for s in layers) == size and all(s.completed == s.total for s in layers)
+    assert client.pull("stored-tiny:latest").status == "success"
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("not-anywhere")
+    assert e.value.status_code == 404
+    assert models_cli(url, "push", str(tiny_llama), "--name", "extra").returncode == 0
+    tags = {m.model: m for m in client.list().models}
+    assert set(tags) == {"stored-tiny:latest", "extra:latest"} and tags["extra:latest"].size == size
+    assert client.delete("extra").status == "success"
+    assert [m.model for m in client.list().models] == ["stored-tiny:latest"]
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("extra")
+    assert e.value.status_code == 404
+
     removed = models_cli(url, "rm", "stored-tiny")
     assert removed.returncode == 0 and models_cli(url, "list").stdout == ""
     again = models_cli(url, "rm", "stored-tiny")

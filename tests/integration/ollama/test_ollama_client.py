@@ -268,6 +268,14 @@ def test_show_and_ps(client) -> None:
     assert running["tiny:latest"].context_length == 512
 
 
+def test_pull_of_a_served_model_succeeds_and_delete_of_an_unstored_one_is_404(client) -> None:
+    statuses = [s.status for s in client.pull("tiny", stream=True)]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("tiny")
+    assert e.value.status_code == 404
+
+
 def test_unknown_model_is_an_ollama_404(client) -> None:
     for call in (
         lambda: client.generate(model="nope", prompt="x"),
@@ -319,6 +327,10 @@ BAD_INPUTS = [
     ("POST", "/api/embed", {"model": "tiny", "input": "x", "pooling": "max"}),
     ("POST", "/api/embed", {"model": "nope", "input": "x"}),
     ("POST", "/api/embeddings", {"model": "tiny", "prompt": ["x"]}),
+    ("POST", "/api/pull", {}),
+    ("POST", "/api/pull", {"model": "nope"}),
+    ("DELETE", "/api/delete", {"model": 3}),
+    ("DELETE", "/api/delete", {"model": "nope"}),
     ("POST", "/api/show", {}),
     ("POST", "/api/show", {"model": 5}),
     ("GET", "/api/generate", None),
