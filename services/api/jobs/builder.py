@@ -240,7 +240,18 @@ def chat_prompt(
     return ids, text
 
 
+def _refuse_other_outputs(req: ChatCompletionRequest) -> None:
+    """Audio and web search change what a client gets back: refuse, never drop them."""
+    if req.audio is not None:
+        raise bad_request("audio output is not supported", param="audio")
+    if req.modalities is not None and req.modalities != ["text"]:
+        raise bad_request('modalities: only ["text"] is supported', param="modalities")
+    if req.web_search_options is not None:
+        raise bad_request("web search is not supported", param="web_search_options")
+
+
 def prepare_chat(req: ChatCompletionRequest, model: ServedModel) -> PreparedRequest:
+    _refuse_other_outputs(req)
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise bad_request(

@@ -145,6 +145,19 @@ class ChatCompletionRequest(SamplingFields):
     # legacy function calling: refused with a pointer to `tools`
     functions: list[Any] | None = None
     function_call: Any = None
+    # OpenAI fields jetserve cannot honour: a 400 rather than an answer without them
+    audio: Any = None
+    modalities: Any = None
+    web_search_options: Any = None
+    # OpenAI fields with no effect here (docs/openai.md says why each is harmless)
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    prediction: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
 
 
 # ---- responses ---------------------------------------------------------------------------

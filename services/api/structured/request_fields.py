@@ -182,7 +182,7 @@ def plan_tools(
     if req.functions is not None or req.function_call is not None:
         raise bad_request(
             "functions/function_call are deprecated and not supported; use tools and tool_choice",
-            param="functions",
+            param="functions" if req.functions is not None else "function_call",
         )
     plan = ChatOutputPlan()
     tools = _tool_dicts(req) if req.tools else None
