@@ -25,6 +25,7 @@ EXPECTED_SERVICES = {
     "nats",
     "nats-exporter",
     "model-init",
+    "model-push",
     "api",
     "worker",
     "prometheus",
@@ -63,7 +64,10 @@ def test_start_order_is_gated_on_health(cpu_config: dict) -> None:
     assert services["api"]["depends_on"]["nats"]["condition"] == "service_healthy"
     worker_deps = services["worker"]["depends_on"]
     assert worker_deps["nats"]["condition"] == "service_healthy"
-    assert worker_deps["model-init"]["condition"] == "service_completed_successfully"
+    assert worker_deps["model-push"]["condition"] == "service_completed_successfully"
+    push_deps = services["model-push"]["depends_on"]
+    assert push_deps["model-init"]["condition"] == "service_completed_successfully"
+    assert push_deps["nats"]["condition"] == "service_healthy"
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert services["nats-exporter"]["depends_on"]["nats"]["condition"] == "service_healthy"
 
@@ -76,7 +80,7 @@ def test_worker_can_scale(cpu_config: dict) -> None:
     for spec in worker.get("ports", []):
         host, _ = parse_compose_port(spec)
         assert host is None, f"worker publishes host port {host}: replicas would collide"
-    assert worker["volumes"][0].endswith(":ro"), "replicas share the models volume read-only"
+    assert not worker.get("volumes"), "workers fetch the model from NATS: no shared volume"
 
 
 @needs_compose
@@ -92,11 +96,13 @@ def test_nats_keeps_jetstream_on_a_volume(cpu_config: dict) -> None:
 def test_cpu_default_runs_the_demo_model(cpu_config: dict) -> None:
     worker = cpu_config["services"]["worker"]
     init = cpu_config["services"]["model-init"]
+    push = cpu_config["services"]["model-push"]["command"]
     assert worker["build"]["target"] == "cpu"
     assert worker["environment"]["JETSERVE_DEVICE"] == "cpu"
     out = init["command"][init["command"].index("--out") + 1]
+    assert push[:3] == ["models", "push", out] == ["models", "push", "/models/jetserve-demo"]
     model = worker["command"][worker["command"].index("--model") + 1]
-    assert out == model == "/models/jetserve-demo"
+    assert model == push[push.index("--name") + 1] == "jetserve-demo"
     assert "deploy" not in worker
 
 

@@ -124,7 +124,7 @@ def test_prometheus_scrapes_the_service_ports() -> None:
 def test_k8s_ports_match_settings() -> None:
     for d, spec in pod_specs():
         container = spec["containers"][0]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         if d.name == "api":
             assert ports == {"http": API_PORT}

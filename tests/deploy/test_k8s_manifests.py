@@ -62,6 +62,8 @@ def test_services_and_budgets_select_pods() -> None:
         selector = d.doc["spec"]["selector"]["matchLabels"]
         assert any(_labels_match(selector, lbl) for lbl in pod_labels), _id(d)
     for d, _ in pod_specs():
+        if d.kind == "Job":  # a Job's selector is generated
+            continue
         selector = d.doc["spec"]["selector"]["matchLabels"]
         assert _labels_match(selector, d.doc["spec"]["template"]["metadata"]["labels"]), _id(d)
 
@@ -69,6 +71,8 @@ def test_services_and_budgets_select_pods() -> None:
 def test_every_workload_has_a_disruption_budget() -> None:
     budgets = [d.doc["spec"]["selector"]["matchLabels"] for d in k8s_by_kind("PodDisruptionBudget")]
     for d, _ in pod_specs():
+        if d.kind == "Job":  # one-shot (model-push): nothing to keep available
+            continue
         labels = d.doc["spec"]["template"]["metadata"]["labels"]
         assert any(_labels_match(b, labels) for b in budgets), f"{_id(d)} has no PDB"
 
@@ -113,6 +117,17 @@ def test_worker_requests_a_gpu_and_probes_its_metrics_port() -> None:
     assert _probe_target(worker, "readinessProbe") == ("/health", 8001)
     # /health is 503 while NATS reconnects or the worker drains: not a reason to restart.
     assert _probe_target(worker, "livenessProbe") == ("/metrics", 8001)
+
+
+def test_workers_fetch_the_model_the_push_job_stores() -> None:
+    """No shared model volume: the Job pushes the model to NATS, workers fetch it by name."""
+    push = _container("model-push-jetserve-demo", "push")["args"]
+    worker = _container("worker-jetserve-demo", "worker")
+    name = push[push.index("--name") + 1]
+    assert worker["args"] == ["worker", "--model", name]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    cache = next(m for m in worker["volumeMounts"] if m["mountPath"] == env["JETSERVE_MODEL_CACHE"])
+    assert not cache.get("readOnly")
 
 
 def test_pods_run_as_non_root() -> None:

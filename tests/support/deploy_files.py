@@ -121,7 +121,7 @@ def k8s_by_kind(kind: str) -> list[K8sDoc]:
 
 def pod_specs() -> Iterator[tuple[K8sDoc, dict[str, Any]]]:
     for d in k8s_documents():
-        if d.kind in ("Deployment", "StatefulSet"):
+        if d.kind in ("Deployment", "StatefulSet", "Job"):
             yield d, d.doc["spec"]["template"]["spec"]
 
 
