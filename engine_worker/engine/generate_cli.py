@@ -6,7 +6,14 @@ import argparse
 from typing import ClassVar
 
 from shared.sampling_params import SamplingParams
-from shared.settings import EngineSettings, Settings, WorkerSettings, add_flags, setting
+from shared.settings import (
+    EngineSettings,
+    Settings,
+    SettingsError,
+    WorkerSettings,
+    add_flags,
+    setting,
+)
 from shared.settings.fields import same_as
 
 
@@ -35,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     opts = GenerateOptions.from_args(args)
     engine = EngineSettings.from_args(args)
-    llm = LLM(opts.model, **engine.model_dump())
+    try:
+        llm = LLM(opts.model, **engine.model_dump())
+    except ValueError as e:  # a model folder or a size that does not fit: one line
+        raise SettingsError(str(e)) from None
     prompts = opts.prompt
     if opts.chat and llm.tokenizer is not None:
         prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]

@@ -82,7 +82,7 @@ class LLMEngine:
         limit = config.max_model_len or mc.max_position_embeddings
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"--max-model-len {config.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mc.max_position_embeddings}"
             )
         backend_name = resolve_backend_name(config.attention_backend, self.device)

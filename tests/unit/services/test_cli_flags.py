@@ -83,6 +83,7 @@ def test_a_bad_flag_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         (["worker"], {}, "a worker needs a model folder: --model PATH or JETSERVE_MODEL"),
         (["worker", "--model", "m", "--ack-wait", "1"], {}, "--ack-wait / JETSERVE_ACK_WAIT must"),
         (["dead", "replay"], {}, "give --id ID (repeatable) or --all"),
+        (["generate", "--model", "/nonexistent", "--prompt", "x"], {}, "does not exist"),
     ],
 )
 def test_a_bad_env_var_or_combination_is_one_line(
