@@ -33,6 +33,11 @@ class WorkerSettings(EngineSettings, BusSettings):
     model_name: str = setting(
         "", help="name clients use for the model; empty: the folder's (or stored model's) name"
     )
+    model_revision: str = setting(
+        "",
+        help="with a Hugging Face hub id as --model: the branch, tag or commit to download "
+        "(empty: main); the token comes from HF_TOKEN",
+    )
     model_cache: str = setting(
         "~/.cache/jetserve/models",
         help="where models fetched from NATS are kept, verified, between worker starts",
