@@ -115,3 +115,29 @@ def test_cuda_sizing_fails_with_the_numbers_when_nothing_is_left(
     with pytest.raises(ValueError, match="leaves no room for a KV cache"):
         low = EngineConfig(model="m", gpu_memory_utilization=0.2)
         kv_cache_bytes(low, torch.device("cuda"), lambda: 0)
+
+
+def test_the_sizing_page_arithmetic_and_flags() -> None:
+    """docs/kv-cache.md: 128 KiB a token for Llama-3.1-8B in bf16, 65,536 tokens in 8 GiB,
+    and every flag it names is a `jetserve worker` flag."""
+    import re
+
+    from engine_worker.engine.config import ModelConfig
+    from services.cli import build_parser
+
+    llama_8b = ModelConfig(
+        architecture="LlamaForCausalLM", family="llama", vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
+        max_position_embeddings=131072, tie_word_embeddings=False, qkv_bias=False,
+        qk_norm=False, torch_dtype="bfloat16",
+    )  # fmt: skip
+    per_block = kv_bytes_per_block(llama_8b, 16, torch.bfloat16)
+    assert per_block // 16 == 131072
+    assert (8 * 1024**3 // per_block) * 16 == 65536 == 4096 * 16
+    page = (Path(__file__).resolve().parents[4] / "docs" / "kv-cache.md").read_text()
+    assert "131072" in page and "65,536" in page and "4096 blocks of 16" in page
+    parser, _ = build_parser(["worker"])
+    worker_help = parser._subparsers._group_actions[0].choices["worker"].format_help()  # type: ignore[union-attr]
+    for flag in set(re.findall(r"`(--[a-z-]+)", page)):
+        assert flag in worker_help, flag
