@@ -51,3 +51,28 @@ def download(repo_id: str, revision: str | None, cache_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise HubError(f"{repo_id}@{revision or 'main'} has no config.json: not a model repo")
     return path
+
+
+def model_files(repo_id: str, revision: str | None) -> list[tuple[str, int]]:
+    """(path, size) of the files `download` fetches: the total a progress report needs."""
+    from fnmatch import fnmatch
+
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.hf_api import RepoFile
+    except ImportError as e:
+        raise HubError("huggingface_hub is not installed (pip install huggingface_hub)") from e
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN"))
+    try:
+        tree = api.list_repo_tree(repo_id, revision=revision or None, recursive=True)
+        files = [(f.path, f.size) for f in tree if isinstance(f, RepoFile)]
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"could not list {repo_id}@{revision or 'main'}: {first}") from e
+    return [(p, n) for p, n in files if any(fnmatch(p, pat) for pat in MODEL_FILE_PATTERNS)]
+
+
+def bytes_under(folder: Path) -> int:
+    """Bytes written so far below `folder` (a download in progress)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())

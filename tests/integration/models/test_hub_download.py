@@ -94,3 +94,44 @@ def test_worker_serves_a_hub_id(hub: FakeHub, tiny_llama: Path, tmp_path: Path) 
         assert ready and ready[0]["source"] == "hub"
     finally:
         stack.close()
+
+
+def test_ollama_pull_of_a_hub_id_stores_it_for_any_worker(
+    hub: FakeHub, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """/api/pull downloads with huggingface_hub and pushes to NATS; a worker without hub
+    access then serves the model by name from the object store."""
+    stack = Stack.create(tmp_path / "stack", tiny_llama)
+    try:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        api = stack.start_api(env=env, wait=False)
+        api.wait_http("/health")
+        client = ollama.Client(host=api.url, timeout=120)
+        statuses = list(client.pull("acme/tiny", stream=True))
+        assert statuses[0].status == "pulling manifest" and statuses[-1].status == "success"
+        downloads = [s for s in statuses if s.status == "pulling acme/tiny"]
+        total = sum(p.stat().st_size for p in tiny_llama.iterdir())
+        assert downloads[-1].completed == downloads[-1].total == total
+        assert any(s.status == "pushing to the model store" for s in statuses)
+        assert sum(s.total for s in statuses if s.digest) == total
+        assert [m.model for m in client.list().models] == ["acme/tiny:latest"]
+        with pytest.raises(ollama.ResponseError) as e:
+            client.pull("acme/missing")
+        assert e.value.status_code == 404
+        worker = stack.start_worker(
+            "--model-cache", str(tmp_path / "cache"), model_dir=Path("acme/tiny"),
+            env={"HF_ENDPOINT": "http://127.0.0.1:9"},  # the hub is not reachable from here
+        )  # fmt: skip
+        api.wait_http("/ready")
+        got = client.generate(
+            model="acme/tiny",
+            prompt="Hello",
+            raw=True,
+            options={"temperature": 0, "num_predict": 8},
+        )
+        ref = LLM(str(tiny_llama)).generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+        assert got.response == ref[0].outputs[0].text
+        ready = [e for e in worker.log_events() if e.get("event") == "model_ready"]
+        assert ready[0]["source"] == "nats"
+    finally:
+        stack.close()
