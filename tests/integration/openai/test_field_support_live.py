@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from stack import Stack, stack_fixture  # noqa: F401
 
 from services.api.openai.field_support import ENDPOINTS
+from tests.support.stack import Stack
 
 REJECTED = [
     (e, name, f.example)
