@@ -93,6 +93,13 @@ def test_root_and_version(ostack: Stack) -> None:
     assert httpx.get(ostack.api.url + "/api/version").json()["version"]
 
 
+def test_both_dialects_list_both_models(client: ollama.Client, oai) -> None:
+    """Two models, each served by its own worker on its own consumer, one API in front."""
+    assert sorted(m.id for m in oai.models.list()) == ["tiny", "tiny-tools"]
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=MESSAGES)
+
+
 def test_tags_list_both_models_with_details(client: ollama.Client) -> None:
     models = {m.model: m for m in client.list().models}
     assert set(models) == {"tiny:latest", "tiny-tools:latest"}
