@@ -64,7 +64,7 @@ LLAMA3 = """{{- bos_token }}
 Environment: ipython<|eot_id|>
 {%- endif %}
 {%- for message in messages %}
-{%- if message.role == 'user' and loop.last and tools %}<|start_header_id|>user<|end_header_id|>
+{%- if message.role == 'user' and loop.first and tools %}<|start_header_id|>user<|end_header_id|>
 
 Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.
 
@@ -89,9 +89,11 @@ Respond in the format {"name": function name, "parameters": dictionary of argume
 {% endif %}"""
 
 MISTRAL = """{{- bos_token }}
+{%- set ns = namespace(last_user=0) %}
+{%- for message in messages %}{% if message.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
 {%- for message in messages %}
 {%- if message.role == 'user' %}
-{%- if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ message.content }}[/INST]
+{%- if loop.index0 == ns.last_user and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ message.content }}[/INST]
 {%- elif message.role == 'assistant' and message.tool_calls %}[TOOL_CALLS][
 {%- for tc in message.tool_calls %}{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}, "id": "{{ tc.id[-9:] }}"}{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}
 {%- elif message.role == 'tool' %}[TOOL_RESULTS]{"content": {{ message.content | tojson }}, "call_id": "{{ message.tool_call_id[-9:] }}"}[/TOOL_RESULTS]
@@ -126,7 +128,7 @@ FAMILIES = {
 
 def build_family_checkpoint(path: Path, family: str, seed: int = 0) -> Path:
     arch, template, _ = FAMILIES[family]
-    build_tiny_checkpoint(path, arch=arch, seed=seed)
+    build_tiny_checkpoint(path, arch=arch, seed=seed, max_position_embeddings=4096)
     cfg_path = path / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = template

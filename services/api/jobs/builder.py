@@ -277,8 +277,13 @@ def prepare_chat(req: ChatCompletionRequest, model: ServedModel) -> PreparedRequ
                 param="tool_choice",
             )
         sampling = replace(sampling, structured=forced)
-    # A constraint applies from the first token, so there is no think block to split.
-    if sampling.structured is None and reasoning_enabled(model.tokenizer, kwargs):
+    # A JSON or choice constraint applies from the first token, so there is no think block
+    # to split; a regex or grammar the client wrote may include one.
+    json_like = sampling.structured is not None and sampling.structured.kind not in (
+        "regex",
+        "grammar",
+    )
+    if not json_like and reasoning_enabled(model.tokenizer, kwargs):
         plan.reasoning = True
         plan.prompt_opens_think = prompt_text.rstrip().endswith("<think>")
     return PreparedRequest(

@@ -27,6 +27,7 @@ class ChatOutputPlan:
     named: str | None = None  # for "named"
     reasoning: bool = False
     prompt_opens_think: bool = False
+    parallel: bool = True  # parallel_tool_calls=false: only the first call is kept
 
     def parser(self, scope: str) -> ChatOutputParser:
         tools: ToolParser | None = None
@@ -41,7 +42,7 @@ class ChatOutputPlan:
             splitter = ReasoningSplitter(
                 mode="reasoning" if self.prompt_opens_think else "undecided"
             )
-        return ChatOutputParser(splitter, tools)
+        return ChatOutputParser(splitter, tools, max_calls=None if self.parallel else 1)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ChatPart:
 class ChatOutputParser:
     splitter: ReasoningSplitter | None
     tools: ToolParser | None
+    max_calls: int | None = None
 
     @property
     def num_calls(self) -> int:
@@ -83,4 +85,7 @@ class ChatOutputParser:
         parsed = self.tools.feed(content) if content else Parsed()
         if final:
             parsed.extend(self.tools.finish())
-        return ChatPart(content=parsed.content, reasoning=reasoning, calls=parsed.calls)
+        calls = parsed.calls
+        if self.max_calls is not None:
+            calls = [c for c in calls if c.index < self.max_calls]
+        return ChatPart(content=parsed.content, reasoning=reasoning, calls=calls)

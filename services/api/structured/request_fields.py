@@ -199,7 +199,7 @@ def plan_tools(
         )
     mode = "auto" if choice is None else choice if isinstance(choice, str) else "named"
     parallel = req.parallel_tool_calls is not False
-    plan.tool_mode = mode
+    plan.tool_mode, plan.parallel = mode, parallel
     constraint = None
     if mode == "auto":
         plan.family = detect_family(template)

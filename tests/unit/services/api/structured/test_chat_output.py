@@ -150,3 +150,9 @@ def test_family_detection() -> None:
 
 def test_empty_part_is_falsy() -> None:
     assert not ChatPart() and ChatPart(content="x")
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    plan = ChatOutputPlan(tool_mode="auto", family="hermes", parallel=False)
+    msg, _ = run(plan, [OUTPUTS["hermes"][0]])
+    assert calls_of(msg) == [("get_weather", ARGS)]
