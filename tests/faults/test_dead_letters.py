@@ -139,7 +139,10 @@ async def test_janitor_moves_a_message_the_server_stopped_delivering(
         sub = await js.pull_subscribe_bind(durable=consumer_name("m"), stream=JOBS_STREAM)
         await bus.submit(job_a)
         (msg,) = await sub.fetch(1, timeout=5)  # delivered, never acked: a dead worker
-        await wait_for(lambda: _dead_count(js, 1), timeout_s=15)
+        # The janitor's move is three writes: the dead letter, the delete from LLM_JOBS,
+        # the job's closing Delta. Wait for the last one, not the first, before reading.
+        await wait_for(lambda: _closed(js, job_a.id), timeout_s=15)
+        assert await _dead_count(js, 1)
         assert await bus.jobs_in_stream() == 0
         closing = decode_delta((await js.get_last_msg("LLM_EVENTS", events_subject(job_a.id))).data)
         assert closing.finished and closing.error.startswith("dead-lettered")
@@ -165,6 +168,11 @@ async def test_janitor_moves_a_message_the_server_stopped_delivering(
 
 async def _dead_count(js, n: int) -> bool:
     return len(await list_dead_letters(js)) >= n
+
+
+async def _closed(js, job_id: str) -> bool:
+    """The job's stream in LLM_EVENTS ends with a finished Delta."""
+    return (await read_history(js, job_id)).finished
 
 
 class _Log:
