@@ -9,6 +9,7 @@ see it. A request the API accepts but a worker rejects would reach the client as
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -136,8 +137,9 @@ def served(tiny_llama: Path) -> ServedModel:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gateway() -> Gateway:
+    """One per test: each property runs on its own event loop."""
     return Gateway.create(GatewaySettings(auth=True), new_registry())
 
 
@@ -181,7 +183,8 @@ def check_worker_accepts(prepared: PreparedRequest, vocab: int) -> None:
 
 async def run_request(
     body: bytes, kind: str, served: ServedModel, gateway: Gateway, capped: bool
-) -> None:
+) -> bool:
+    """One body through the handler's path; whether it became a Job (else a 4xx)."""
     token = _caller.set(Caller(key=CAPPED_KEY if capped else None, feature="fuzz"))
     try:
         if kind == "completion":
@@ -191,41 +194,48 @@ async def run_request(
         admission = await gateway.admit(served, prepared, None)
     except APIError as e:
         assert_client_error(e)
-        return
+        return False
     finally:
         _caller.reset(token)
     check_worker_accepts(admission.prepared, served.tokenizer.vocab_size)
-    COUNTS[f"{kind} accepted"] = COUNTS.get(f"{kind} accepted", 0) + 1
     if capped:
         assert admission.prepared.sampling.max_tokens <= 8
         assert admission.prepared.priority >= 100
+    return True
 
 
-COUNTS: dict[str, int] = {}
+def run_property(kind: str, served: ServedModel, gateway: Gateway) -> dict[str, int]:
+    """Hypothesis over EXAMPLES bodies of `kind`; how many ran and how many became Jobs.
+
+    The counts belong to this run, so the test that asks for them checks them itself
+    (they used to be a module global read by a separate test, which failed when run
+    alone or before the properties). One event loop serves every example.
+    """
+    counts = {"cases": 0, "accepted": 0}
+    with asyncio.Runner() as runner:
+
+        def body_is_a_job_or_4xx(body: bytes, capped: bool) -> None:
+            counts["cases"] += 1
+            counts["accepted"] += runner.run(run_request(body, kind, served, gateway, capped))
+
+        # Its own name per kind, so hypothesis keeps each kind's examples apart.
+        body_is_a_job_or_4xx.__name__ = body_is_a_job_or_4xx.__qualname__ = f"{kind}_body"
+        settings(
+            max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        )(given(body=bodies(kind), capped=st.booleans())(body_is_a_job_or_4xx))()
+    print(f"hypothesis {kind} request-model cases: {counts}")  # shown with -s
+    return counts
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=bodies("completion"), capped=st.booleans())
-async def test_completion_bodies_are_jobs_or_4xx(
-    body: bytes, capped: bool, served: ServedModel, gateway: Gateway
-) -> None:
-    COUNTS["completion"] = COUNTS.get("completion", 0) + 1
-    await run_request(body, "completion", served, gateway, capped)
-
-
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=bodies("chat"), capped=st.booleans())
-async def test_chat_bodies_are_jobs_or_4xx(
-    body: bytes, capped: bool, served: ServedModel, gateway: Gateway
-) -> None:
-    COUNTS["chat"] = COUNTS.get("chat", 0) + 1
-    await run_request(body, "chat", served, gateway, capped)
-
-
-def test_report_case_counts() -> None:
-    """Printed with -s: how many bodies the two properties above ran."""
-    print(f"hypothesis request-model cases: {COUNTS}")
-    assert COUNTS["completion"] + COUNTS["chat"] >= 2 * EXAMPLES
+def assert_counts(counts: dict[str, int]) -> None:
+    assert counts["cases"] >= EXAMPLES
     # The strategies must reach the worker-side checks often, not only the 4xx paths.
-    assert COUNTS.get("completion accepted", 0) >= EXAMPLES // 10
-    assert COUNTS.get("chat accepted", 0) >= EXAMPLES // 10
+    assert counts["accepted"] >= EXAMPLES // 10
+
+
+def test_completion_bodies_are_jobs_or_4xx(served: ServedModel, gateway: Gateway) -> None:
+    assert_counts(run_property("completion", served, gateway))
+
+
+def test_chat_bodies_are_jobs_or_4xx(served: ServedModel, gateway: Gateway) -> None:
+    assert_counts(run_property("chat", served, gateway))
