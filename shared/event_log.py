@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import time
+import uuid
 from dataclasses import dataclass
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
@@ -89,3 +92,101 @@ async def _after_fence_conflict(js: JetStreamContext, log: EventLog, data: bytes
         log.fence = int(last.seq)
         return Appended.STORED
     return Appended.LOST
+
+
+# -- one acknowledged store for many jobs' Deltas (an engine step) ------------------------
+
+BATCH_ID = "Nats-Batch-Id"
+BATCH_SEQ = "Nats-Batch-Sequence"
+BATCH_COMMIT = "Nats-Batch-Commit"
+MAX_ATOMIC_BATCH = 1000  # nats-server's limit on messages in one atomic batch
+
+
+def _hpub(subject: str, reply: str, headers: bytes, payload: bytes) -> bytes:
+    """One HPUB protocol line with its header block and payload."""
+    hlen = len(headers)
+    total = hlen + len(payload)
+    head = (
+        f"HPUB {subject} {reply} {hlen} {total}\r\n"
+        if reply
+        else f"HPUB {subject} {hlen} {total}\r\n"
+    )
+    return b"".join((head.encode(), headers, payload, b"\r\n"))
+
+
+def _batch_headers(batch_id: str, index: int, fence: int, commit: bool) -> bytes:
+    return (
+        f"NATS/1.0\r\n{BATCH_ID}: {batch_id}\r\n{BATCH_SEQ}: {index}\r\n"
+        f"{EXPECTED_LAST_SUBJECT_SEQ}: {fence}\r\n"
+        + (f"{BATCH_COMMIT}: 1\r\n" if commit else "")
+        + "\r\n"
+    ).encode()
+
+
+async def append_batch(
+    nc: NATS,
+    js: JetStreamContext,
+    entries: list[tuple[EventLog, bytes]],
+    retry_for_s: float,
+    on_retry=None,
+) -> list[Appended]:
+    """Store one Delta for each of several jobs with one acknowledged atomic batch.
+
+    Every message keeps its own subject and its own fence
+    (`Nats-Expected-Last-Subject-Sequence`), so the log of each job stays exactly what
+    `append` would make it; the server checks all fences at commit and stores all or
+    none, and its single PubAck gives the last sequence, from which each message's is
+    known (a batch is stored contiguously). At most one entry per log.
+
+    If the batch is refused (a fence moved: some job was taken over; or the server is
+    busy or restarting), nothing was stored, and each entry is appended on its own with
+    `append`, which tells the lost job from the others and retries transient failures.
+    A commit whose ack was lost is recognised there too (the stored bytes are ours).
+    """
+    if len(entries) <= 1 or len(entries) > MAX_ATOMIC_BATCH:
+        if len(entries) > MAX_ATOMIC_BATCH:
+            head = await append_batch(nc, js, entries[:MAX_ATOMIC_BATCH], retry_for_s, on_retry)
+            tail = await append_batch(nc, js, entries[MAX_ATOMIC_BATCH:], retry_for_s, on_retry)
+            return head + tail
+        return await _one_by_one(js, entries, retry_for_s, on_retry)
+    batch_id = uuid.uuid4().hex
+    last = len(entries)
+    try:
+        blob = b"".join(
+            _hpub(log.subject, "", _batch_headers(batch_id, i, log.fence, False), data)
+            for i, (log, data) in enumerate(entries[:-1], start=1)
+        )
+        await nc._send_command(blob)  # the whole batch but its commit, as one write
+        log, data = entries[-1]
+        reply = await nc.request(
+            log.subject, data, timeout=PUBLISH_TIMEOUT_S,
+            headers=_commit_headers(batch_id, last, log.fence),
+        )  # fmt: skip
+        ack = json.loads(reply.data)
+    except Exception:  # timeouts, disconnected: whether it landed is settled one by one
+        ack = {}
+    if "error" in ack or int(ack.get("count", 0)) != last:
+        return await _one_by_one(js, entries, retry_for_s, on_retry)
+    first_seq = int(ack["seq"]) - last + 1
+    for i, (log, _) in enumerate(entries):
+        log.fence = first_seq + i
+    return [Appended.STORED] * last
+
+
+def _commit_headers(batch_id: str, index: int, fence: int) -> dict[str, str]:
+    return {
+        BATCH_ID: batch_id,
+        BATCH_SEQ: str(index),
+        EXPECTED_LAST_SUBJECT_SEQ: str(fence),
+        BATCH_COMMIT: "1",
+    }
+
+
+async def _one_by_one(
+    js: JetStreamContext, entries: list[tuple[EventLog, bytes]], retry_for_s: float, on_retry
+) -> list[Appended]:
+    return list(
+        await asyncio.gather(
+            *(append(js, log, data, retry_for_s, on_retry) for log, data in entries)
+        )
+    )

@@ -14,6 +14,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     ObjectStoreConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -32,6 +33,7 @@ from shared.subjects import (
     JOBS_STREAM,
     JOBS_WILDCARD,
     MODELS_OBJECT_STORE,
+    TOKENS_WILDCARD,
     WORKERS_BUCKET,
     consumer_name,
     jobs_subject,
@@ -60,6 +62,12 @@ def stream_configs(settings: BusSettings) -> list[StreamConfig]:
             storage=StorageType.FILE,
             max_age=settings.events_max_age_s,
             num_replicas=settings.stream_replicas,
+            # Every stored Delta is also published on llm.tokens.<job> (core): the API
+            # that submitted the job follows it there, with no consumer per request.
+            republish=RePublish(src=EVENTS_WILDCARD, dest=TOKENS_WILDCARD),
+            # A worker stores an engine step's Deltas (one per job, each on its job's
+            # subject and fenced) with one atomic batch and one ack (nats-server 2.12+).
+            allow_atomic=True,
         ),
         StreamConfig(
             name=DEAD_STREAM,

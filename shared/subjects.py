@@ -17,12 +17,16 @@ EVENTS_PREFIX = "llm.events"
 CANCEL_PREFIX = "llm.cancel"
 DEAD_PREFIX = "llm.dead"
 ATTACH_PREFIX = "llm.attach"  # core: a client re-attached to a job; pending cancels are dropped
+# core: LLM_EVENTS re-publishes each stored Delta here, so the API that asked for a job
+# follows it with a plain subscription instead of a JetStream consumer per request.
+TOKENS_PREFIX = "llm.tokens"
 
 JOBS_WILDCARD = f"{JOBS_PREFIX}.>"
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.>"
 CANCEL_WILDCARD = f"{CANCEL_PREFIX}.*"
 DEAD_WILDCARD = f"{DEAD_PREFIX}.>"
 ATTACH_WILDCARD = f"{ATTACH_PREFIX}.*"
+TOKENS_WILDCARD = f"{TOKENS_PREFIX}.>"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -51,6 +55,10 @@ def consumer_name(model: str) -> str:
 
 def events_subject(job_id: str) -> str:
     return f"{EVENTS_PREFIX}.{_token(job_id, 'job id')}"
+
+
+def tokens_subject(job_id: str) -> str:
+    return f"{TOKENS_PREFIX}.{_token(job_id, 'job id')}"
 
 
 def cancel_subject(job_id: str) -> str:

@@ -1,10 +1,14 @@
 """Submit a Job to JetStream and stream its Deltas back; cancel it when nobody listens.
 
-The API subscribes to the job's events subject with an ordered JetStream consumer
-(deliver all) before publishing the job, so no delta can be missed, and a reconnecting
-client is resumed from the deltas persisted in LLM_EVENTS (`attach`, on any replica).
-The job itself is published with `Nats-Msg-Id` = job id: a retried submit inside the
-duplicate window is dropped by the server instead of running twice.
+A new job is followed on `llm.tokens.<id>`, where LLM_EVENTS re-publishes every Delta
+it stores: a plain subscription, made before the job is published, so no JetStream
+consumer is created on a request's hot path. Core delivery is at most once, so the
+stream is the fallback: a Delta whose seq skips one, or a job silent for
+`CATCH_UP_IDLE_S` while the log holds Deltas not yet seen, switches the request to an
+ordered consumer over the job's stored Deltas (duplicates are dropped by seq). A
+reconnecting client is resumed from the deltas persisted in LLM_EVENTS (`attach`, on
+any replica). The job itself is published with `Nats-Msg-Id` = job id: a retried
+submit inside the duplicate window is dropped by the server instead of running twice.
 
 A client that goes away cancels its job, after `reattach_grace_s` if set: a re-attach
 to the job within the grace, through any replica, announces itself on `llm.attach.<id>`
@@ -14,6 +18,8 @@ and every replica drops its pending cancel for that job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,16 +30,19 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from shared.job_events import last_delta
 from shared.messages import Delta, Job, MessageError, decode_delta, encode_job
 from shared.subjects import (
     ATTACH_WILDCARD,
     EVENTS_STREAM,
     JOBS_STREAM,
+    TOKENS_PREFIX,
     attach_subject,
     cancel_subject,
     events_subject,
     job_id_from_subject,
     jobs_subject,
+    tokens_subject,
 )
 
 log = structlog.get_logger("jetserve.api.jobs")
@@ -41,6 +50,10 @@ log = structlog.get_logger("jetserve.api.jobs")
 # Ordered consumers notice a consumer lost with a restarted nats-server after two missed
 # heartbeats and recreate it from the last sequence seen; 1 s keeps that gap short.
 EVENTS_IDLE_HEARTBEAT_S = 1.0
+# A job followed on its core subject and silent this long is checked against its log;
+# the check runs every CATCH_UP_SWEEP_S for all such jobs at once.
+CATCH_UP_IDLE_S = 2.0
+CATCH_UP_SWEEP_S = 1.0
 
 
 class JobFailed(RuntimeError):
@@ -57,18 +70,24 @@ class JobClient:
     _background: set[asyncio.Task] = field(default_factory=set)
     _pending_cancels: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     _attach_sub: Any = None
+    _live: dict[str, JobStream] = field(default_factory=dict)  # followed on core subjects
+    _sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Listen for re-attaches elsewhere so a pending cancel here is dropped."""
         self._attach_sub = await self.nc.subscribe(ATTACH_WILDCARD, cb=self._on_attach)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def _on_attach(self, msg: Msg) -> None:
         handle = self._pending_cancels.pop(job_id_from_subject(msg.subject), None)
         if handle is not None:
             handle.cancel()
 
-    async def _subscribe(self, job_id: str) -> tuple[Any, asyncio.Queue[Msg]]:
-        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+    async def _subscribe(
+        self, job_id: str, inbox: asyncio.Queue[Msg] | None = None
+    ) -> tuple[Any, asyncio.Queue[Msg]]:
+        """An ordered consumer over the job's stored Deltas, from the first."""
+        inbox = inbox if inbox is not None else asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
             inbox.put_nowait(msg)
@@ -94,13 +113,60 @@ class JobClient:
         return int(ack.seq)
 
     async def submit(self, job: Job) -> JobStream:
-        sub, inbox = await self._subscribe(job.id)
+        """Publish the job, following its re-published Deltas (subscribed first)."""
+        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        stream = JobStream(client=self, job=job, sub=None, inbox=inbox, live=True)
+
+        async def on_msg(msg: Msg) -> None:
+            stream.last_arrival = time.monotonic()
+            inbox.put_nowait(msg)
+
+        stream.sub = await self.nc.subscribe(tokens_subject(job.id), cb=on_msg)
         try:
             await self.publish_job(job)
         except BaseException:
-            self._spawn(sub.unsubscribe())
+            self._spawn(stream.sub.unsubscribe())
             raise
-        return JobStream(client=self, job=job, sub=sub, inbox=inbox)
+        self._live[job.id] = stream
+        return stream
+
+    def catch_up(self, stream: JobStream) -> None:
+        """Switch a live stream to its stored Deltas (a gap, or silence with news)."""
+        if stream.live and not stream.closed:
+            stream.live = False
+            self._live.pop(stream.job.id, None)
+            self._spawn(self._switch_to_log(stream))
+
+    async def _switch_to_log(self, stream: JobStream) -> None:
+        log.info("stream_catch_up", job_id=stream.job.id, next_seq=stream.next_seq)
+        old = stream.sub
+        stream.sub, _ = await self._subscribe(stream.job.id, stream.inbox)
+        if stream.closed:
+            self._spawn(stream.sub.unsubscribe())
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CATCH_UP_SWEEP_S)
+            now = time.monotonic()
+            quiet = [
+                s
+                for s in list(self._live.values())
+                if not s.finished and not s.closed and now - s.last_arrival > CATCH_UP_IDLE_S
+            ]
+            for s in [s for s in list(self._live.values()) if s.finished or s.closed]:
+                self._live.pop(s.job.id, None)
+            if quiet:
+                await asyncio.gather(*(self._check_quiet(s) for s in quiet), return_exceptions=True)
+
+    async def _check_quiet(self, stream: JobStream) -> None:
+        """The log holds a Delta this stream has not seen: core lost it, catch up."""
+        stored = await last_delta(self.js, stream.job.id)
+        if stored is not None and stored.seq >= stream.next_seq:
+            self.catch_up(stream)
+        else:
+            stream.last_arrival = time.monotonic()
 
     async def attach(
         self, job: Job, replay_through: int, superseded_before: int, cancel_on_close: bool
@@ -161,6 +227,9 @@ class JobClient:
         if self._attach_sub is not None:
             self._spawn(self._attach_sub.unsubscribe())
             self._attach_sub = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
@@ -180,6 +249,8 @@ class JobStream:
     replay_through: int = -1  # attach: Deltas up to this seq were already shown to the client
     superseded_before: int = 0  # attach: error Deltas before this seq were replayed past
     cancel_on_close: bool = True  # False for the jobs API: its jobs outlive any reader
+    live: bool = False  # followed on the core subject (until a gap switches it to the log)
+    last_arrival: float = field(default_factory=time.monotonic)
 
     async def batches(self) -> AsyncIterator[list[Delta]]:
         """Deltas in order, grouped: everything already received comes as one batch.
@@ -203,12 +274,17 @@ class JobStream:
                 yield batch
 
     def _accept(self, msg: Msg) -> Delta | None:
+        if not self.live and msg.subject.startswith(TOKENS_PREFIX):
+            return None  # switched to the log, which delivers this one again, in order
         try:
             delta = decode_delta(msg.data)
         except MessageError as e:
             log.error("malformed_delta", job_id=self.job.id, error=str(e))
             return None
         if delta.seq < self.next_seq or self.finished:  # a duplicate from a retried publish
+            return None
+        if delta.seq > self.next_seq and self.live:
+            self.client.catch_up(self)  # core lost one: the log has it
             return None
         self.next_seq = delta.seq + 1
         if delta.error is not None and delta.seq < self.superseded_before:
@@ -231,4 +307,6 @@ class JobStream:
         if self.cancel_on_close and not self.finished and not self.cancel_sent:
             self.cancel_sent = True
             self.client.cancel(self.job.id, self.client.reattach_grace_s)
-        self.client._spawn(self.sub.unsubscribe())
+        self.client._live.pop(self.job.id, None)
+        if self.sub is not None:
+            self.client._spawn(self.sub.unsubscribe())
