@@ -159,6 +159,10 @@ class LLMEngine:
     def model_name(self) -> str:
         return self.model_dir.name
 
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.runner.model.parameters())
+
     # -- requests -----------------------------------------------------------
     def add_request(
         self,

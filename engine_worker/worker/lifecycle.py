@@ -115,7 +115,13 @@ class Worker:
 
         self.engine_thread = EngineThread(engine, asyncio.get_running_loop(), self._on_step)
         self.outbox = Outbox(
-            js, self.jobs, self.engine_thread.abort, self.metrics, self.model_name, self.log
+            self.nc,
+            js,
+            self.jobs,
+            self.engine_thread.abort,
+            self.metrics,
+            self.model_name,
+            self.log,
         )
         self.intake = Intake(
             nc=self.nc,

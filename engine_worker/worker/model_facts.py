@@ -42,10 +42,9 @@ def checkpoint_digest(model_dir: Path) -> tuple[int, str]:
 
 def model_facts(engine: LLMEngine) -> ModelFacts:
     size, digest = checkpoint_digest(engine.model_dir)
-    params = sum(p.numel() for p in engine.runner.model.parameters())
     return ModelFacts(
         family=engine.model_config.family,
-        num_parameters=int(params),
+        num_parameters=engine.num_parameters,
         dtype=str(engine.dtype).removeprefix("torch."),
         model_bytes=size,
         model_digest=digest,

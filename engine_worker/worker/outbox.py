@@ -2,8 +2,10 @@
 
 Everything a worker says about a job goes through one queue drained by one task, so a
 job's Deltas are stored in seq order (one batch per engine step, a job at most once in
-a batch). Each append is fenced on the job's previous Delta (shared/event_log.py): a
-worker that lost the job to a takeover learns it here and drops the job without acking.
+a batch). A step's Deltas are stored with one atomic batch publish and one ack
+(`append_batch`), each on its job's subject and fenced on the job's previous Delta
+(shared/event_log.py): a worker that lost the job to a takeover learns it here and
+drops the job without acking.
 A job's message is acked (or terminated) only after its final Delta is stored, so a
 crash before that means redelivery, never a lost request.
 """
@@ -15,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from engine_worker.worker.job_state import JobState
 from engine_worker.worker.running import RunningJobs
-from shared.event_log import Appended, append
+from shared.event_log import Appended, append_batch
 from shared.messages import Delta, encode_delta
 from shared.metrics import WorkerMetrics
 
@@ -38,6 +41,7 @@ class Outgoing:
 
 @dataclass
 class Outbox:
+    nc: NATS
     js: JetStreamContext
     jobs: RunningJobs  # a settled or dropped job is forgotten here
     abort: Callable[[str], None]  # stops an engine request: a dropped job must not run on
@@ -79,23 +83,19 @@ class Outbox:
                 await asyncio.sleep(0.2 * (attempt + 1))
         return False
 
-    async def _append(self, out: Outgoing) -> Appended:
-        if out.state.lost:
-            return Appended.LOST
-        assert out.state.events is not None
+    def _on_retry(self, attempt: int, error: Exception) -> None:
+        self.log.warning("publish_retry", attempt=attempt, error=str(error))
 
-        def on_retry(attempt: int, error: Exception) -> None:
-            self.log.warning(
-                "publish_retry", job_id=out.state.id, attempt=attempt, error=str(error)
-            )
-
-        return await append(
-            self.js, out.state.events, encode_delta(out.delta), self.retry_for_s, on_retry
-        )
+    async def _store(self, batch: list[Outgoing]) -> list[Appended]:
+        """One atomic batch per step: a job has at most one Delta in it, so seq order holds."""
+        live = [o for o in batch if not o.state.lost]
+        entries = [(o.state.events, encode_delta(o.delta)) for o in live]
+        stored = await append_batch(self.nc, self.js, entries, self.retry_for_s, self._on_retry)  # type: ignore[arg-type]
+        by_out = {id(o): r for o, r in zip(live, stored, strict=True)}
+        return [by_out.get(id(o), Appended.LOST) for o in batch]
 
     async def _store_and_settle(self, batch: list[Outgoing]) -> None:
-        """One gather per step: a job has at most one Delta in it, so seq order holds."""
-        stored = await asyncio.gather(*(self._append(o) for o in batch))
+        stored = await self._store(batch)
         for out, result in zip(batch, stored, strict=True):
             if result is not Appended.STORED:
                 self._drop(out.state, result)

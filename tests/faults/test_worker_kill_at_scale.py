@@ -26,7 +26,7 @@ from shared.sampling_params import SamplingParams
 
 STREAMS = 256
 MAX_TOKENS = 160
-ACK_WAIT = "2.5"
+ACK_WAIT = "5"  # in-progress acks every ack_wait/3 must keep up on a loaded CI box
 SIM = ("--load-format", "simulated", "--simulate-profile", "h100-llama3-8b")
 
 
@@ -81,6 +81,8 @@ async def test_kill_worker_with_256_streams(bus_stack: Stack, tiny_llama: Path) 
         finished_at = time.monotonic()
 
     lost = duplicated = wrong = 0
+    errors = [e.data for r in reads for e in r.events if e.data.startswith('{"error"')]
+    assert not errors, errors[:3]
     for read, text in zip(reads, expected, strict=True):
         assert read.status == 200 and read.done, read
         seqs = [int(e.id.rsplit(":", 1)[1]) for e in read.events if e.id]

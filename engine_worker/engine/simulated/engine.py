@@ -72,6 +72,10 @@ class SimulatedEngine(LLMEngine):
         self._last_log = time.monotonic()
         self._log = get_logger("engine_worker.simulated").bind(profile=self.profile.name)
 
+    @property
+    def num_parameters(self) -> int:
+        return self.profile.model.total_params  # the simulated model's, not the tokenizer's
+
     def _forward_and_sample(
         self, batch: ScheduledBatch, sample_mask: list[bool]
     ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:

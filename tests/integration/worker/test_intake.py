@@ -86,7 +86,7 @@ async def parts(nats_server, engine: LLMEngine) -> AsyncIterator[Parts]:
     log = structlog.get_logger("test_intake")
     jobs = RunningJobs()
     thread = EngineThread(engine, asyncio.get_running_loop(), lambda result: None)
-    outbox = Outbox(js, jobs, thread.abort, metrics, MODEL, log, retry_for_s=2.0)
+    outbox = Outbox(nc, js, jobs, thread.abort, metrics, MODEL, log, retry_for_s=2.0)
     intake = Intake(
         nc=nc,
         sub=sub,

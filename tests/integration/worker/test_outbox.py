@@ -67,7 +67,7 @@ def token_delta(state: JobState, token: int) -> Delta:
 def make_outbox(nc: NATS, jobs: RunningJobs, aborts: Aborts, registry=None) -> Outbox:
     metrics = worker_metrics(registry or new_registry())
     log = structlog.get_logger("test_outbox")
-    return Outbox(nc.jetstream(), jobs, aborts, metrics, MODEL, log, retry_for_s=2.0)
+    return Outbox(nc, nc.jetstream(), jobs, aborts, metrics, MODEL, log, retry_for_s=2.0)
 
 
 async def until(predicate, timeout_s: float = 10.0) -> None:
