@@ -371,8 +371,40 @@ def encode_delta(d: Delta) -> bytes:
     )
 
 
+def _fast_delta(m: dict[str, Any]) -> Delta | None:
+    """The common Delta (token chunks, no logprobs, no usage) checked inline; None hands
+    anything else to the field-by-field decoder, which names what is wrong."""
+    seq, job_id, raw_chunks = m.get("seq"), m.get("job_id"), m.get("chunks")
+    if type(seq) is not int or seq < 0 or type(job_id) is not str or type(raw_chunks) is not list:
+        return None
+    finished, usage, error, worker = (
+        m.get("finished", False), m.get("usage"), m.get("error"), m.get("worker_id", "")
+    )  # fmt: skip
+    if type(finished) is not bool or usage is not None or type(worker) is not str:
+        return None
+    if error is not None and type(error) is not str:
+        return None
+    chunks = []
+    for c in raw_chunks:
+        if type(c) is not dict or c.get("logprobs") is not None:
+            return None
+        index, tokens, reason = c.get("index"), c.get("token_ids"), c.get("finish_reason")
+        if type(index) is not int or type(tokens) is not list:
+            return None
+        if reason is not None and reason not in FINISH_REASONS:
+            return None
+        for t in tokens:
+            if type(t) is not int:
+                return None
+        chunks.append(CompletionChunk(index, tokens, None, reason))
+    return Delta(job_id, seq, chunks, finished, None, error, worker)
+
+
 def decode_delta(data: bytes) -> Delta:
     m = _unpack(data, "delta")
+    fast = _fast_delta(m)
+    if fast is not None:
+        return fast
     seq = _int(_require(m, "seq", "delta"), "seq")
     if seq < 0:
         raise MessageError(f"delta: seq must be >= 0, got {seq}")

@@ -84,7 +84,11 @@ async def test_kill_worker_with_256_streams(bus_stack: Stack, tiny_llama: Path) 
     errors = [e.data for r in reads for e in r.events if e.data.startswith('{"error"')]
     assert not errors, errors[:3]
     for read, text in zip(reads, expected, strict=True):
-        assert read.status == 200 and read.done, read
+        if not read.done:
+            job_id = (read.last_id or "?").rsplit(":", 1)[0]
+            lines = [ln for s in bus_stack.services for ln in s.log().splitlines() if job_id in ln]
+            raise AssertionError(f"stream of {job_id} broke off: {read}\n" + "\n".join(lines[-30:]))
+        assert read.status == 200, read
         seqs = [int(e.id.rsplit(":", 1)[1]) for e in read.events if e.id]
         duplicated += (
             len(seqs) - len(set(seqs)) + sum(1 for a, b in itertools.pairwise(seqs) if b <= a)

@@ -138,10 +138,18 @@ class JobClient:
             self._spawn(self._switch_to_log(stream))
 
     async def _switch_to_log(self, stream: JobStream) -> None:
+        """Until it works (NATS may be restarting): the stream has nothing else to read."""
         log.info("stream_catch_up", job_id=stream.job.id, next_seq=stream.next_seq)
-        old = stream.sub
-        stream.sub, _ = await self._subscribe(stream.job.id, stream.inbox)
-        if stream.closed:
+        old, delay = stream.sub, 0.1
+        while not stream.closed:
+            try:
+                stream.sub, _ = await self._subscribe(stream.job.id, stream.inbox)
+                break
+            except Exception as e:
+                log.warning("stream_catch_up_retry", job_id=stream.job.id, error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if stream.closed and stream.sub is not old:
             self._spawn(stream.sub.unsubscribe())
         with contextlib.suppress(Exception):
             await old.unsubscribe()

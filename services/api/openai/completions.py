@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,17 @@ def completion_id(gen: Generation) -> str:
     return f"cmpl-{gen.request_id}"
 
 
+_MARK = "@@jetserve-text@@"
+
+
+def _text_template(rid: str, created: int, model: str, index: int) -> tuple[str, str]:
+    """A streamed chunk's JSON before and after its text, as the schema renders it."""
+    choice = CompletionChoice(index=index, text=_MARK, logprobs=None, finish_reason=None)
+    rendered = CompletionResponse(id=rid, created=created, model=model, choices=[choice])
+    before, _, after = rendered.model_dump_json().partition(json.dumps(_MARK))
+    return before, after
+
+
 def completion_stream(
     gen: Generation, include_usage: bool, logprobs: int | None
 ) -> AsyncIterator[bytes]:
@@ -24,7 +36,16 @@ def completion_stream(
     texts = gen.model.token_texts
     offsets: dict[int, int] = {}
 
+    templates: dict[int, tuple[str, str]] = {}
+
     def render(ev: ChoiceEvent) -> str:
+        if ev.finish_reason is None and not (logprobs is not None and ev.logprobs):
+            # The hot path, one chunk per token: the chunk's JSON around its text is the
+            # same every time, so it is rendered once per choice and the text spliced in.
+            pre_post = templates.get(ev.index)
+            if pre_post is None:
+                pre_post = templates[ev.index] = _text_template(rid, created, model, ev.index)
+            return pre_post[0] + json.dumps(ev.text, ensure_ascii=False) + pre_post[1]
         lp = None
         if logprobs is not None and ev.logprobs:
             lp = CompletionLogprobs()
