@@ -36,9 +36,16 @@ def dumps(payload: Any) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
+# JSON leaves these unescaped inside strings, but many line readers (Python's
+# str.splitlines among them) break lines on them: escaped, an event stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def format_event(payload: dict[str, Any] | str, event_id_: str | None = None) -> bytes:
     """One `data:` event: a dict, or JSON already serialized on one line; optional id line."""
     data = payload if isinstance(payload, str) else dumps(payload)
+    if not data.isascii():
+        data = data.translate(_LINE_BREAKS)
     head = f"id: {event_id_}\n" if event_id_ else ""
     return f"{head}data: {data}\n\n".encode()
 
