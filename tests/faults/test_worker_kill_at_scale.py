@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import httpx
-from fault_support import StreamRead, read_stream, report, wait_for
-from stack import Stack, bus_stack_fixture  # noqa: F401
 
 from engine_worker.engine.llm import LLM
 from shared.sampling_params import SamplingParams
+from tests.support.faults import StreamRead, read_stream, report, wait_for
+from tests.support.stack import Stack
 
 STREAMS = 256
 MAX_TOKENS = 240
