@@ -21,6 +21,7 @@ from pydantic import model_validator
 from shared.dead_letters import DeadLetter, list_dead_letters, replay
 from shared.jetstream import ensure_streams
 from shared.job_events import read_history
+from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
 from shared.settings import BusSettings, Settings, add_flags, setting
 
 
@@ -110,12 +111,7 @@ async def main(args: argparse.Namespace) -> int:
     if args.action == "replay":
         ReplayOptions.from_args(args)  # a bad choice is reported before connecting
 
-    async def quiet(_: Exception) -> None:
-        pass  # the failure is reported once, below, not as a traceback per attempt
-
-    nc = await nats.connect(
-        settings.nats_url, connect_timeout=5, allow_reconnect=False, error_cb=quiet
-    )
+    nc = await connect_nats(settings.nats_url, "jetserve-dead", CLI_CONNECT_TIMEOUT_S, quiet)
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)
@@ -130,6 +126,9 @@ async def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(main(args))
+    except NatsUnreachable as e:
+        print(f"jetserve dead: {e}", file=sys.stderr)
+        return 2
     except (OSError, nats.errors.Error, TimeoutError) as e:
         print(f"jetserve dead: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

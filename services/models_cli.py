@@ -17,6 +17,7 @@ from pathlib import Path
 import nats
 
 from shared.model_store import ModelStoreError, list_models, push, remove
+from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
 from shared.progress import ByteProgress
 from shared.settings import BusSettings, add_flags
 from shared.subjects import sanitize_model
@@ -79,7 +80,7 @@ async def _list(js, as_json: bool) -> int:
 
 async def main(args: argparse.Namespace) -> int:
     settings = BusSettings.from_args(args)
-    nc = await nats.connect(settings.nats_url, connect_timeout=5, allow_reconnect=False)
+    nc = await connect_nats(settings.nats_url, "jetserve-models", CLI_CONNECT_TIMEOUT_S, quiet)
     try:
         js = nc.jetstream()
         if args.action == "push":
@@ -97,7 +98,7 @@ async def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(main(args))
-    except ModelStoreError as e:
+    except (ModelStoreError, NatsUnreachable) as e:
         print(f"jetserve models: {e}", file=sys.stderr)
         return 1
     except (OSError, ValueError, nats.errors.Error, TimeoutError) as e:

@@ -20,6 +20,8 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "generation_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # where transformers' save_pretrained writes the template now
+    "chat_template.json",  # an older layout: {"chat_template": ...}
 )
 
 
@@ -135,6 +137,11 @@ def load_tokenizer_files(files: dict[str, bytes]) -> TokenizerBundle:
     tok = Tokenizer.from_str(files["tokenizer.json"].decode())
     config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
     gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
+    # A template file wins over tokenizer_config's key, as in transformers.
+    if "chat_template.jinja" in files:
+        config["chat_template"] = files["chat_template.jinja"].decode()
+    elif "chat_template.json" in files:
+        config["chat_template"] = json.loads(files["chat_template.json"])["chat_template"]
     return TokenizerBundle(tokenizer=tok, config=config, generation_config=gen, raw_files=files)
 
 

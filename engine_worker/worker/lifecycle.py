@@ -21,7 +21,6 @@ import signal
 import time
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 from engine_worker.engine.config import EngineConfig
@@ -41,12 +40,11 @@ from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object
 from shared.jetstream import workers_bucket as open_workers_bucket
 from shared.logging import configure_logging, get_logger
 from shared.metrics import new_registry, worker_metrics
+from shared.nats_connect import connect_nats
 from shared.settings import EngineSettings, WorkerSettings, add_flags
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
 from shared.tokenizer import load_tokenizer
 from shared.worker_registry import WorkerStatus, delete_status, put_status
-
-CONNECT_TIMEOUT_S = 30.0
 
 
 def engine_config(settings: WorkerSettings) -> EngineConfig:
@@ -172,24 +170,15 @@ class Worker:
         )
 
     async def _connect(self) -> NATS:
-        """Retry the first connect so a worker may start before its nats-server."""
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while True:
-            try:
-                return await nats.connect(
-                    self.settings.nats_url,
-                    name=f"jetserve-worker-{self.worker_id}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    error_cb=self._on_nats_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
-            except Exception as e:
-                if time.monotonic() > deadline:
-                    raise
-                self.log.warning("nats_connect_retry", url=self.settings.nats_url, error=str(e))
-                await asyncio.sleep(0.5)
+        """Wait for NATS a while, so a worker may start before its nats-server."""
+        return await connect_nats(
+            self.settings.nats_url,
+            f"jetserve-worker-{self.worker_id}",
+            self.settings.nats_connect_timeout_s,
+            error_cb=self._on_nats_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
 
     async def _on_nats_error(self, e: Exception) -> None:
         self.log.warning("nats_error", error=str(e))

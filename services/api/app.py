@@ -7,15 +7,12 @@ start before any worker), and starts watching the worker registry.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import nats
 import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from nats.aio.client import Client as NATS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,30 +35,10 @@ from services.api.openapi_doc import install_openapi
 from services.api.state import ApiState
 from shared.jetstream import ensure_streams, job_records_bucket
 from shared.metrics import api_metrics, new_registry
+from shared.nats_connect import connect_nats
 from shared.settings import ApiSettings, GatewaySettings
 
 log = structlog.get_logger("jetserve.api")
-
-NATS_CONNECT_ATTEMPTS = 30
-
-
-async def connect_nats(url: str) -> NATS:
-    """Retry the first connection for a while: in compose the API may start before NATS."""
-    last: Exception | None = None
-    for attempt in range(NATS_CONNECT_ATTEMPTS):
-        try:
-            return await nats.connect(
-                url,
-                name="jetserve-api",
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=2,
-            )
-        except Exception as e:
-            last = e
-            log.warning("nats_connect_retry", url=url, attempt=attempt + 1, error=str(e))
-            await asyncio.sleep(1.0)
-    raise RuntimeError(f"could not connect to NATS at {url}: {last}")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -102,7 +79,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await connect_nats(settings.nats_url)
+        nc = await connect_nats(settings.nats_url, "jetserve-api", settings.nats_connect_timeout_s)
         js = nc.jetstream()
         await ensure_streams(js, settings)
         registry = ModelRegistry(js, stale_after_s=settings.worker_ttl_s)

@@ -6,10 +6,13 @@ Deliberately free of torch: the API image carries only tokenizers, FastAPI and N
 from __future__ import annotations
 
 import argparse
+import asyncio
 
+import structlog
 import uvicorn
 
 from shared.logging import configure_logging
+from shared.nats_connect import NatsUnreachable, wait_for_nats
 from shared.settings import ApiSettings, GatewaySettings, add_flags
 
 SETTINGS = (ApiSettings, GatewaySettings)
@@ -23,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     settings = ApiSettings.from_args(args)
     gateway = GatewaySettings.from_args(args)
     configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        asyncio.run(wait_for_nats(settings.nats_url, settings.nats_connect_timeout_s))
+    except NatsUnreachable as e:
+        structlog.get_logger("jetserve.api").error("api_start_failed", error=str(e))
+        return 1
     from services.api.app import create_app
     from services.api.drain import DrainingServer
 

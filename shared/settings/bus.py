@@ -29,6 +29,11 @@ class BusSettings(LogSettings):
     section: ClassVar[str] = "NATS and streams"
 
     nats_url: str = setting(DEFAULT_NATS_URL, help="NATS server URL")
+    nats_connect_timeout_s: float = setting(
+        60.0,
+        gt=0,
+        help="at start, how long to wait for NATS to answer before exiting with an error",
+    )
     events_max_age_s: float = setting(
         3600.0, gt=0, help="how long a job's deltas stay replayable in LLM_EVENTS (re-attach)"
     )

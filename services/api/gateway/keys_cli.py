@@ -16,10 +16,9 @@ import typing
 from dataclasses import fields
 from typing import ClassVar, Literal
 
-import nats
-
 from services.api.gateway.key_store import all_records, keys_bucket, put_record, revoke
 from services.api.gateway.keys import MAX_LIMIT, PRIORITY_CLASSES, KeyLimits, new_record
+from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
 from shared.settings import BusSettings, Settings, add_flags, setting
 
 
@@ -93,7 +92,7 @@ async def _run(args: argparse.Namespace) -> int:
     as_json = OutputOptions.from_args(args).as_json
     create = CreateOptions.from_args(args) if args.action == "create" else None
     revoke_id = RevokeOptions.from_args(args).key_id if args.action == "revoke" else ""
-    nc = await nats.connect(settings.nats_url, connect_timeout=5)
+    nc = await connect_nats(settings.nats_url, "jetserve-keys", CLI_CONNECT_TIMEOUT_S, quiet)
     try:
         kv = await keys_bucket(nc.jetstream(), settings.stream_replicas)
         if create is not None:
@@ -146,6 +145,9 @@ def _public(record) -> dict:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(args))
+    except NatsUnreachable as e:
+        print(f"jetserve keys: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:  # a bad limit value
         print(f"error: {e}", file=sys.stderr)
         return 2
