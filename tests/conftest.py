@@ -27,6 +27,22 @@ MARKER_DIRS = ("unit", "integration", "faults", "deploy")
 PROCESS_FIXTURES = frozenset({"nats_server", "bus_stack", "stack", "bus"})
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With `-m <one folder's marker>` (e.g. `-m unit`) only that folder can match, so the
+    others are not even imported: the quick loop does not pay for the integration tests'
+    imports."""
+    wanted = (config.option.markexpr or "").strip()
+    if wanted not in MARKER_DIRS:
+        return None
+    try:
+        parts = collection_path.resolve().relative_to(TESTS_DIR).parts
+    except ValueError:
+        return None
+    if parts and parts[0] in MARKER_DIRS and parts[0] != wanted:
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test by its top folder under tests/; refuse tests outside those folders
     and unit tests that ask for a process fixture."""

@@ -1,10 +1,17 @@
-"""Builds a flattened mixed batch over a paged KV cache, the way the model runner lays one out."""
+"""Builds a flattened mixed batch over a paged KV cache, the way the model runner lays one out,
+and runs the Triton paged attention on it beside the fp32 torch reference."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from kernels.paged_attention import (
+    PagedAttentionTiling,
+    paged_attention_ref,
+    paged_attention_triton,
+)
 
 
 @dataclass
@@ -82,3 +89,46 @@ def build_paged_batch(
         query_lens=list(query_lens),
         seq_lens_list=list(seq_lens),
     )
+
+
+# Small tiles so tiny shapes still cross tile, block and partition boundaries.
+SMALL = PagedAttentionTiling(block_n=16, prefill_rows=16, decode_partition_size=32)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def run_both(
+    batch: PagedBatch, device: torch.device, tiling: PagedAttentionTiling | None = SMALL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triton output, fp32 reference on the same rounded inputs)."""
+    scale = batch.query.shape[-1] ** -0.5
+    ref = paged_attention_ref(
+        batch.query.float(),
+        batch.k_cache.float(),
+        batch.v_cache.float(),
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        scale,
+        num_decodes=batch.num_decodes,
+    )
+    on = batch.to(device)
+    out = paged_attention_triton(
+        on.query,
+        on.k_cache,
+        on.v_cache,
+        on.query_start_loc,
+        on.seq_lens,
+        on.block_tables,
+        scale,
+        num_decodes=on.num_decodes,
+        query_lens_cpu=on.query_lens,
+        seq_lens_cpu=on.seq_lens_list,
+        tiling=tiling,
+    )
+    assert out.dtype == batch.query.dtype and out.shape == batch.query.shape
+    return out.float().cpu(), ref
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=TOLERANCE[dtype], rtol=0)

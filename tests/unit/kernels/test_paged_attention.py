@@ -1,60 +1,14 @@
-"""Triton paged attention against the torch reference on mixed decode/prefill batches."""
+"""Triton paged attention against the torch reference on mixed decode/prefill batches.
+Random ragged batches (a hypothesis sweep in the interpreter, seconds):
+tests/integration/kernels/test_paged_attention_property.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from kernels.paged_attention import (
-    PagedAttentionTiling,
-    paged_attention_ref,
-    paged_attention_triton,
-)
-from tests.support.paged_batch import PagedBatch, build_paged_batch
-
-# Small tiles so tiny shapes still cross tile, block and partition boundaries.
-SMALL = PagedAttentionTiling(block_n=16, prefill_rows=16, decode_partition_size=32)
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
-
-
-def run_both(
-    batch: PagedBatch, device: torch.device, tiling: PagedAttentionTiling | None = SMALL
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(triton output, fp32 reference on the same rounded inputs)."""
-    scale = batch.query.shape[-1] ** -0.5
-    ref = paged_attention_ref(
-        batch.query.float(),
-        batch.k_cache.float(),
-        batch.v_cache.float(),
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.block_tables,
-        scale,
-        num_decodes=batch.num_decodes,
-    )
-    on = batch.to(device)
-    out = paged_attention_triton(
-        on.query,
-        on.k_cache,
-        on.v_cache,
-        on.query_start_loc,
-        on.seq_lens,
-        on.block_tables,
-        scale,
-        num_decodes=on.num_decodes,
-        query_lens_cpu=on.query_lens,
-        seq_lens_cpu=on.seq_lens_list,
-        tiling=tiling,
-    )
-    assert out.dtype == batch.query.dtype and out.shape == batch.query.shape
-    return out.float().cpu(), ref
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=TOLERANCE[dtype], rtol=0)
+from kernels.paged_attention import PagedAttentionTiling, paged_attention_triton
+from tests.support.paged_batch import SMALL, assert_close, build_paged_batch, run_both
 
 
 @pytest.mark.parametrize("gqa", [1, 4, 8])
@@ -137,33 +91,3 @@ def test_decode_grid_bound_for_graph_capture(device: torch.device) -> None:
     torch.testing.assert_close(free, fixed, atol=0, rtol=0)
     with pytest.raises(ValueError, match="exceeds max_decode_seq_len"):
         paged_attention_triton(*args, batch.seq_lens_list, tiling=SMALL, max_decode_seq_len=32)
-
-
-@st.composite
-def ragged_batches(draw: st.DrawFn) -> PagedBatch:
-    num_decodes = draw(st.integers(0, 3))
-    num_prefills = draw(st.integers(0 if num_decodes else 1, 3))
-    query_lens, seq_lens = [], []
-    for _ in range(num_decodes):
-        query_lens.append(1)
-        seq_lens.append(draw(st.integers(1, 90)))
-    for _ in range(num_prefills):
-        q = draw(st.integers(2, 20))
-        query_lens.append(q)
-        seq_lens.append(q + draw(st.integers(0, 40)))
-    kv_heads = draw(st.sampled_from([1, 2]))
-    return build_paged_batch(
-        query_lens,
-        seq_lens,
-        num_q_heads=kv_heads * draw(st.sampled_from([1, 2, 4, 8])),
-        num_kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from([32, 64])),
-        block_size=draw(st.sampled_from([4, 8, 16])),
-        seed=draw(st.integers(0, 2**16)),
-    )
-
-
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=ragged_batches())
-def test_ragged_batches_property(batch: PagedBatch, device: torch.device) -> None:
-    assert_close(*run_both(batch, device), torch.float32)
