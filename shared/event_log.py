@@ -14,21 +14,24 @@ skipped, because a gap would lose tokens for every reader.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
-import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from shared.retry import RetryPolicy, retry
 from shared.subjects import EVENTS_STREAM
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071
 PUBLISH_TIMEOUT_S = 2.0
+APPEND_RETRY = RetryPolicy(deadline_s=30.0, base_delay_s=0.2, max_delay_s=1.0)
 
 
 class Appended(enum.Enum):
@@ -50,13 +53,11 @@ async def append(
     log: EventLog,
     data: bytes,
     retry_for_s: float,
-    on_retry=None,
+    on_retry: Callable[[int, Exception], None] | None = None,
 ) -> Appended:
     """Store `data` as the log's next entry; advance the fence on success."""
-    deadline = time.monotonic() + retry_for_s
-    attempt = 0
-    while True:
-        attempt += 1
+
+    async def attempt() -> Appended:
         try:
             ack = await js.publish(
                 log.subject,
@@ -64,20 +65,19 @@ async def append(
                 timeout=PUBLISH_TIMEOUT_S,
                 headers={EXPECTED_LAST_SUBJECT_SEQ: str(log.fence)},
             )
-            log.fence = int(ack.seq)
-            return Appended.STORED
         except APIError as e:
             if e.err_code != WRONG_LAST_SEQUENCE:
-                error: Exception = e
-            else:
-                return await _after_fence_conflict(js, log, data)
-        except Exception as e:  # timeouts, disconnected, no responders while restarting
-            error = e
-        if time.monotonic() >= deadline:
-            return Appended.FAILED
-        if on_retry is not None:
-            on_retry(attempt, error)
-        await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+                raise
+            return await _after_fence_conflict(js, log, data)
+        log.fence = int(ack.seq)
+        return Appended.STORED
+
+    # Timeouts, disconnects, no responders while NATS restarts: retried until the deadline.
+    policy = dataclasses.replace(APPEND_RETRY, deadline_s=retry_for_s)
+    try:
+        return await retry(attempt, policy, on_retry)
+    except Exception:
+        return Appended.FAILED
 
 
 async def _after_fence_conflict(js: JetStreamContext, log: EventLog, data: bytes) -> Appended:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +47,6 @@ class RequestState:
     request_id: str
     seqs: list[Sequence]
     num_prompt_tokens: int
-    arrival_time: float = field(default_factory=time.monotonic)
 
     @property
     def finished(self) -> bool:

@@ -34,6 +34,7 @@ from shared.dead_letters import NO_MESSAGE_FOUND, publish_dead_letter
 from shared.event_log import Appended, EventLog, append
 from shared.job_events import read_history
 from shared.messages import CompletionChunk, Delta, MessageError, decode_job, encode_delta
+from shared.periodic import Periodic
 from shared.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject
 
 ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
@@ -99,15 +100,21 @@ class Janitor:
     _suspects: set[int] = field(default_factory=set)
     _sub: Any = None
     _tasks: set[asyncio.Task] = field(default_factory=set)
-    _stopped: bool = False
+    _sweeper: Periodic | None = None
 
     async def start(self) -> None:
+        """Listen for the advisory and sweep every `sweep_interval_s`."""
         self._sub = await self.nc.subscribe(
             max_deliveries_advisory_subject(self.model), cb=self._on_advisory
         )
+        self._sweeper = Periodic(
+            "janitor", self.sweep, self.sweep_interval_s, first_now=False, log=self.log
+        )
+        self._sweeper.start()
 
     async def stop(self) -> None:
-        self._stopped = True
+        if self._sweeper is not None:
+            await self._sweeper.stop()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -127,14 +134,6 @@ class Janitor:
         task = asyncio.create_task(self.move(seq, deliveries, "advisory"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def sweep_forever(self) -> None:
-        while not self._stopped:
-            await asyncio.sleep(self.sweep_interval_s)
-            try:
-                await self.sweep()
-            except Exception as e:  # NATS restarting: try again next interval
-                self.log.warning("janitor_sweep_failed", error=f"{type(e).__name__}: {e}")
 
     async def sweep(self) -> int:
         """Dead-letter messages undeliverable for a whole interval; how many were moved.

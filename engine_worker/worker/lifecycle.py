@@ -32,7 +32,7 @@ from engine_worker.worker.intake import FETCH_WAIT_S, Intake
 from engine_worker.worker.janitor import Janitor
 from engine_worker.worker.model_facts import ModelFacts, model_facts
 from engine_worker.worker.model_source import resolve_model
-from engine_worker.worker.outbox import PUBLISH_RETRY_S, Outbox
+from engine_worker.worker.outbox import APPEND_RETRY_S, Outbox
 from engine_worker.worker.running import RunningJobs
 from engine_worker.worker.status_server import StatusServer
 from engine_worker.worker.step_results import step_deltas
@@ -41,6 +41,7 @@ from shared.jetstream import workers_bucket as open_workers_bucket
 from shared.logging import configure_logging, get_logger
 from shared.metrics import new_registry, worker_metrics
 from shared.nats_connect import connect_nats
+from shared.periodic import Periodic
 from shared.settings import EngineSettings, WorkerSettings, add_flags
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
 from shared.tokenizer import load_tokenizer
@@ -80,8 +81,10 @@ class Worker:
         self._kv: Any = None
         self._fatal: str | None = None
         self._stopping = asyncio.Event()
-        self._stopped = asyncio.Event()
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._shut_down = False
+        self._puller: asyncio.Task | None = None
+        self._publisher: asyncio.Task | None = None
+        self._periodic: list[Periodic] = []
 
     # -- start ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -144,22 +147,24 @@ class Worker:
             model=self.model_name,
             worker_id=self.worker_id,
             sweep_interval_s=max(self.settings.ack_wait_s, 5.0),
-            retry_for_s=PUBLISH_RETRY_S,
+            retry_for_s=APPEND_RETRY_S,
             log=self.log,
             on_dead=self.intake.count_dead,
         )
         await self.janitor.start()
 
         self._update_gauges()
-        await self._heartbeat_once()
-        for name, coro in (
-            ("publisher", self.outbox.run()),
-            ("heartbeat", self._heartbeat()),
-            ("keepalive", self._keepalive()),
-            ("puller", self.intake.pull_loop()),
-            ("janitor", self.janitor.sweep_forever()),
-        ):
-            self._tasks[name] = asyncio.create_task(coro, name=name)
+        await self._heartbeat()  # registered before it says it is ready
+        self._publisher = asyncio.create_task(self.outbox.run(), name="publisher")
+        self._puller = asyncio.create_task(self.intake.pull_loop(), name="puller")
+        every = self.settings.heartbeat_interval_s
+        self._periodic = [
+            Periodic("heartbeat", self._heartbeat, every, first_now=False, log=self.log),
+            # In-progress acks every ack_wait/3 keep long jobs from being redelivered.
+            Periodic("keepalive", self._keepalive, self.settings.ack_wait_s / 3, log=self.log),
+        ]
+        for periodic in self._periodic:
+            periodic.start()
         self.log.info(
             "worker_ready",
             subject=jobs_subject(self.model_name),
@@ -225,14 +230,13 @@ class Worker:
         return self.exit_code
 
     async def shutdown(self) -> None:
-        if self._stopped.is_set():
+        if self._shut_down:
             return
-        self._stopped.set()
+        self._shut_down = True
         self._stopping.set()
-        puller = self._tasks.pop("puller", None)
-        if puller is not None:
-            await asyncio.wait([puller], timeout=FETCH_WAIT_S + 2)
-            puller.cancel()
+        if self._puller is not None:
+            await asyncio.wait([self._puller], timeout=FETCH_WAIT_S + 2)
+            self._puller.cancel()
         if self.janitor is not None:
             await self.janitor.stop()
         if self._fatal is None:
@@ -245,23 +249,16 @@ class Worker:
                 self.engine_thread.abort(state.request_id)
             self.engine_thread.stop()
             await asyncio.to_thread(self.engine_thread.join, 30)
-        publisher = self._tasks.pop("publisher", None)
-        if self.outbox is not None and publisher is not None:
+        if self.outbox is not None and self._publisher is not None:
             self.outbox.close()
-            await asyncio.wait([publisher], timeout=10)
+            await asyncio.wait([self._publisher], timeout=10)
         for state in handed_back:
             if not state.lost:
                 with contextlib.suppress(Exception):
                     await state.msg.nak()
         if handed_back:
             self.log.info("jobs_handed_back", job_ids=[s.id for s in handed_back])
-        for task in self._tasks.values():
-            task.cancel()
-        # Bounded: on Python 3.11 a cancel that lands as a NATS reply arrives can be
-        # swallowed inside asyncio.wait_for; the loops also check _stopped to end anyway.
-        if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=5)
-        self._tasks.clear()
+        await asyncio.gather(*(periodic.stop() for periodic in self._periodic))  # bounded
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await delete_status(self._kv, self.model_name, self.worker_id)
@@ -332,16 +329,13 @@ class Worker:
 
     async def _keepalive(self) -> None:
         """In-progress acks keep ack_wait from expiring on long jobs; deadlines abort."""
-        interval = self.settings.ack_wait_s / 3
-        while not self._stopped.is_set():
-            await asyncio.sleep(interval)
-            now = time.time()
-            for state in self.jobs.states():
-                deadline = state.job.deadline
-                if deadline is not None and now > deadline and self.engine_thread is not None:
-                    self.engine_thread.abort(state.request_id)
-                with contextlib.suppress(Exception):
-                    await state.msg.in_progress()
+        now = time.time()
+        for state in self.jobs.states():
+            deadline = state.job.deadline
+            if deadline is not None and now > deadline and self.engine_thread is not None:
+                self.engine_thread.abort(state.request_id)
+            with contextlib.suppress(Exception):
+                await state.msg.in_progress()
 
     def status(self) -> WorkerStatus:
         assert self.engine is not None and self.snapshot is not None
@@ -363,16 +357,11 @@ class Worker:
             **(dataclasses.asdict(self.facts) if self.facts else {}),
         )
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat(self) -> None:
         try:
             await put_status(self._kv, self.status())
         except Exception as e:
             self.log.warning("heartbeat_failed", error=str(e))
-
-    async def _heartbeat(self) -> None:
-        while not self._stopped.is_set():
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self._heartbeat_once()
 
 
 # -- `jetserve worker` ------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from engine_worker.worker.running import RunningJobs
 from shared.event_log import Appended, append_batch
 from shared.messages import Delta, encode_delta
 from shared.metrics import WorkerMetrics
+from shared.retry import RetryPolicy, retry
 
-PUBLISH_ATTEMPTS = 3
-PUBLISH_RETRY_S = 30.0  # a Delta is retried this long (NATS restarting) before the job is dropped
+PUBLISH_RETRY = RetryPolicy(attempts=3, base_delay_s=0.2)  # an unfenced error Delta
+APPEND_RETRY_S = 30.0  # a Delta is retried this long (NATS restarting) before the job is dropped
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Outbox:
     metrics: WorkerMetrics
     model_name: str
     log: Any
-    retry_for_s: float = PUBLISH_RETRY_S
+    retry_for_s: float = APPEND_RETRY_S
     _queue: asyncio.Queue[list[Outgoing] | None] = field(default_factory=asyncio.Queue)
 
     def enqueue(self, batch: list[Outgoing]) -> None:
@@ -72,16 +73,16 @@ class Outbox:
 
     async def publish(self, subject: str, data: bytes) -> bool:
         """Unfenced JetStream publish (for a job with no log of its own), briefly retried."""
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                await self.js.publish(subject, data)
-                return True
-            except Exception as e:
-                self.log.warning(
-                    "publish_failed", subject=subject, attempt=attempt + 1, error=str(e)
-                )
-                await asyncio.sleep(0.2 * (attempt + 1))
-        return False
+
+        def on_retry(attempt: int, error: Exception) -> None:
+            self.log.warning("publish_failed", subject=subject, attempt=attempt, error=str(error))
+
+        try:
+            await retry(lambda: self.js.publish(subject, data), PUBLISH_RETRY, on_retry)
+            return True
+        except Exception as e:
+            self.log.warning("publish_failed", subject=subject, error=str(e))
+            return False
 
     def _on_retry(self, attempt: int, error: Exception) -> None:
         self.log.warning("publish_retry", attempt=attempt, error=str(error))

@@ -13,10 +13,8 @@ to anyway. Clocks of replicas are assumed NTP-close; a skew of δ seconds shifts
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -30,14 +28,20 @@ from starlette.responses import JSONResponse
 
 from services.api.errors import APIError
 from shared.jetstream import open_kv_bucket
+from shared.retry import RetryPolicy, retry
 
 RATE_BUCKET = "llm_rate_limits"
 ENTRY_TTL_S = 300.0  # > 60 s: an entry idle this long has refilled completely
-MAX_ATTEMPTS = 20
-# After a lost compare-and-set, wait a random slice of a doubling window: without it a
-# burst of N takers on one key retries in lock-step and the unlucky ones run out of
-# attempts (a spurious 429) while the bucket still has tokens.
-CONFLICT_BACKOFF_S = 0.001
+# After a lost compare-and-set, wait a random slice of a doubling window (1 ms, 2 ms, ...
+# 64 ms): without it a burst of N takers on one key retries in lock-step and the unlucky
+# ones run out of attempts (a spurious 429) while the bucket still has tokens.
+CONFLICT_RETRY = RetryPolicy(
+    attempts=20,
+    base_delay_s=0.001,
+    max_delay_s=0.064,
+    jitter=True,
+    retry_on=(KeyWrongLastSequenceError,),
+)
 
 
 class RateLimited(APIError):
@@ -90,36 +94,46 @@ class SharedBuckets:
             await self._change(name, amount, bucket)
 
     async def _change(self, name: str, delta: float, bucket: Bucket) -> float:
-        for attempt in range(MAX_ATTEMPTS):
-            now = time.time()
-            revision = None
-            level = float(bucket.per_minute)
+        """Apply `delta` with a compare-and-set; a lost race re-reads and tries again."""
+
+        async def attempt() -> float:
             try:
-                entry = await self.kv.get(name)
-            except KeyNotFoundError:
-                entry = None
-            if entry is not None:
-                revision = entry.revision
-                try:
-                    state = json.loads(entry.value or b"{}")
-                    level = bucket.level_at(float(state["level"]), float(state["t"]), now)
-                except (ValueError, KeyError, TypeError):
-                    pass  # a corrupt entry counts as full; the write below replaces it
-            new_level = min(float(bucket.per_minute), level + delta)
-            if new_level < 0:
-                return -new_level / bucket.refill_per_s
-            value = json.dumps({"level": new_level, "t": now}).encode()
-            try:
-                if revision is None:
-                    await self.kv.create(name, value)
-                else:
-                    await self.kv.update(name, value, last=revision)
-                return 0.0
+                return await self._change_once(name, delta, bucket)
             except KeyWrongLastSequenceError:
                 self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, CONFLICT_BACKOFF_S * 2 ** min(attempt, 6)))
-                continue
-        raise RateLimited("rate limit state is contended; retry shortly", 1.0, "contention")
+                raise
+
+        try:
+            return await retry(attempt, CONFLICT_RETRY)
+        except KeyWrongLastSequenceError:
+            raise RateLimited(
+                "rate limit state is contended; retry shortly", 1.0, "contention"
+            ) from None
+
+    async def _change_once(self, name: str, delta: float, bucket: Bucket) -> float:
+        now = time.time()
+        revision = None
+        level = float(bucket.per_minute)
+        try:
+            entry = await self.kv.get(name)
+        except KeyNotFoundError:
+            entry = None
+        if entry is not None:
+            revision = entry.revision
+            try:
+                state = json.loads(entry.value or b"{}")
+                level = bucket.level_at(float(state["level"]), float(state["t"]), now)
+            except (ValueError, KeyError, TypeError):
+                pass  # a corrupt entry counts as full; the write below replaces it
+        new_level = min(float(bucket.per_minute), level + delta)
+        if new_level < 0:
+            return -new_level / bucket.refill_per_s
+        value = json.dumps({"level": new_level, "t": now}).encode()
+        if revision is None:
+            await self.kv.create(name, value)
+        else:
+            await self.kv.update(name, value, last=revision)
+        return 0.0
 
 
 def bucket_name(key_id: str, kind: str) -> str:

@@ -299,7 +299,3 @@ class Generation:
             # The client has all it asked for: free the worker's KV blocks now. The
             # worker's final delta still comes, with usage (cached tokens).
             self.streams[job_index].request_cancel()
-
-    @property
-    def finished_all(self) -> bool:
-        return all(st.finish_reason is not None for st in self.choices.values())
