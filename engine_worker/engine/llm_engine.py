@@ -75,7 +75,6 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(self.model_dir)
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.model_config, self.device)
-        torch.manual_seed(config.seed)
         mc = self.model_config
         limit = config.max_model_len or mc.max_position_embeddings
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:

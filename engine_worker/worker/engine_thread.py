@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -21,8 +20,6 @@ from dataclasses import dataclass, field
 from engine_worker.engine.llm_engine import EngineStats, LLMEngine
 from engine_worker.engine.outputs import RequestOutput
 from shared.sampling_params import SamplingParams
-
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -90,10 +87,6 @@ class EngineThread:
 
     # -- called from the event loop ------------------------------------------
     def start(self) -> None:
-        # The engine thread drops the GIL in every torch op and must win it back from
-        # the event loop each time; at the default 5 ms switch interval a busy loop
-        # (deltas for dozens of streams) makes each re-acquire wait up to 5 ms.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._thread.start()
 
     def add(self, request: AddRequest) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import sys
 import time
 from typing import Any
 
@@ -46,6 +47,12 @@ from shared.settings import EngineSettings, WorkerSettings, add_flags
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
 from shared.tokenizer import load_tokenizer
 from shared.worker_registry import WorkerStatus, delete_status, put_status
+
+# The engine thread drops the GIL in every torch op and must win it back from the event
+# loop each time; at the default 5 ms switch interval a busy loop (Deltas for dozens of
+# streams) makes each re-acquire wait up to 5 ms. Process-wide, so set by the process
+# entry point (`run`), never by constructing an engine or a Worker.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def engine_config(settings: WorkerSettings) -> EngineConfig:
@@ -386,4 +393,5 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_args(args)  # a bad value: one error line, exit 2
     settings.validate()
     configure_logging(settings.log_level, json=settings.log_json)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # see GIL_SWITCH_INTERVAL_S
     return asyncio.run(serve(settings))
