@@ -5,9 +5,10 @@ level BPE tokenizer and a tiny Llama trained for a fixed number of steps on the 
 corpus of `demo_corpus`, written as an ordinary Hugging Face folder (config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json with a chat template, ...).
 
-The training model below is plain torch, not transformers: transformers is only a dev
-dependency, and `jetserve up` must build the demo from a plain install. Its parameter names and
-maths are Llama's exactly, so transformers and the engine load the result like any Llama.
+The model trained is the engine's own Llama (engine_worker/engine/models/llama.py, through
+its plain causal forward), not transformers: transformers is only a dev dependency, and
+`jetserve up` must build the demo from a plain install. Its weights are written under
+Hugging Face's names, so transformers and the engine load the result like any Llama.
 
 Determinism: the corpus, tokenizer, initial weights and batch order all come from the seed,
 training runs a fixed number of steps on a fixed number of threads with torch's deterministic
@@ -34,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from torch import nn
 
 from engine_worker.demo.corpus import (
     BOS_TOKEN,
@@ -43,6 +43,9 @@ from engine_worker.demo.corpus import (
     SPECIAL_TOKENS,
     demo_corpus,
 )
+from engine_worker.engine.config import ModelConfig
+from engine_worker.engine.models.llama import LlamaForCausalLM
+from engine_worker.engine.models.loader import build_model, hf_state_dict
 from shared.settings import LauncherSettings, Settings, add_flags, setting
 from shared.settings.fields import same_as
 from shared.terminal import ProgressBar
@@ -169,105 +172,48 @@ def train_bpe_tokenizer(
 # --------------------------------------------------------------------------- model
 
 
-def rope_tables(
-    seq_len: int, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin per position, in Llama's half-split layout (rotate_half, not interleaved)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def model_config(shape: DemoModelShape, vocab_size: int) -> ModelConfig:
+    """The engine's view of the demo model: a plain Llama (no bias, untied head, GQA)."""
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        rms_norm_eps=shape.rms_norm_eps,
+        rope_theta=shape.rope_theta,
+        rope_scaling=None,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        qk_norm=False,
+        torch_dtype="float32",
+    )
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def trainable_model(shape: DemoModelShape, vocab_size: int, seq_len: int) -> LlamaForCausalLM:
+    """The engine's own Llama (torch reference ops) in float32 on the CPU, with gradients:
+    trained through its causal forward, then served by the engine from the written folder."""
+    cfg = model_config(shape, vocab_size)
+    model = build_model(cfg, torch.float32, torch.device("cpu"), max_positions=seq_len)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
-class _Attention(nn.Module):
-    def __init__(self, s: DemoModelShape) -> None:
-        super().__init__()
-        self.s = s
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=False)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False)
-        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        s = self.s
-        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        # Llama's GQA: query head h reads kv head h // (num_heads // num_kv_heads).
-        rep = s.num_heads // s.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-class _MLP(nn.Module):
-    def __init__(self, s: DemoModelShape) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class _DecoderLayer(nn.Module):
-    def __init__(self, s: DemoModelShape) -> None:
-        super().__init__()
-        self.input_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.self_attn = _Attention(s)
-        self.post_attention_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.mlp = _MLP(s)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class _Backbone(nn.Module):
-    def __init__(self, s: DemoModelShape, vocab_size: int) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, s.hidden_size)
-        self.layers = nn.ModuleList(_DecoderLayer(s) for _ in range(s.num_layers))
-        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-
-
-class DemoLlama(nn.Module):
-    """Training-time Llama whose state_dict keys are exactly LlamaForCausalLM's."""
-
-    def __init__(self, shape: DemoModelShape, vocab_size: int) -> None:
-        super().__init__()
-        self.shape = shape
-        self.model = _Backbone(shape, vocab_size)
-        self.lm_head = nn.Linear(shape.hidden_size, vocab_size, bias=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for full sequences starting at position 0 (training, no KV cache)."""
-        t = input_ids.shape[1]
-        cos, sin = rope_tables(t, self.shape.head_dim, self.shape.rope_theta)
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
-
-
-def init_weights(model: DemoLlama, generator: torch.Generator, std: float) -> None:
+def init_weights(model: LlamaForCausalLM, generator: torch.Generator, std: float) -> None:
     """GPT-2 style init from an explicit generator: residual projections scaled by depth
     so the stream stays well-conditioned, norms at one."""
-    resid_std = std / math.sqrt(2 * model.shape.num_layers)
+    resid_std = std / math.sqrt(2 * model.cfg.num_layers)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_weight", "down_weight")):
                 p.normal_(0.0, resid_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
@@ -352,7 +298,7 @@ def _lr_at(step: int, plan: TrainingPlan) -> float:
 
 
 def train(
-    model: DemoLlama,
+    model: LlamaForCausalLM,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     plan: TrainingPlan,
@@ -384,7 +330,7 @@ def train(
             group["lr"] = _lr_at(step, plan)
         lo = step * plan.batch_size
         x, y = inputs[lo : lo + plan.batch_size], targets[lo : lo + plan.batch_size]
-        logits = model(x)
+        logits = model.forward_causal(x)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -445,7 +391,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def write_checkpoint_files(
-    folder: Path, model: DemoLlama, tokenizer: Tokenizer, shape: DemoModelShape
+    folder: Path, model: LlamaForCausalLM, tokenizer: Tokenizer, shape: DemoModelShape
 ) -> None:
     """Everything an HF loader, the engine and the API read from a model folder."""
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -460,7 +406,7 @@ def write_checkpoint_files(
             "max_length": shape.max_position_embeddings,
         },
     )
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = hf_state_dict(model)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(folder / "tokenizer.json"))
     extra = [t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN)]
@@ -524,7 +470,7 @@ def build_demo_checkpoint(
             tokenizer, seed, plan.steps * plan.batch_size, plan.seq_len, pad_id
         )
         gen = torch.Generator().manual_seed(seed)
-        model = DemoLlama(shape, vocab)
+        model = trainable_model(shape, vocab, plan.seq_len)
         init_weights(model, gen, plan.init_std)
         n_params = sum(p.numel() for p in model.parameters())
         say(

@@ -55,15 +55,10 @@ class Attention(nn.Module):
         self.rotary = ops.rotary
         self.scale = cfg.head_dim**-0.5
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        backend: AttentionBackend,
-    ) -> torch.Tensor:
+    def _qkv(
+        self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token q, k, v ([T, heads, head_dim]) after the q/k norms and rotary."""
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -73,10 +68,35 @@ class Attention(nn.Module):
             q = self.q_norm(q)[0]
             k = self.k_norm(k)[0]
         q, k = self.rotary(positions, q, k, cos_sin)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        q, k, v = self._qkv(x, positions, cos_sin)
         k_cache, v_cache = kv_cache
         backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale)
         return F.linear(o.reshape(-1, self.q_size), self.o_weight)
+
+    def forward_causal(
+        self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, batch: int
+    ) -> torch.Tensor:
+        """`batch` equal-length sequences flattened to [batch * T]; plain causal attention."""
+        q, k, v = (
+            t.view(batch, -1, t.shape[1], self.head_dim).transpose(1, 2)
+            for t in self._qkv(x, positions, cos_sin)
+        )
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.scale, enable_gqa=True
+        )
+        return F.linear(o.transpose(1, 2).reshape(-1, self.q_size), self.o_weight)
 
 
 class MLP(nn.Module):
@@ -117,6 +137,21 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attn_norm(h, residual)
         return self.mlp(h), residual  # type: ignore[return-value]
 
+    def forward_causal(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = (
+            self.input_norm(x, residual) if residual is not None else (self.input_norm(x)[0], x)
+        )
+        h = self.attn.forward_causal(h, positions, cos_sin, batch)
+        h, residual = self.post_attn_norm(h, residual)
+        return self.mlp(h), residual  # type: ignore[return-value]
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, ops: LayerOps | None = None) -> None:
@@ -147,6 +182,21 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.cos_sin, kv, meta, backend)
         return self.norm(x, residual)[0]
+
+    def forward_causal(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] of whole sequences from position 0, without a KV cache.
+
+        Plain causal attention and differentiable (with `requires_grad_`): the demo
+        builder trains this very model, and tests compare it with transformers.
+        """
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).repeat(batch)
+        x = F.embedding(input_ids.reshape(-1), self.embed)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer.forward_causal(x, residual, positions, self.cos_sin, batch)
+        hidden = self.norm(x, residual)[0]
+        return self.compute_logits(hidden).view(batch, length, -1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed if self.lm_head is None else self.lm_head

@@ -150,6 +150,24 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
         )
 
 
+def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names, fused weights split: what
+    `load_weights` reads back (the demo builder writes its checkpoint with it)."""
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, target in _TOP_MAP.items():
+        if target in params:
+            out[hf_name] = params[target].detach()
+    for i in range(model.cfg.num_layers):
+        for hf_suffix, (suffix, part) in _LAYER_MAP.items():
+            target = f"layers.{i}.{suffix}"
+            if target in params:
+                sl = _slice(model.cfg, part)
+                tensor = params[target].detach()
+                out[f"model.layers.{i}.{hf_suffix}"] = tensor if sl is None else tensor[sl]
+    return {name: t.contiguous().clone() for name, t in out.items()}
+
+
 def init_random_weights(model: LlamaForCausalLM, seed: int) -> None:
     """Dummy weights for benchmarks of model shapes we have no checkpoint for."""
     gen = torch.Generator(device=model.embed.device).manual_seed(seed)

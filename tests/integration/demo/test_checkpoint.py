@@ -17,8 +17,6 @@ from safetensors.torch import load_file
 from engine_worker.demo.checkpoint import (
     BUILD_INFO_FILE,
     CHECKPOINT_FILES,
-    DemoLlama,
-    DemoModelShape,
     TrainingPlan,
     build_demo_checkpoint,
     ensure_demo_checkpoint,
@@ -30,6 +28,8 @@ from engine_worker.demo.corpus import (
     demo_corpus,
     render_chat,
 )
+from engine_worker.engine.config import load_model_config
+from engine_worker.engine.models.loader import build_model, load_weights
 from shared.tokenizer import load_tokenizer
 
 TEST_PLAN = TrainingPlan(steps=30, batch_size=4, seq_len=128, warmup_steps=5)
@@ -76,12 +76,13 @@ def test_transformers_loads_the_same_model_and_it_learned(demo_dir: Path) -> Non
     assert hf_tok.bos_token == BOS_TOKEN and hf_tok.eos_token == EOS_TOKEN
 
     hf = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
-    ours = DemoLlama(DemoModelShape(), bundle.vocab_size)
-    ours.load_state_dict(load_file(str(demo_dir / "model.safetensors")))
-    ours.eval()
+    # The engine's model (the one the builder trained) read back from the written files.
+    cfg = load_model_config(demo_dir)
+    ours = build_model(cfg, torch.float32, torch.device("cpu"), cfg.max_position_embeddings)
+    load_weights(ours, demo_dir)
     ids = torch.tensor([bundle.encode(text)])
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf(ids).logits, ours.forward_causal(ids), rtol=1e-4, atol=1e-4)
 
     # held-out documents (another seed): far better than a uniform guess over the vocabulary
     held_out = [bundle.encode(d, add_special_tokens=False) for d in demo_corpus(12345, 16)]
