@@ -2,9 +2,11 @@
 
 Both services import this one module so the wire format has a single definition.
 Decoding is the trust boundary: every field is type-checked and anything malformed
-or of an unknown schema version raises `MessageError`, which callers turn into a
-logged, terminally acknowledged message instead of a crash loop. Unknown extra keys
-are ignored so a newer producer can add optional fields without breaking v1 readers.
+raises `MessageError`, which callers turn into a logged, terminally acknowledged
+message instead of a crash loop. Unknown extra keys are ignored so a newer producer can
+add optional fields without a version bump. A job of a version above every one its
+reader knows raises `NewerVersion` instead: it is not malformed, only too new for this
+reader, and a worker leaves it for one that reads it (docs/upgrading.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 import sys
 from array import array
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +24,7 @@ from shared.sampling_params import SamplingParams
 from shared.structured_output import from_wire as structured_from_wire
 from shared.structured_output import to_wire as structured_to_wire
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the version this release writes
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
 
@@ -31,6 +34,15 @@ TokenLogprobTuple = tuple[int, float, list[tuple[int, float]]]
 
 class MessageError(ValueError):
     """A message that cannot be decoded into a valid, known-version schema."""
+
+
+class NewerVersion(MessageError):
+    """A message of a schema version newer than any this reader knows (a rolling upgrade:
+    a newer producer wrote it). Not malformed: a newer reader can read it."""
+
+    def __init__(self, what: str, version: int) -> None:
+        super().__init__(f"{what}: schema version {version} is newer than this reader knows")
+        self.version = version
 
 
 @dataclass
@@ -144,7 +156,10 @@ def _optional(value: Any, check, name: str) -> Any:
     return None if value is None else check(value, name)
 
 
-def _unpack(data: bytes, what: str) -> dict[str, Any]:
+def _unpack(
+    data: bytes, what: str, versions: Collection[int] = (SCHEMA_VERSION,)
+) -> dict[str, Any]:
+    """The message's map, if its version is one of `versions`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MessageError(f"{what}: expected bytes, got {type(data).__name__}")
     try:
@@ -153,9 +168,12 @@ def _unpack(data: bytes, what: str) -> dict[str, Any]:
         raise MessageError(f"{what}: not valid msgpack ({type(e).__name__}: {e})") from e
     m = _map(obj, what)
     version = m.get("v")
-    if version != SCHEMA_VERSION:
-        raise MessageError(f"{what}: unsupported schema version {version!r}")
-    return m
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version in versions:
+            return m
+        if version > max(versions):
+            raise NewerVersion(what, version)
+    raise MessageError(f"{what}: unsupported schema version {version!r}")
 
 
 # --- Job ---------------------------------------------------------------------------------
@@ -238,13 +256,25 @@ def encode_job(job: Job) -> bytes:
     )
 
 
-def decode_job(data: bytes) -> Job:
-    m = _unpack(data, "job")
+def decode_job(data: bytes, readers: Mapping[int, JobReader] | None = None) -> Job:
+    """Decode and validate a Job; `readers` maps each wire version this reader knows to
+    the function that reads its map (default JOB_READERS: this release's versions)."""
+    readers = JOB_READERS if readers is None else readers
+    m = _unpack(data, "job", readers.keys())
+    job = readers[m["v"]](m)
+    if not _JOB_ID.fullmatch(job.id):
+        # The id becomes a subject token (llm.events.<id>, llm.cancel.<id>).
+        raise MessageError(f"job: id {job.id!r} must be non-empty [A-Za-z0-9_-]")
+    return job
+
+
+def job_from_v1(m: dict[str, Any]) -> Job:
+    """A version-1 job map (already unpacked) as a Job; MessageError if a field is bad."""
     tags = _map(m.get("tags", {}), "tags")
     for k, val in tags.items():
         _str(k, "tags key")
         _str(val, f"tags[{k!r}]")
-    job = Job(
+    return Job(
         id=_str(_require(m, "id", "job"), "id"),
         model=_str(_require(m, "model", "job"), "model"),
         prompt_token_ids=_int_list(_require(m, "prompt_token_ids", "job"), "prompt_token_ids"),
@@ -255,10 +285,12 @@ def decode_job(data: bytes) -> Job:
         deadline=_optional(m.get("deadline"), _float, "deadline"),
         tags=dict(tags),
     )
-    if not _JOB_ID.fullmatch(job.id):
-        # The id becomes a subject token (llm.events.<id>, llm.cancel.<id>).
-        raise MessageError(f"job: id {job.id!r} must be non-empty [A-Za-z0-9_-]")
-    return job
+
+
+JobReader = Callable[[dict[str, Any]], Job]
+# Every Job version this release reads. A release that changes the Job's layout adds
+# its version here and keeps the previous one, so adjacent releases share the queue.
+JOB_READERS: dict[int, JobReader] = {1: job_from_v1}
 
 
 # --- Delta -------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ class WorkerMetrics:
     jobs_resumed: Counter
     jobs_dead_lettered: Counter
     jobs_lost: Counter
+    jobs_deferred: Counter
 
 
 def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
@@ -173,6 +174,13 @@ def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
             f"{PREFIX}jobs_lost",
             "Jobs this worker stopped because another worker took them over",
             m,
+            registry=registry,
+        ),
+        jobs_deferred=Counter(
+            f"{PREFIX}jobs_deferred",
+            "Job deliveries handed back (nak with a delay) because their wire version is "
+            "newer than this worker reads: a newer API in a rolling upgrade",
+            ["model_name", "wire_version"],
             registry=registry,
         ),
     )

@@ -6,15 +6,19 @@ size is the autoscaling signal. Before a job runs its Deltas already in LLM_EVEN
 read, so a redelivered job (its worker crashed or was stopped) or a replayed dead letter
 continues after the last stored token. A delivery beyond `max_deliver` is moved to
 LLM_DEAD instead of being run. Malformed jobs are logged and terminated (never
-redelivered); cancels arrive on a core subject and either abort a running job or are
-remembered for a queued one.
+redelivered). A job of a wire version newer than this worker reads (a newer API during a
+rolling upgrade) is not malformed: it is handed back with a delay for a worker that reads
+it (docs/upgrading.md). Cancels arrive on a core subject and either abort a running job
+or are remembered for a queued one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +40,14 @@ from engine_worker.worker.outbox import Outbox, Outgoing
 from engine_worker.worker.running import RunningJobs
 from shared.dead_letters import publish_dead_letter
 from shared.job_events import read_history
-from shared.messages import MessageError, decode_job, encode_delta
+from shared.messages import (
+    JOB_READERS,
+    JobReader,
+    MessageError,
+    NewerVersion,
+    decode_job,
+    encode_delta,
+)
 from shared.metrics import WorkerMetrics
 from shared.subjects import CANCEL_WILDCARD, events_subject, job_id_from_subject, sanitize_model
 
@@ -50,6 +61,14 @@ def num_delivered(msg: Msg) -> int:
         return int(msg.metadata.num_delivered or 1)
     except Exception:
         return 1
+
+
+def _message_key(msg: Msg) -> str:
+    """The message's LLM_JOBS sequence (unique), else its Nats-Msg-Id."""
+    try:
+        return f"seq-{int(msg.metadata.sequence.stream)}"
+    except Exception:
+        return (msg.headers or {}).get("Nats-Msg-Id", "")
 
 
 @dataclass
@@ -67,7 +86,11 @@ class Intake:
     cancelled: CancelMemory
     metrics: WorkerMetrics
     log: Any
+    job_readers: Mapping[int, JobReader] = field(default_factory=lambda: JOB_READERS)
+    defer_s: float = 30.0  # a job too new for this worker is redelivered after 1-1.5x this
     _adds_submitted: int = 0
+    # Messages already reported as too new (a bounded, expiring set): one log line each.
+    _deferred: CancelMemory = field(default_factory=lambda: CancelMemory(ttl_s=3600.0))
     _capacity_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _cancel_sub: Any = None
 
@@ -117,7 +140,10 @@ class Intake:
     async def prepare(self, msg: Msg) -> JobState | None:
         """Decode a delivery and restore the job's state from LLM_EVENTS; None if handled."""
         try:
-            job = decode_job(msg.data)
+            job = decode_job(msg.data, self.job_readers)
+        except NewerVersion as e:
+            await self._leave_for_newer(msg, e.version)
+            return None
         except MessageError as e:
             await self.reject_malformed(msg, str(e))
             return None
@@ -219,6 +245,30 @@ class Intake:
             await self.outbox.publish(subject, encode_delta(delta))
         with contextlib.suppress(Exception):
             await msg.term()
+
+    async def _leave_for_newer(self, msg: Msg, version: int) -> None:
+        """Neither run nor drop a job written by a newer release: nak it with a delay, so a
+        worker that reads its version takes it, and say so once per message."""
+        key = _message_key(msg)
+        if key not in self._deferred:
+            self._deferred.add(key)
+            self.log.warning(
+                "job_left_for_newer_worker",
+                msg_id=(msg.headers or {}).get("Nats-Msg-Id", ""),
+                wire_version=version,
+                reads_versions=sorted(self.job_readers),
+                retry_in_about_s=self.defer_s,
+                hint="a newer API is publishing: upgrade this worker (docs/upgrading.md)",
+            )
+        labels = {"model_name": self.model_name, "wire_version": str(version)}
+        self.metrics.jobs_deferred.labels(**labels).inc()
+        # Jittered: with a fixed delay the redelivery lands when this worker's own pull,
+        # re-issued on a cycle that began at this nak, is the oldest waiting one, so the
+        # server hands the job straight back here most of the time (seen: 13 bounces in a
+        # row while a newer worker pulled too).
+        delay = self.defer_s * random.uniform(1.0, 1.5)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
 
     async def _dead_letter(self, state: JobState, delivered: int) -> None:
         """This delivery is one more than allowed: store the job in LLM_DEAD, close it."""

@@ -20,6 +20,7 @@ import dataclasses
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -40,6 +41,7 @@ from engine_worker.worker.step_results import step_deltas
 from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
 from shared.jetstream import workers_bucket as open_workers_bucket
 from shared.logging import configure_logging, get_logger
+from shared.messages import JOB_READERS, JobReader
 from shared.metrics import new_registry, worker_metrics
 from shared.nats_connect import connect_nats
 from shared.periodic import Periodic
@@ -62,8 +64,12 @@ def engine_config(settings: WorkerSettings) -> EngineConfig:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(
+        self, settings: WorkerSettings, job_readers: Mapping[int, JobReader] = JOB_READERS
+    ) -> None:
+        """`job_readers`: the Job wire versions this worker reads (docs/upgrading.md)."""
         settings.validate()
+        self.job_readers = job_readers
         self.settings = settings
         self.model_name = settings.served_name
         self.worker_id = settings.worker_id
@@ -145,6 +151,8 @@ class Worker:
             cancelled=CancelMemory(ttl_s=self.settings.cancel_memory_s),
             metrics=self.metrics,
             log=self.log,
+            job_readers=self.job_readers,
+            defer_s=self.settings.ack_wait_s,
         )
         self.engine_thread.start()  # started at once: shutdown joins it
         await self.intake.subscribe_cancels()
