@@ -9,6 +9,7 @@ The tests are steps of one scenario on module-scoped stacks and run in file orde
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,7 +126,8 @@ async def test_a_long_queue_wait_diverts_until_it_drains(primary: Stack, model: 
         jobs = [bus.make_job([1, 2, 3], max_tokens=400, ignore_eos=True) for _ in range(6)]
         for job in jobs:
             await bus.submit(job)
-        wait_until(
+        await asyncio.to_thread(
+            wait_until,
             lambda: (
                 primary.api.metric("jetserve:queue_head_wait_seconds", model_name=model)
                 > QUEUE_WAIT_S
@@ -133,16 +135,17 @@ async def test_a_long_queue_wait_diverts_until_it_drains(primary: Stack, model: 
             timeout=20,
         )
         c = client(primary.api.url, secret("client"))
-        assert greedy(c, model)
+        assert await asyncio.to_thread(greedy, c, model)
         assert fallbacks(primary, "queue_wait") == 1
         t0 = time.monotonic()
-        wait_until(
+        await asyncio.to_thread(
+            wait_until,
             lambda: primary.api.metric("jetserve:queue_head_wait_seconds", model_name=model) == 0,
             timeout=60,
         )
         drained_s = time.monotonic() - t0
         before = primary.api.metric("jetserve:usage_requests_total", route="local")
-        assert greedy(c, model)
+        assert await asyncio.to_thread(greedy, c, model)
         assert fallbacks(primary, "queue_wait") == 1  # served here again
         assert primary.api.metric("jetserve:usage_requests_total", route="local") == before + 1
         for job in jobs:  # nothing of the backlog was lost
