@@ -18,9 +18,9 @@ import nats
 
 from shared.model_store import ModelStoreError, list_models, push, remove
 from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
-from shared.progress import ByteProgress
 from shared.settings import BusSettings, add_flags
 from shared.subjects import sanitize_model
+from shared.terminal import ByteProgress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

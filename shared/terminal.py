@@ -1,4 +1,4 @@
-"""A progress bar for long work a person waits on (the demo model's training).
+"""A progress bar for long work a person waits on (demo training, model transfers).
 
 On a terminal one line redraws in place; elsewhere (a pipe, a log file, a container) the
 bar is silent and the caller's plain progress lines are the record. No dependency: a bar
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -23,6 +24,7 @@ class ProgressBar:
     done: int = 0
     note: str = ""
     started: float = field(default_factory=time.monotonic)
+    count: Callable[[int], str] = str  # how done/total read (steps, or bytes)
 
     @property
     def live(self) -> bool:
@@ -50,7 +52,7 @@ class ProgressBar:
         bar = "#" * filled + "-" * (WIDTH - filled)
         tail = f" {self.note}" if self.note else ""
         return (
-            f"{self.label} [{bar}] {self.done}/{self.total} "
+            f"{self.label} [{bar}] {self.count(self.done)}/{self.count(self.total)} "
             f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left{tail}\x1b[K"
         )
 
@@ -58,3 +60,38 @@ class ProgressBar:
         if self.live:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class ByteProgress:
+    """Bytes moved so far, for transfers (`update(n)` after each n bytes); silent off a TTY."""
+
+    bar: ProgressBar | None = None
+
+    @classmethod
+    def start(cls, total: int, label: str, enabled: bool | None = None) -> ByteProgress:
+        bar = ProgressBar(total=total, label=label, count=human_bytes)
+        if enabled is None:
+            enabled = bar.live
+        return cls(bar if enabled else None)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.done + n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def callback(self) -> Callable[[int], None]:
+        return self.update

@@ -18,8 +18,8 @@ import nats
 from shared.hub import download, is_hub_id
 from shared.logging import get_logger
 from shared.model_store import Manifest, ModelStoreError, fetch, get_manifest
-from shared.progress import ByteProgress
 from shared.settings import WorkerSettings
+from shared.terminal import ByteProgress
 
 log = get_logger("engine_worker.model_source")
 CONNECT_TIMEOUT_S = 30.0

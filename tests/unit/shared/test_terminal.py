@@ -6,7 +6,7 @@ import io
 import os
 import pty
 
-from shared.terminal import ProgressBar
+from shared.terminal import ByteProgress, ProgressBar, human_bytes
 
 
 def test_on_a_pipe_only_the_said_lines_are_written() -> None:
@@ -44,3 +44,24 @@ def test_on_a_terminal_the_bar_redraws_in_place() -> None:
     assert "training [" + "#" * 15 + "-" * 15 + "] 2/4" in written
     assert "halfway" in written and "4/4" in written
     assert written.endswith("\n")  # the terminal turns it into \r\n
+
+
+def test_a_transfer_counts_bytes_and_reads_them_for_people() -> None:
+    out = io.StringIO()
+    progress = ByteProgress.start(3 * 1024 * 1024, "fetching m", enabled=True)
+    assert progress.bar is not None
+    progress.bar.stream = out
+    progress.update(1024 * 1024)
+    progress.callback(1024 * 1024)
+    assert progress.bar.done == 2 * 1024 * 1024
+    assert progress.bar.render().startswith(
+        "fetching m [" + "#" * 20 + "-" * 10 + "] 2.0 MiB/3.0 MiB"
+    )
+    assert human_bytes(512) == "512 B" and human_bytes(1536) == "1.5 KiB"
+
+
+def test_a_transfer_off_a_terminal_draws_nothing() -> None:
+    progress = ByteProgress.start(100, "pushing m", enabled=False)
+    progress.update(50)
+    progress.close()
+    assert progress.bar is None
