@@ -7,12 +7,15 @@ without this a long generation would keep a worker busy for nobody.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 T = TypeVar("T")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it, logs and metrics do
 
 
 class ClientDisconnected(Exception):
@@ -42,3 +45,20 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     raise ClientDisconnected()
+
+
+async def collected_response(
+    request: Request,
+    work: Awaitable[T],
+    render: Callable[[T], Response],
+    on_close: Callable[[], None],
+) -> Response:
+    """A generation's non-streamed answer: 499 when the client left first; `on_close`
+    (which cancels what still runs and records metrics) runs in every case."""
+    try:
+        result = await unless_disconnected(request, work)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        on_close()
+    return render(result)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from services.api.client_disconnect import ClientDisconnected, unless_disconnected
+from services.api.client_disconnect import collected_response
 from services.api.errors import APIError
 from services.api.model_registry import ServedModel
 from services.api.ollama.prompts import chat_prompt, generate_prompt
@@ -29,8 +29,6 @@ from services.api.state import ApiState, api_state
 from services.api.streaming.sse import EventStreamResponse
 
 router = APIRouter()
-
-CLIENT_CLOSED_REQUEST = 499
 
 
 def model_names(name: str) -> list[str]:
@@ -70,13 +68,8 @@ async def _run(
     if stream:
         events = ndjson_stream(gen, shape, dialect)
         return EventStreamResponse(events, lambda: st.finish(gen), media_type=NDJSON_MEDIA_TYPE)
-    try:
-        result = await unless_disconnected(request, collect(gen, shape, dialect))
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    finally:
-        st.finish(gen)
-    return JSONResponse(result)
+    work = collect(gen, shape, dialect)
+    return await collected_response(request, work, JSONResponse, lambda: st.finish(gen))
 
 
 @router.post("/api/generate")

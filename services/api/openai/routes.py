@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
-from services.api.client_disconnect import ClientDisconnected, unless_disconnected
+from services.api.client_disconnect import collected_response
 from services.api.errors import APIError
 from services.api.jobs.builder import prepare_chat, prepare_completion
 from services.api.openai.chat import chat_response, chat_stream
@@ -32,8 +32,6 @@ from shared.metrics import CONTENT_TYPE, render
 log = structlog.get_logger("jetserve.api")
 router = APIRouter()
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it, logs and metrics do
-
 
 def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
@@ -51,13 +49,8 @@ async def completions(request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = completion_stream(gen, include_usage, req.logprobs)
         return EventStreamResponse(events, on_close=lambda: st.finish(gen))
-    try:
-        result = await unless_disconnected(request, completion_response(gen, req.logprobs))
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    finally:
-        st.finish(gen)
-    return _json(result)
+    work = completion_response(gen, req.logprobs)
+    return await collected_response(request, work, _json, lambda: st.finish(gen))
 
 
 @router.post("/v1/chat/completions")
@@ -73,13 +66,8 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = chat_stream(gen, include_usage, top_logprobs)
         return EventStreamResponse(events, on_close=lambda: st.finish(gen))
-    try:
-        result = await unless_disconnected(request, chat_response(gen, top_logprobs))
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    finally:
-        st.finish(gen)
-    return _json(result)
+    work = chat_response(gen, top_logprobs)
+    return await collected_response(request, work, _json, lambda: st.finish(gen))
 
 
 @router.get("/v1/models")
