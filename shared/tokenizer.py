@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,14 @@ class TokenizerBundle:
             if tid is not None:
                 ids.add(tid)
         return ids
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 length of the longest vocabulary entry (added tokens included): an upper
+        bound on how many bytes of text one token can stand for, so a text longer than
+        `max_token_bytes * n` bytes cannot fit in n tokens, without tokenizing it."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return max((len(t.encode("utf-8")) for t in vocab), default=1)
 
     @property
     def vocab_size(self) -> int:

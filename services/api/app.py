@@ -110,6 +110,7 @@ def create_app(
             await gateway.stop()
             await registry.stop()
             await jobs.drain()
+            app.state.api.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
             try:
                 await nc.drain()
             except Exception as e:

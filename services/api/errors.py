@@ -58,6 +58,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+MAX_ECHO_CHARS = 96  # client input quoted back in an error is cut to this
+
+
+def echo(value: str) -> str:
+    """Client input as an error message quotes it: bounded, so an error never carries
+    (or amplifies) a 100,000-character name back to the client and into logs."""
+    return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + "..."
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -65,7 +74,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
-        f"The model '{model}' does not exist or has no live worker.",
+        f"The model '{echo(model)}' does not exist or has no live worker.",
         param="model",
         code="model_not_found",
     )

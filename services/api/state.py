@@ -6,6 +6,9 @@ includes them.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,17 +19,29 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
 from services.api.drain import DrainState
-from services.api.errors import model_not_found, service_unavailable
-from services.api.gateway.admission import Gateway
-from services.api.jobs.builder import PreparedRequest
+from services.api.errors import echo, model_not_found, service_unavailable
+from services.api.gateway.admission import Admission, Gateway, current_caller
+from services.api.jobs.builder import (
+    PreparedRequest,
+    check_request_size,
+    prepare_chat,
+    prepare_completion,
+)
 from services.api.jobs.client import JobClient
+from services.api.jobs.records import JobRecord, put_record
 from services.api.metrics import record_generation
 from services.api.model_registry import ModelRegistry, ServedModel
+from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from services.api.streaming.generation import Generation
 from shared.metrics import ApiMetrics
 from shared.settings import ApiSettings
 
 log = structlog.get_logger("jetserve.api")
+
+# Tokenizing and chat templates run here, never on the event loop: a long prompt then
+# delays only the requests queued behind it in this pool, not every stream of the replica
+# (the tokenizer releases the GIL while it encodes).
+TOKENIZER_THREADS = 4
 
 
 @dataclass
@@ -43,46 +58,82 @@ class ApiState:
     job_records: Any = None  # KV bucket of the jobs API
     drain: DrainState = field(default_factory=DrainState)
     gateway: Gateway | None = None  # auth, limits, usage (services/api/gateway/admission.py)
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(TOKENIZER_THREADS, "tokenize")
+    )
+
+    async def prepare(
+        self, req: CompletionRequest | ChatCompletionRequest, model: ServedModel
+    ) -> PreparedRequest:
+        """Validate and tokenize off the event loop; too-large prompts are refused first,
+        here, without waiting for a thread."""
+        check_request_size(req, model)
+        build = prepare_chat if isinstance(req, ChatCompletionRequest) else prepare_completion
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizer_pool, build, req, model)
 
     async def resolve(self, name: str, require_live: bool = True) -> ServedModel:
         try:
             model = await self.registry.get(name, require_live=require_live)
         except Exception as e:
             log.error("tokenizer_load_failed", model=name, error=str(e))
-            raise service_unavailable(f"could not load the tokenizer of '{name}': {e}") from e
+            raise service_unavailable(f"could not load the tokenizer of '{echo(name)}': {e}") from e
         if model is None:
             raise model_not_found(name)
         return model
 
     async def start_generation(
-        self, model: ServedModel, prepared: PreparedRequest, user: str | None
+        self,
+        model: ServedModel,
+        prepared: PreparedRequest,
+        user: str | None,
+        endpoint: str = "completions",
     ) -> Generation:
         tags = {"user": user} if user else {}
+        admission: Admission | None = None
         if self.gateway is not None:
-            # Key caps, tokens/min, priority class, cost tags: 4xx/429 before queueing.
+            # Key caps, open streams, tokens/min, priority class, cost tags: 4xx/429
+            # before queueing.
             admission = await self.gateway.admit(model, prepared, user)
             prepared, tags = admission.prepared, admission.tags
         gen = Generation(self.jobs, model, prepared, tags=tags)
-        if self.gateway is not None:
+        if self.gateway is not None and admission is not None:
             self.gateway.attach(gen, admission)
         structlog.contextvars.bind_contextvars(job_id=gen.request_id)
         try:
-            await gen.start()
+            if len(prepared.prompts) == 1:
+                # A job the client can come back to (re-attach) records its owner; stored
+                # while the job is published, so it costs no extra round trip.
+                await asyncio.gather(self._record_owner(gen, endpoint), gen.start())
+            else:
+                await gen.start()  # several prompts cannot be re-attached: no record
         except Exception as e:
+            gen.close()
             if self.gateway is not None:
                 self.gateway.release(gen)
             log.error("job_publish_failed", error=str(e))
             raise service_unavailable(f"could not queue the request: {e}") from e
         return gen
 
+    async def _record_owner(self, gen: Generation, endpoint: str) -> None:
+        record = JobRecord(
+            id=gen.request_id,
+            model=gen.model.name,
+            endpoint=endpoint,
+            created_at=time.time(),
+            prompt_tokens=len(gen.prepared.prompts[0]),
+            owner=current_caller().key_id,
+        )
+        await put_record(self.job_records, record)
+
     def finish(self, gen: Generation) -> None:
         """Cancel what still runs and record metrics; idempotent."""
         gen.close()
+        if self.gateway is not None:
+            self.gateway.on_finish(gen)  # once: it settles what admission held
         if not gen.recorded:
             gen.recorded = True
             record_generation(self.metrics, gen)
-            if self.gateway is not None:
-                self.gateway.on_finish(gen)
             t = gen.timing
             log.info(
                 "request_finished",

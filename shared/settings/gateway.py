@@ -68,3 +68,12 @@ class GatewaySettings(Settings):
     queue_poll_interval_s: float = setting(
         1.0, gt=0, help="how often the queue wait of each model is measured for the fallback"
     )
+    max_open_streams: int = setting(
+        512,
+        ge=1,
+        help="jobs this replica follows at once, all keys together (streams, re-attaches, "
+        "job event streams: each holds NATS server state); beyond it a 429",
+    )
+    max_open_streams_per_key: int = setting(
+        128, ge=1, help="jobs this replica follows at once for one API key; beyond it a 429"
+    )

@@ -46,6 +46,7 @@ from services.api.gateway.rate_limit import (
     ConcurrencyLimiter,
     RateLimited,
     SharedBuckets,
+    StreamBudget,
     bucket_name,
     rate_bucket,
 )
@@ -62,6 +63,7 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # fal
 CONCURRENT_PATHS = GENERATION_PATHS | frozenset(
     {"/v1/embeddings", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings"}
 )
+JOB_EVENTS_PREFIX, JOB_EVENTS_SUFFIX = "/v1/jobs/", "/events"  # a job's stream: counted too
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PRIORITY_LIMIT = 2**31
 
@@ -95,6 +97,8 @@ class Admission:
     tags: dict[str, str]
     caller: Caller
     reserved_tokens: int = 0
+    streams: int = 0  # held on the StreamBudget until on_finish/release
+    route: str = "local"  # local | reattach | job_events (the usage record's route)
 
 
 @dataclass
@@ -108,13 +112,16 @@ class Gateway:
     registry: ModelRegistry | None = None
     monitor: QueueWaitMonitor | None = None
     proxy: FallbackProxy | None = None
-    admissions: dict[str, Admission] = field(default_factory=dict)
+    admissions: dict[int, Admission] = field(default_factory=dict)  # by id(Generation)
+    streams: StreamBudget = field(default_factory=lambda: StreamBudget(128, 512))
     _background: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
     def create(cls, settings: GatewaySettings, prom: CollectorRegistry) -> Gateway:
         metrics = gateway_metrics(prom)
-        return cls(settings=settings, metrics=metrics, meter=UsageMeter(metrics))
+        budget = StreamBudget(settings.max_open_streams_per_key, settings.max_open_streams)
+        metrics.open_streams.set_function(lambda: budget.in_use)
+        return cls(settings=settings, metrics=metrics, meter=UsageMeter(metrics), streams=budget)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -271,10 +278,35 @@ class Gateway:
 
     # ---- admission: run by the handler once the request is tokenized ---------------------
 
+    def _hold_streams(self, caller: Caller, count: int) -> None:
+        exhausted = self.streams.acquire(caller.key_id, count)
+        if exhausted is None:
+            return
+        limit = self.streams.per_key if exhausted == "open_streams_per_key" else self.streams.total
+        raise self._limited(
+            caller, exhausted, 1.0,
+            f"Too many open streams ({exhausted}, limit {limit}); close some or retry shortly.",
+        )  # fmt: skip
+
+    def admit_reattach(self, prepared: PreparedRequest, route: str) -> Admission:
+        """A reader of an existing job (re-attach, job events): it holds one stream and is
+        metered; tokens/min was reserved by the request that queued the job."""
+        caller = current_caller()
+        self._hold_streams(caller, 1)
+        tags = {"key_id": caller.key_id}
+        if caller.feature:
+            tags["feature"] = caller.feature
+        return Admission(prepared, tags, caller, streams=1, route=route)
+
     async def admit(
-        self, model: ServedModel, prepared: PreparedRequest, user: str | None
+        self,
+        model: ServedModel,
+        prepared: PreparedRequest,
+        user: str | None,
+        hold_streams: bool = True,
     ) -> Admission:
-        """Apply the caller's caps, reserve tokens/min, set priority and cost tags."""
+        """Apply the caller's caps, hold its streams, reserve tokens/min, set priority and
+        cost tags. `hold_streams` is False for the jobs API's submit: nobody follows it."""
         caller = current_caller()
         key = caller.key
         limits = key.limits if key else None
@@ -305,6 +337,22 @@ class Gateway:
         if key is not None:
             priority = max(priority, key.priority_floor)
         prepared = replace(prepared, sampling=sampling, priority=priority)
+        streams = len(prompts) if hold_streams else 0
+        self._hold_streams(caller, streams)
+        try:
+            reserved = await self._reserve_tokens(caller, prompts, sampling)
+        except BaseException:
+            self.streams.release(caller.key_id, streams)
+            raise
+        tags = {"key_id": caller.key_id}
+        if caller.feature:
+            tags["feature"] = caller.feature
+        if user:
+            tags["user"] = user[:256]
+        return Admission(prepared, tags, caller, reserved_tokens=reserved, streams=streams)
+
+    async def _reserve_tokens(self, caller: Caller, prompts: list[list[int]], sampling) -> int:
+        limits = caller.key.limits if caller.key else None
         reserved = 0
         tpm = limits.tokens_per_minute if limits else None
         if tpm is not None and self.buckets is not None:
@@ -324,24 +372,27 @@ class Gateway:
                     f"Rate limit reached for tokens per minute (limit {tpm}). "
                     f"Try again in {wait:.1f} s.",
                 )  # fmt: skip
-        tags = {"key_id": caller.key_id}
-        if caller.feature:
-            tags["feature"] = caller.feature
-        if user:
-            tags["user"] = user[:256]
-        return Admission(prepared=prepared, tags=tags, caller=caller, reserved_tokens=reserved)
+        return reserved
 
     def attach(self, gen: Generation, admission: Admission) -> None:
-        self.admissions[gen.request_id] = admission
+        self.admissions[id(gen)] = admission
 
     def on_finish(self, gen: Generation, status: int = 200) -> None:
         """Settle the token reservation and meter the request; once per generation."""
-        admission = self.admissions.pop(gen.request_id, None)
+        admission = self.admissions.pop(id(gen), None)
         if admission is None:
             return
-        used = gen.usage.prompt_tokens + gen.usage.completion_tokens
-        self._refund(admission, admission.reserved_tokens - used)
         caller = admission.caller
+        self.streams.release(caller.key_id, admission.streams)
+        prompt_tokens = gen.usage.prompt_tokens
+        completion_tokens = gen.usage.completion_tokens
+        if admission.route != "local":
+            # A reader of a job that was metered when it was queued: it is billed for what
+            # it delivered, after the event it resumed from; the prompt was billed once.
+            prompt_tokens = 0
+            completion_tokens -= gen.usage.replayed_tokens
+        used = prompt_tokens + completion_tokens
+        self._refund(admission, admission.reserved_tokens - used)
         self.meter.record(
             UsageRecord(
                 request_id=gen.request_id,
@@ -350,10 +401,10 @@ class Gateway:
                 key_name=caller.key.name if caller.key else ANONYMOUS,
                 feature=caller.feature,
                 user=admission.tags.get("user"),
-                route="local",
+                route=admission.route,
                 status=status,
-                prompt_tokens=gen.usage.prompt_tokens,
-                completion_tokens=gen.usage.completion_tokens,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 cached_tokens=gen.usage.cached_tokens,
                 queue_time_s=gen.usage.queue_time_s,
                 gpu_time_s=gen.usage.gpu_time_s,
@@ -362,8 +413,9 @@ class Gateway:
 
     def release(self, gen: Generation) -> None:
         """The request never ran (publish failed): give the whole reservation back."""
-        admission = self.admissions.pop(gen.request_id, None)
+        admission = self.admissions.pop(id(gen), None)
         if admission is not None:
+            self.streams.release(admission.caller.key_id, admission.streams)
             self._refund(admission, admission.reserved_tokens)
 
     def _refund(self, admission: Admission, amount: int) -> None:
@@ -382,6 +434,13 @@ class Gateway:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("token_refund_failed", error=str(task.exception()))
+
+
+def is_counted_path(path: str) -> bool:
+    """Routes counted against max_concurrent: those that run or follow a job."""
+    if path in CONCURRENT_PATHS:
+        return True
+    return path.startswith(JOB_EVENTS_PREFIX) and path.endswith(JOB_EVENTS_SUFFIX)
 
 
 def is_reattach(scope: Scope) -> bool:
@@ -421,7 +480,7 @@ class GatewayMiddleware:
         except APIError as e:
             await error_response(e, path)(scope, receive, send)
             return
-        counted = path in CONCURRENT_PATHS
+        counted = is_counted_path(path)
         limit = caller.key.limits.max_concurrent if caller.key else None
         if counted and not gw.concurrency.acquire(caller.key_id, limit):
             err = gw._limited(

@@ -84,6 +84,8 @@ class ApiKeyRecord:
     revoked: bool = False
     created_at: float = 0.0
     revoked_at: float | None = None
+    # Operator scope: sees and cancels every key's jobs (GET/DELETE /v1/jobs, re-attach).
+    operator: bool = False
 
     @property
     def priority_floor(self) -> int:
@@ -110,6 +112,7 @@ class ApiKeyRecord:
                 revoked=bool(obj.get("revoked", False)),
                 created_at=float(obj.get("created_at") or 0.0),
                 revoked_at=None if obj.get("revoked_at") is None else float(obj["revoked_at"]),
+                operator=obj.get("operator", False) is True,
             )
         except (TypeError, ValueError) as e:
             raise KeyRecordError(str(e)) from e
@@ -141,7 +144,7 @@ def _str(obj: dict, name: str, default: str | None = None) -> str:
 
 
 def new_record(
-    name: str, limits: KeyLimits, priority_class: str = "interactive"
+    name: str, limits: KeyLimits, priority_class: str = "interactive", operator: bool = False
 ) -> tuple[str, ApiKeyRecord]:
     """A fresh secret (shown once) and the record that stores only its hash."""
     secret = new_secret()
@@ -152,6 +155,7 @@ def new_record(
         limits=limits,
         priority_class=priority_class,
         created_at=time.time(),
+        operator=operator,
     )
     return secret, record.validated()
 
@@ -166,7 +170,7 @@ def seed_record(entry: Any, index: int) -> ApiKeyRecord:
         entry = {"key": entry}
     if not isinstance(entry, dict):
         raise KeyRecordError(f"key entry {index} must be a string or an object")
-    allowed = {"key", "sha256", "name", "id", "limits", "priority_class"}
+    allowed = {"key", "sha256", "name", "id", "limits", "priority_class", "operator"}
     unknown = set(entry) - allowed
     if unknown:
         raise KeyRecordError(f"key entry {index}: unknown fields {sorted(unknown)}")
@@ -186,6 +190,7 @@ def seed_record(entry: Any, index: int) -> ApiKeyRecord:
         limits=KeyLimits.from_dict(entry.get("limits")),
         priority_class=str(entry.get("priority_class", "interactive")),
         created_at=time.time(),
+        operator=entry.get("operator", False) is True,
     )
     return record.validated()
 

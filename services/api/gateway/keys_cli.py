@@ -55,6 +55,9 @@ class CreateOptions(Settings):
     max_concurrent: int | None = setting(
         None, ge=1, le=MAX_LIMIT, env=None, help="open requests (streams included) per API replica"
     )
+    operator: bool = setting(
+        False, env=None, help="operator scope: may read and cancel every key's jobs"
+    )
 
 
 class RevokeOptions(Settings):
@@ -99,7 +102,7 @@ async def _run(args: argparse.Namespace) -> int:
             limits = KeyLimits.from_dict(
                 {f: getattr(create, f) for f in LIMITS if getattr(create, f) is not None}
             )
-            secret, record = new_record(create.name, limits, create.priority)
+            secret, record = new_record(create.name, limits, create.priority, create.operator)
             await put_record(kv, record)
             if as_json:
                 print(json.dumps({"id": record.id, "name": record.name, "key": secret}))
@@ -137,6 +140,7 @@ def _public(record) -> dict:
         "name": record.name,
         "priority_class": record.priority_class,
         "revoked": record.revoked,
+        "operator": record.operator,
         "created_at": record.created_at,
         "limits": {k: v for k, v in vars(record.limits).items() if v is not None},
     }

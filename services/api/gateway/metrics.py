@@ -24,6 +24,7 @@ class GatewayMetrics:
     fallback_requests: Counter
     queue_head_wait: Gauge
     api_keys: Gauge
+    open_streams: Gauge
 
 
 def gateway_metrics(registry: CollectorRegistry) -> GatewayMetrics:
@@ -66,6 +67,11 @@ def gateway_metrics(registry: CollectorRegistry) -> GatewayMetrics:
             f"{PREFIX}queue_head_wait_seconds",
             "Age of the oldest job not yet pulled by any worker",
             ["model_name"],
+            registry=registry,
+        ),
+        open_streams=Gauge(
+            f"{PREFIX}open_streams",
+            "Jobs this replica follows now (streams, re-attaches, job event streams)",
             registry=registry,
         ),
         api_keys=Gauge(

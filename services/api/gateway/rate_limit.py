@@ -159,3 +159,45 @@ class ConcurrencyLimiter:
             self.open[key_id] = left
         else:
             self.open.pop(key_id, None)
+
+
+@dataclass
+class StreamBudget:
+    """Open job streams on this replica, per key and in total.
+
+    Every job an API replica follows (a stream, a non-streaming request, a re-attach, a
+    jobs-API event stream) holds server-side state for as long as it is followed: a
+    JetStream consumer or a subscription, whichever the token path uses. Both are finite
+    on the server and shared by every tenant, so they are budgeted here: a key that asks
+    for more than its share gets a 429 while the others still get served, instead of
+    everyone getting a 503 once the server's own limit is hit. Keep
+    `replicas * total` below what the NATS server allows.
+    """
+
+    per_key: int
+    total: int
+    open: dict[str, int] = field(default_factory=dict)
+    in_use: int = 0
+
+    def acquire(self, key_id: str, count: int) -> str | None:
+        """Take `count` streams for `key_id`: None, or which budget is exhausted."""
+        if count <= 0:
+            return None
+        current = self.open.get(key_id, 0)
+        if current + count > self.per_key:
+            return "open_streams_per_key"
+        if self.in_use + count > self.total:
+            return "open_streams"
+        self.open[key_id] = current + count
+        self.in_use += count
+        return None
+
+    def release(self, key_id: str, count: int) -> None:
+        if count <= 0:
+            return
+        left = self.open.get(key_id, 0) - count
+        self.in_use = max(0, self.in_use - count)
+        if left > 0:
+            self.open[key_id] = left
+        else:
+            self.open.pop(key_id, None)

@@ -31,6 +31,9 @@ from services.api.structured.request_fields import (
 from shared.messages import SamplingParams
 
 MAX_STOP_STRINGS = 16
+# Each prompt is a job the API follows (server-side state on NATS) and a share of the
+# key's open-stream budget; vLLM sets no bound, OpenAI's legacy completions took lists.
+MAX_PROMPTS = 32
 DEFAULT_MAX_TOKENS_NO_LIMIT = 256  # when neither the worker nor the tokenizer knows the limit
 SEED_LIMIT = 2**63
 INT32_LIMIT = 2**31  # ids and counts travel as fixed-size ints (msgpack, torch)
@@ -139,6 +142,48 @@ def _check_token_ids(ids: list[int], vocab_size: int) -> None:
         raise bad_request(f"prompt token id {bad} is outside the vocabulary", param="prompt")
 
 
+# Text normalizers can drop characters (so fewer tokens than the vocabulary bound): leave
+# room for that before refusing a text untokenized.
+TOKEN_BYTES_MARGIN = 2
+
+
+def prompt_byte_limit(model: ServedModel) -> int | None:
+    """Bytes of text beyond which a prompt cannot fit in the model's context."""
+    if model.max_model_len is None:
+        return None
+    return model.max_model_len * model.tokenizer.max_token_bytes * TOKEN_BYTES_MARGIN
+
+
+def request_texts(req: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    if isinstance(req, ChatCompletionRequest):
+        return ["".join(m.text() or "" for m in req.messages)]
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    return [s for s in p or [] if isinstance(s, str)]
+
+
+def check_request_size(req: CompletionRequest | ChatCompletionRequest, model: ServedModel) -> None:
+    """Refuse, before any tokenizing, prompts too many or too long to possibly fit: an
+    8 MiB prompt is a 400 in microseconds, not seconds of tokenizer time."""
+    p = getattr(req, "prompt", None)
+    if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    limit = prompt_byte_limit(model)
+    if limit is None:
+        return
+    param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    for text in request_texts(req):
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise bad_request(
+                f"This model's maximum context length is {model.max_model_len} tokens; a "
+                f"prompt of {size} bytes cannot fit in it.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+
 def completion_prompts(req: CompletionRequest, model: ServedModel) -> list[list[int]]:
     """`prompt` may be a string, a list of strings, token ids, or a list of token id lists."""
     p = req.prompt
@@ -167,6 +212,7 @@ def prepare_completion(req: CompletionRequest, model: ServedModel) -> PreparedRe
         raise bad_request("best_of other than n is not supported", param="best_of")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+    check_request_size(req, model)
     prompts = completion_prompts(req, model)
     longest = max(len(p) for p in prompts)
     max_tokens = resolve_max_tokens(req.max_tokens, longest, model.max_model_len, "max_tokens")
@@ -260,6 +306,7 @@ def prepare_chat(req: ChatCompletionRequest, model: ServedModel) -> PreparedRequ
         if not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    check_request_size(req, model)
     tools, plan, forced = plan_tools(req, model.tokenizer)
     kwargs = template_kwargs(req)
     prompt, prompt_text = chat_prompt(req, model, tools, kwargs)

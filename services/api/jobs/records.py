@@ -2,9 +2,13 @@
 
 A Job on the bus carries token ids and sampling only; stop strings, the endpoint's
 output format and logprob options live in the API. The jobs API stores the validated
-request body per job id in a KV bucket whose TTL equals the event retention, so
-`GET /v1/jobs/{id}` and its event stream work on every replica for as long as the
-job's Deltas exist.
+request body per job id in a KV bucket whose TTL outlasts the job (queue age + deadline
++ event retention), so `GET /v1/jobs/{id}` and its event stream work on every replica
+for as long as the job can run and its Deltas exist.
+
+Every job a client could come back to (a single-prompt OpenAI request, a jobs-API job)
+has a record naming its owner, the id of the key that submitted it: every job route and
+every re-attach checks it (services/api/jobs/ownership.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class JobRecord:
     body: dict[str, Any] = field(default_factory=dict)  # the request as the client sent it
     jobs_seq: int = 0  # its message in LLM_JOBS (0 until published)
     prompt_tokens: int = 0
+    owner: str = ""  # id of the API key that submitted it ("anonymous" with auth off)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -43,6 +48,7 @@ class JobRecord:
             body=dict(m.get("body") or {}),
             jobs_seq=int(m.get("jobs_seq") or 0),
             prompt_tokens=int(m.get("prompt_tokens") or 0),
+            owner=str(m.get("owner") or ""),
         )
 
 

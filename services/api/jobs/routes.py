@@ -20,9 +20,11 @@ from fastapi import APIRouter, Request
 from nats.js.errors import APIError as NatsAPIError
 from starlette.responses import JSONResponse, Response
 
-from services.api.errors import APIError, bad_request, service_unavailable
-from services.api.jobs.builder import PreparedRequest, prepare_chat, prepare_completion
-from services.api.jobs.records import JobRecord, get_record, put_record
+from services.api.errors import bad_request, service_unavailable
+from services.api.gateway.admission import current_caller
+from services.api.jobs.builder import PreparedRequest
+from services.api.jobs.ownership import owned_record
+from services.api.jobs.records import JobRecord, put_record
 from services.api.model_registry import ServedModel
 from services.api.openai.chat import assemble_message, chat_stream
 from services.api.openai.completions import completion_stream
@@ -45,28 +47,16 @@ NO_MESSAGE_FOUND = 10057
 CANCEL_APPEND_RETRY_S = 5.0
 
 
-def _job_not_found(job_id: str) -> APIError:
-    return APIError(404, f"No job with id '{job_id}' (or it has expired).", "id", "job_not_found")
-
-
 def _parse(endpoint: str, raw: bytes) -> CompletionRequest | ChatCompletionRequest:
     model = ChatCompletionRequest if endpoint == "chat.completions" else CompletionRequest
     return parse_body(model, raw)
 
 
-def _prepare(endpoint: str, req: Any, model: ServedModel) -> PreparedRequest:
-    if endpoint == "chat.completions":
-        return prepare_chat(req, model)
-    return prepare_completion(req, model)
-
-
 async def _load(st: ApiState, job_id: str) -> tuple[JobRecord, Any, ServedModel, PreparedRequest]:
-    record = await get_record(st.job_records, job_id)
-    if record is None:
-        raise _job_not_found(job_id)
+    record = await owned_record(st.job_records, job_id, current_caller())
     req = _parse(record.endpoint, json.dumps(record.body).encode())
     model = await st.resolve(record.model, require_live=False)
-    return record, req, model, _prepare(record.endpoint, req, model)
+    return record, req, model, await st.prepare(req, model)
 
 
 # -- POST /v1/jobs -----------------------------------------------------------------------
@@ -76,22 +66,21 @@ async def create_job(request: Request) -> Response:
     raw = await request.body()
     try:
         body = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
         body = None  # parse_body reports the JSON error in OpenAI's words
     endpoint = (
         "chat.completions" if isinstance(body, dict) and "messages" in body else "completions"
     )
     req = _parse(endpoint, raw)
-    assert isinstance(body, dict)
     model = await st.resolve(req.model, require_live=False)
-    prepared = _prepare(endpoint, req, model)
+    prepared = await st.prepare(req, model)
     if len(prepared.prompts) != 1:
         raise bad_request("a job takes exactly one prompt", param="prompt")
     tags = {"user": req.user} if req.user else {}
     if st.gateway is not None:
         # The key's caps, tokens/min and priority class apply as to any request. Nothing
         # follows an async job to its end, so its token reservation is not refunded.
-        admission = await st.gateway.admit(model, prepared, req.user)
+        admission = await st.gateway.admit(model, prepared, req.user, hold_streams=False)
         prepared, tags = admission.prepared, admission.tags
     gen = Generation(st.jobs, model, prepared, tags=tags)
     job = gen.job(0)
@@ -100,8 +89,10 @@ async def create_job(request: Request) -> Response:
         model=model.name,
         endpoint=endpoint,
         created_at=job.created_at,
-        body=body,
+        # The validated request, not the raw body: unknown fields are not stored.
+        body=req.model_dump(mode="json", exclude_unset=True),
         prompt_tokens=len(job.prompt_token_ids),
+        owner=current_caller().key_id,
     )
     try:
         # Record first: a job must never run that GET and DELETE cannot find.
@@ -212,7 +203,9 @@ async def job_events(job_id: str, request: Request) -> Response:
     _record, req, model, prepared = await _load(st, job_id)
     cursor = request_cursor(request, job_id)
     shown = cursor[1] if cursor is not None else -1
-    gen = await attach_generation(st, model, prepared, job_id, shown, cancel_on_close=False)
+    gen = await attach_generation(
+        st, model, prepared, job_id, shown, False, route="job_events", checked=True
+    )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if isinstance(req, ChatCompletionRequest):
         top = (req.top_logprobs or 0) if req.logprobs else None

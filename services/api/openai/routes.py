@@ -13,8 +13,7 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
 from services.api.client_disconnect import collected_response
-from services.api.errors import APIError
-from services.api.jobs.builder import prepare_chat, prepare_completion
+from services.api.errors import APIError, echo
 from services.api.openai.chat import chat_response, chat_stream
 from services.api.openai.completions import completion_response, completion_stream
 from services.api.openai.schemas import (
@@ -25,7 +24,7 @@ from services.api.openai.schemas import (
 )
 from services.api.request_body import parse_body
 from services.api.state import api_state
-from services.api.streaming.reattach import open_generation, request_cursor
+from services.api.streaming.reattach import open_generation, reattach_cursor
 from services.api.streaming.sse import EventStreamResponse
 from shared.metrics import CONTENT_TYPE, render
 
@@ -41,9 +40,9 @@ def _json(model: BaseModel) -> Response:
 async def completions(request: Request) -> Response:
     st = api_state(request)
     req = parse_body(CompletionRequest, await request.body())
-    cursor = request_cursor(request)  # a re-attach: Last-Event-ID or ?after=
+    cursor = await reattach_cursor(st, request)  # a re-attach: Last-Event-ID or ?after=
     model = await st.resolve(req.model, require_live=cursor is None)
-    prepared = prepare_completion(req, model)
+    prepared = await st.prepare(req, model)
     gen = await open_generation(st, cursor, model, prepared, req.user, bool(req.stream))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -57,10 +56,12 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     st = api_state(request)
     req = parse_body(ChatCompletionRequest, await request.body())
-    cursor = request_cursor(request)  # a re-attach: Last-Event-ID or ?after=
+    cursor = await reattach_cursor(st, request)  # a re-attach: Last-Event-ID or ?after=
     model = await st.resolve(req.model, require_live=cursor is None)
-    prepared = prepare_chat(req, model)
-    gen = await open_generation(st, cursor, model, prepared, req.user, bool(req.stream))
+    prepared = await st.prepare(req, model)
+    gen = await open_generation(
+        st, cursor, model, prepared, req.user, bool(req.stream), "chat.completions"
+    )
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -81,7 +82,7 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(model: str, request: Request) -> Response:
     reg = api_state(request).registry
     if model not in reg.models():
-        raise APIError(404, f"The model '{model}' does not exist", "model", "model_not_found")
+        raise APIError(404, f"The model '{echo(model)}' does not exist", "model", "model_not_found")
     return _json(ModelCard(id=model, max_model_len=reg.model_max_len(model)))
 
 

@@ -99,6 +99,7 @@ class UsageTotals:
     cached_tokens: int = 0
     queue_time_s: float = 0.0  # summed over the request's jobs, for cost attribution
     gpu_time_s: float = 0.0
+    replayed_tokens: int = 0  # re-attach: tokens the client had seen before it came back
 
 
 def new_job_id() -> str:
@@ -246,7 +247,9 @@ class Generation:
         for delta in deltas:
             events = self._apply(job_index, delta)
             if delta.seq <= shown_through:
-                continue  # re-attach: the client saw this one before it reconnected
+                # re-attach: the client saw this one before it reconnected
+                self.usage.replayed_tokens += sum(len(c.token_ids) for c in delta.chunks)
+                continue
             for ev in events:
                 prev = merged.get(ev.index)
                 if prev is None:
