@@ -42,6 +42,12 @@ from shared.subjects import (
 STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
 
 
+def _duplicate_window(settings: BusSettings) -> float:
+    if settings.queue_max_age_s > 0:
+        return min(settings.jobs_duplicate_window_s, settings.queue_max_age_s)
+    return settings.jobs_duplicate_window_s
+
+
 def stream_configs(settings: BusSettings) -> list[StreamConfig]:
     return [
         StreamConfig(
@@ -50,8 +56,15 @@ def stream_configs(settings: BusSettings) -> list[StreamConfig]:
             # Work-queue: a job is removed once acked, so the stream holds exactly the backlog.
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
-            duplicate_window=settings.jobs_duplicate_window_s,
-            discard=DiscardPolicy.OLD,
+            # JetStream refuses a duplicate window longer than the stream's max age.
+            duplicate_window=_duplicate_window(settings),
+            # Bounded per model (subject) and in bytes: a full queue refuses the publish
+            # (the API answers 429) instead of dropping queued jobs.
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs_per_subject=settings.queue_max_jobs,
+            max_bytes=settings.queue_max_bytes,
+            max_age=max(settings.queue_max_age_s, 0.0),  # 0: no age limit
             num_replicas=settings.stream_replicas,
         ),
         StreamConfig(
@@ -68,6 +81,7 @@ def stream_configs(settings: BusSettings) -> list[StreamConfig]:
             # A worker stores an engine step's Deltas (one per job, each on its job's
             # subject and fenced) with one atomic batch and one ack (nats-server 2.12+).
             allow_atomic=True,
+            allow_direct=True,  # job status and takeover read a job's log in batched gets
         ),
         StreamConfig(
             name=DEAD_STREAM,
@@ -116,14 +130,18 @@ async def workers_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValu
 
 
 async def job_records_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
-    """The jobs API's records; they live as long as the job's Deltas in LLM_EVENTS."""
-    return await open_kv_bucket(
-        js,
-        JOB_RECORDS_BUCKET,
-        ttl=settings.events_max_age_s,
-        history=1,
-        replicas=settings.stream_replicas,
+    """Job records (owner, request); they live as long as the job can run plus its
+    Deltas' retention (`BusSettings.job_records_ttl_s`)."""
+    ttl = settings.job_records_ttl_s
+    kv = await open_kv_bucket(
+        js, JOB_RECORDS_BUCKET, ttl=ttl, history=1, replicas=settings.stream_replicas
     )
+    info = await js.stream_info(f"KV_{JOB_RECORDS_BUCKET}")
+    if info.config.max_age is not None and 0 < info.config.max_age < ttl:
+        # A bucket made by an older version expired records before their jobs ended.
+        info.config.max_age = ttl
+        await js.update_stream(info.config)
+    return kv
 
 
 async def models_object_store(js: JetStreamContext, settings: BusSettings) -> ObjectStore:
@@ -150,6 +168,15 @@ def jobs_consumer_config(model: str, settings: BusSettings) -> ConsumerConfig:
         # Workers pull only what they can admit; this is a safety cap, not the throttle.
         max_ack_pending=-1,
     )
+
+
+QUEUE_FULL_HINTS = ("maximum messages", "maximum bytes", "discard new")
+
+
+def is_queue_full(error: Exception) -> bool:
+    """A publish to LLM_JOBS that the stream refused because a queue bound is reached."""
+    text = str(getattr(error, "description", "") or error).lower()
+    return any(hint in text for hint in QUEUE_FULL_HINTS)
 
 
 async def ensure_jobs_consumer(js: JetStreamContext, model: str, settings: BusSettings) -> None:

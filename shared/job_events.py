@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from shared.messages import Delta, MessageError, Usage, decode_delta
 from shared.subjects import EVENTS_STREAM, events_subject
 
 READ_TIMEOUT_S = 10.0
+# Messages per direct-get batch: a 1,500-Delta job is read in two round trips, with no
+# consumer created on the server (LLM_EVENTS has allow_direct).
+DIRECT_BATCH = 1000
 
 
 @dataclass
@@ -108,30 +111,57 @@ async def read_job_events(
 ) -> tuple[list[Delta], int]:
     """Every stored Delta of the job, oldest first, and the stream sequence of the last.
 
-    Reads up to the message that was last when the read began; malformed entries are
-    skipped (they cannot be part of any history a reader could act on).
+    Reads up to the message that was last when the read began, in batched direct gets
+    (a few round trips however long the job, and no consumer on the server); malformed
+    entries are skipped (they cannot be part of any history a reader could act on).
     """
     last = await last_event_seq(js, job_id)
     if last == 0:
         return [], 0
-    sub = await js.subscribe(
-        events_subject(job_id),
-        stream=EVENTS_STREAM,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-    )
     deltas: list[Delta] = []
+    start, got = 1, 0
     deadline = time.monotonic() + timeout_s
+    while got < last:
+        batch = await _direct_batch(js, events_subject(job_id), start, last, deadline)
+        if not batch:
+            break
+        for seq, data in batch:
+            with contextlib.suppress(MessageError):
+                deltas.append(decode_delta(data))
+            got = seq
+        start = got + 1
+    return deltas, got
+
+
+async def _direct_batch(
+    js: JetStreamContext, subject: str, start: int, up_to: int, deadline: float
+) -> list[tuple[int, bytes]]:
+    """(stream seq, data) of the next messages on `subject` from `start` through `up_to`.
+
+    JetStream's batched direct get (nats-server 2.11+): one request, the messages stream
+    back to an inbox, then an end-of-batch status. nats-py has no call for it yet, so it
+    is spoken here on the client's own connection.
+    """
+    nc = js._nc  # the JetStreamContext's connection (nats-py keeps no public handle)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    request = {"seq": start, "next_by_subj": subject, "batch": DIRECT_BATCH, "up_to_seq": up_to}
+    out: list[tuple[int, bytes]] = []
     try:
+        await nc.publish(
+            f"{js._prefix}.DIRECT.GET.{EVENTS_STREAM}", json.dumps(request).encode(), reply=inbox
+        )
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"reading the events of job {job_id} took over {timeout_s}s")
+                raise TimeoutError(f"reading the events of {subject} timed out")
             msg = await sub.next_msg(timeout=remaining)
-            with contextlib.suppress(MessageError):
-                deltas.append(decode_delta(msg.data))
-            if msg.metadata.sequence.stream >= last:
-                return deltas, int(msg.metadata.sequence.stream)
+            status = (msg.headers or {}).get("Status")
+            if status in ("204", "404"):  # end of batch / nothing (more) to read
+                return out
+            if status:
+                raise NotFoundError(description=(msg.headers or {}).get("Description", status))
+            out.append((int(msg.headers["Nats-Sequence"]), msg.data or b""))
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(sub.unsubscribe())

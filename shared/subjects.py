@@ -20,6 +20,7 @@ ATTACH_PREFIX = "llm.attach"  # core: a client re-attached to a job; pending can
 # core: LLM_EVENTS re-publishes each stored Delta here, so the API that asked for a job
 # follows it with a plain subscription instead of a JetStream consumer per request.
 TOKENS_PREFIX = "llm.tokens"
+HANDOFF_PREFIX = "llm.handoff"  # core: a draining API hands a job's pending cancel to the others
 
 JOBS_WILDCARD = f"{JOBS_PREFIX}.>"
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.>"
@@ -27,6 +28,7 @@ CANCEL_WILDCARD = f"{CANCEL_PREFIX}.*"
 DEAD_WILDCARD = f"{DEAD_PREFIX}.>"
 ATTACH_WILDCARD = f"{ATTACH_PREFIX}.*"
 TOKENS_WILDCARD = f"{TOKENS_PREFIX}.>"
+HANDOFF_WILDCARD = f"{HANDOFF_PREFIX}.*"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -67,6 +69,10 @@ def cancel_subject(job_id: str) -> str:
 
 def attach_subject(job_id: str) -> str:
     return f"{ATTACH_PREFIX}.{_token(job_id, 'job id')}"
+
+
+def handoff_subject(job_id: str) -> str:
+    return f"{HANDOFF_PREFIX}.{_token(job_id, 'job id')}"
 
 
 def dead_subject(model: str) -> str:

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from services.api.drain import DrainState
 from services.api.errors import echo, model_not_found, service_unavailable
 from services.api.gateway.admission import Admission, Gateway, current_caller
+from services.api.gateway.rate_limit import RateLimited
 from services.api.jobs.builder import (
     PreparedRequest,
     check_request_size,
@@ -33,10 +34,12 @@ from services.api.metrics import record_generation
 from services.api.model_registry import ModelRegistry, ServedModel
 from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from services.api.streaming.generation import Generation
+from shared.jetstream import is_queue_full
 from shared.metrics import ApiMetrics
 from shared.settings import ApiSettings
 
 log = structlog.get_logger("jetserve.api")
+QUEUE_FULL_RETRY_S = 5.0
 
 # Tokenizing and chat templates run here, never on the event loop: a long prompt then
 # delays only the requests queued behind it in this pool, not every stream of the replica
@@ -96,7 +99,9 @@ class ApiState:
             # before queueing.
             admission = await self.gateway.admit(model, prepared, user)
             prepared, tags = admission.prepared, admission.tags
-        gen = Generation(self.jobs, model, prepared, tags=tags)
+        gen = Generation(
+            self.jobs, model, prepared, tags=tags, deadline_s=self.settings.job_deadline_s
+        )
         if self.gateway is not None and admission is not None:
             self.gateway.attach(gen, admission)
         structlog.contextvars.bind_contextvars(job_id=gen.request_id)
@@ -111,6 +116,8 @@ class ApiState:
             gen.close()
             if self.gateway is not None:
                 self.gateway.release(gen)
+            if is_queue_full(e):
+                raise queue_full(model.name) from e
             log.error("job_publish_failed", error=str(e))
             raise service_unavailable(f"could not queue the request: {e}") from e
         return gen
@@ -146,6 +153,15 @@ class ApiState:
                 ttft_s=None if t.first_token is None else round(t.first_token - t.start, 4),
                 e2e_s=round((t.end or t.start) - t.start, 4),
             )
+
+
+def queue_full(model: str) -> RateLimited:
+    """429 + Retry-After: the model's jobs queue is at its bound (or the queue's bytes)."""
+    return RateLimited(
+        f"The queue of model '{echo(model)}' is full; retry later.",
+        QUEUE_FULL_RETRY_S,
+        "queue_full",
+    )
 
 
 def api_state(request: Request) -> ApiState:

@@ -57,3 +57,30 @@ class BusSettings(LogSettings):
     stream_replicas: int = setting(
         1, ge=1, le=5, help="replicas of each stream and bucket (3 on a 3-node NATS cluster)"
     )
+    # The jobs queue is bounded: a full queue answers 429 + Retry-After instead of growing
+    # without end (jobs per model; bytes for all models; each job at most max_payload).
+    queue_max_jobs: int = setting(
+        10_000, ge=1, help="jobs LLM_JOBS holds per model; a submit beyond it gets a 429"
+    )
+    queue_max_bytes: int = setting(
+        1024**3, ge=1, help="bytes LLM_JOBS holds, all models together; beyond it a 429"
+    )
+    queue_max_age_s: float = setting(
+        3600.0,
+        ge=0,
+        help="a job no worker pulled for this long leaves the queue (its status: expired); 0: "
+        "no limit",
+    )
+    job_deadline_s: float = setting(
+        3600.0,
+        ge=0,
+        help="every job's deadline, from its submission (queue time included): the worker "
+        "aborts it past this; 0: none",
+    )
+
+    @property
+    def job_records_ttl_s(self) -> float:
+        """A job's record outlives the job: it may wait in the queue or run until its
+        deadline, then its Deltas stay readable for the event retention."""
+        longest_job = max(self.job_deadline_s, self.queue_max_age_s)
+        return longest_job + self.events_max_age_s

@@ -12,7 +12,10 @@ submit inside the duplicate window is dropped by the server instead of running t
 
 A client that goes away cancels its job, after `reattach_grace_s` if set: a re-attach
 to the job within the grace, through any replica, announces itself on `llm.attach.<id>`
-and every replica drops its pending cancel for that job.
+and every replica drops its pending cancel for that job. A replica that drains does not
+fire its pending cancels: it hands them to the other replicas on `llm.handoff.<id>`, so a
+stream cut by the drain can re-attach elsewhere within the grace and complete (with no
+other replica left, the job runs to its end).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from shared.messages import Delta, Job, MessageError, decode_delta, encode_job
 from shared.subjects import (
     ATTACH_WILDCARD,
     EVENTS_STREAM,
+    HANDOFF_WILDCARD,
     JOBS_STREAM,
     TOKENS_PREFIX,
     attach_subject,
     cancel_subject,
     events_subject,
+    handoff_subject,
     job_id_from_subject,
     jobs_subject,
     tokens_subject,
@@ -69,19 +74,41 @@ class JobClient:
     reattach_grace_s: float = 0.0
     _background: set[asyncio.Task] = field(default_factory=set)
     _pending_cancels: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    _following: dict[str, int] = field(default_factory=dict)  # job id -> open streams here
     _attach_sub: Any = None
     _live: dict[str, JobStream] = field(default_factory=dict)  # followed on core subjects
     _sweeper: asyncio.Task | None = None
+    _handoff_sub: Any = None
 
     async def start(self) -> None:
-        """Listen for re-attaches elsewhere so a pending cancel here is dropped."""
+        """Listen for re-attaches elsewhere so a pending cancel here is dropped, and for
+        pending cancels handed over by a replica that drains."""
         self._attach_sub = await self.nc.subscribe(ATTACH_WILDCARD, cb=self._on_attach)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self._handoff_sub = await self.nc.subscribe(HANDOFF_WILDCARD, cb=self._on_handoff)
 
     async def _on_attach(self, msg: Msg) -> None:
         handle = self._pending_cancels.pop(job_id_from_subject(msg.subject), None)
         if handle is not None:
             handle.cancel()
+
+    async def _on_handoff(self, msg: Msg) -> None:
+        job_id = job_id_from_subject(msg.subject)
+        if self._following.get(job_id) or self.reattach_grace_s <= 0:
+            return  # its client is back here already, or this replica keeps no graces
+        try:
+            grace = min(float(msg.data or b"0"), self.reattach_grace_s)
+        except ValueError:
+            log.warning("malformed_handoff", job_id=job_id)
+            return
+        self.cancel(job_id, max(grace, 0.001))
+
+    def _follow(self, job_id: str, delta: int) -> None:
+        left = self._following.get(job_id, 0) + delta
+        if left > 0:
+            self._following[job_id] = left
+        else:
+            self._following.pop(job_id, None)
 
     async def _subscribe(
         self, job_id: str, inbox: asyncio.Queue[Msg] | None = None
@@ -128,6 +155,7 @@ class JobClient:
             self._spawn(stream.sub.unsubscribe())
             raise
         self._live[job.id] = stream
+        self._follow(job.id, 1)
         return stream
 
     def catch_up(self, stream: JobStream) -> None:
@@ -190,6 +218,7 @@ class JobClient:
             handle.cancel()
         self._spawn(self.nc.publish(attach_subject(job.id), b""))
         sub, inbox = await self._subscribe(job.id)
+        self._follow(job.id, 1)
         return JobStream(
             client=self,
             job=job,
@@ -227,14 +256,20 @@ class JobClient:
             log.warning("background_nats_call_failed", error=str(task.exception()))
 
     async def drain(self) -> None:
-        """Send what is owed: pending cancels fire now (nobody re-attaches to a stopped API)."""
+        """Send what is owed. Pending cancels (a re-attach grace is running) go to the
+        other replicas, whose grace then runs for the client's re-attach there; without a
+        grace they fire now."""
+        for sub in (self._attach_sub, self._handoff_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()  # not our own handoffs back
+        self._attach_sub = self._handoff_sub = None
+        grace = str(self.reattach_grace_s).encode()
         for job_id, handle in list(self._pending_cancels.items()):
             handle.cancel()
-            self._spawn(self.nc.publish(cancel_subject(job_id), b""))
+            subject = handoff_subject(job_id) if self.reattach_grace_s > 0 else None
+            self._spawn(self.nc.publish(subject or cancel_subject(job_id), grace))
         self._pending_cancels.clear()
-        if self._attach_sub is not None:
-            self._spawn(self._attach_sub.unsubscribe())
-            self._attach_sub = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -312,6 +347,7 @@ class JobStream:
         if self.closed:
             return
         self.closed = True
+        self.client._follow(self.job.id, -1)
         if self.cancel_on_close and not self.finished and not self.cancel_sent:
             self.cancel_sent = True
             self.client.cancel(self.job.id, self.client.reattach_grace_s)

@@ -11,6 +11,8 @@ output in LLM_EVENTS. A reader going away never cancels a job here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -30,12 +32,13 @@ from services.api.openai.chat import assemble_message, chat_stream
 from services.api.openai.completions import completion_stream
 from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from services.api.request_body import parse_body
-from services.api.state import ApiState, api_state
+from services.api.state import ApiState, api_state, queue_full
 from services.api.streaming.generation import Generation, new_choice_state
 from services.api.streaming.reattach import attach_generation, request_cursor
 from services.api.streaming.sse import EventStreamResponse
 from services.api.structured.chat_output import ChatPart
 from shared.event_log import Appended, EventLog, append
+from shared.jetstream import is_queue_full
 from shared.job_events import JobHistory, fold, read_job_events
 from shared.messages import CompletionChunk, Delta, Usage, encode_delta
 from shared.subjects import JOBS_STREAM, events_subject
@@ -82,7 +85,7 @@ async def create_job(request: Request) -> Response:
         # follows an async job to its end, so its token reservation is not refunded.
         admission = await st.gateway.admit(model, prepared, req.user, hold_streams=False)
         prepared, tags = admission.prepared, admission.tags
-    gen = Generation(st.jobs, model, prepared, tags=tags)
+    gen = Generation(st.jobs, model, prepared, tags=tags, deadline_s=st.settings.job_deadline_s)
     job = gen.job(0)
     record = JobRecord(
         id=job.id,
@@ -100,6 +103,10 @@ async def create_job(request: Request) -> Response:
         record.jobs_seq = await st.jobs.publish_job(job)
         await put_record(st.job_records, record)
     except Exception as e:
+        if is_queue_full(e):
+            with contextlib.suppress(Exception):
+                await st.job_records.delete(job.id)
+            raise queue_full(model.name) from e
         log.error("job_submit_failed", job_id=job.id, error=str(e))
         raise service_unavailable(f"could not queue the job: {e}") from e
     log.info("job_submitted", job_id=job.id, model=model.name, endpoint=endpoint)
@@ -139,9 +146,12 @@ def _choice_texts(
     return {i: (texts[i], st.finish_reason) for i, st in choices.items()}
 
 
-def job_status(history: JobHistory, finish_reasons: list[str | None]) -> str:
+def job_status(
+    history: JobHistory, finish_reasons: list[str | None], queued_too_long: bool = False
+) -> str:
     if history.num_deltas == 0:
-        return "queued"
+        # Past the queue's age limit a job that never started has left LLM_JOBS.
+        return "expired" if queued_too_long else "queued"
     if not history.finished:
         return "running"
     if history.error is not None:
@@ -152,7 +162,11 @@ def job_status(history: JobHistory, finish_reasons: list[str | None]) -> str:
 
 
 def job_view(
-    record: JobRecord, model: ServedModel, prepared: PreparedRequest, deltas: list[Delta]
+    record: JobRecord,
+    model: ServedModel,
+    prepared: PreparedRequest,
+    deltas: list[Delta],
+    queue_max_age_s: float = 0.0,
 ) -> dict[str, Any]:
     history = JobHistory(record.id)
     for delta in deltas:
@@ -173,7 +187,11 @@ def job_view(
         "object": "job",
         "model": record.model,
         "endpoint": record.endpoint,
-        "status": job_status(history, [reason for _, reason in choices.values()]),
+        "status": job_status(
+            history,
+            [reason for _, reason in choices.values()],
+            0 < queue_max_age_s < time.time() - record.created_at,
+        ),
         "created_at": record.created_at,
         "choices": out_choices,
         "usage": {
@@ -193,7 +211,11 @@ async def get_job(job_id: str, request: Request) -> Response:
     st = api_state(request)
     record, _req, model, prepared = await _load(st, job_id)
     deltas, _ = await read_job_events(st.js, job_id)
-    return JSONResponse(job_view(record, model, prepared, deltas))
+    # Folding and detokenizing a long job is CPU work: off the event loop.
+    view = await asyncio.get_running_loop().run_in_executor(
+        st.tokenizer_pool, job_view, record, model, prepared, deltas, st.settings.queue_max_age_s
+    )
+    return JSONResponse(view)
 
 
 # -- GET /v1/jobs/{id}/events ---------------------------------------------------------------

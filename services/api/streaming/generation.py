@@ -122,6 +122,7 @@ class Generation:
     embeddings: dict[int, list[float]] = field(default_factory=dict)  # prompt index -> vector
     recorded: bool = False  # metrics observed
     attached: bool = False  # follows an existing job (re-attach, jobs API)
+    deadline_s: float = 0.0  # the job's deadline, from its submission; 0 = none
 
     @property
     def n(self) -> int:
@@ -138,12 +139,14 @@ class Generation:
             # Always seeded: a worker that takes the job over mid-way then continues
             # exactly as the first one would have (same tokens, no seam in the text).
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        now = time.time()
         return Job(
             id=job_id,
             model=self.model.name,
             prompt_token_ids=prompt,
             sampling=sampling,
-            created_at=time.time(),
+            created_at=now,
+            deadline=now + self.deadline_s if self.deadline_s > 0 else None,
             reply_to=events_subject(job_id),
             priority=self.prepared.priority,
             tags=dict(self.tags),
