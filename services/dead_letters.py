@@ -111,7 +111,9 @@ async def main(args: argparse.Namespace) -> int:
     if args.action == "replay":
         ReplayOptions.from_args(args)  # a bad choice is reported before connecting
 
-    nc = await connect_nats(settings.nats_url, "jetserve-dead", CLI_CONNECT_TIMEOUT_S, quiet)
+    nc = await connect_nats(
+        settings.nats_url, "jetserve-dead", CLI_CONNECT_TIMEOUT_S, quiet, identity=settings
+    )
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)

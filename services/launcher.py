@@ -6,11 +6,18 @@ is ready, prints the URL, and on Ctrl-C/SIGTERM — or when any piece dies — s
 dependency order: the API first (no new jobs), then the worker (drains), then NATS.
 Children get their own session so a terminal's Ctrl-C reaches only the launcher, which
 then controls that order.
+
+Nothing is open by default: NATS listens on 127.0.0.1 only and requires a password; each
+piece connects as its own identity with least-privilege permissions (shared/nats_auth.py),
+whose passwords are generated once into `<data-dir>/nats/auth/` (mode 0600). The API
+binds 127.0.0.1 unless `--host` says otherwise (it runs with API keys off).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import signal
 import socket
@@ -23,10 +30,14 @@ from types import FrameType
 
 import httpx
 
+from shared.nats_auth import write_credentials
 from shared.settings import EngineSettings, LauncherSettings, add_flags
 from shared.settings.fields import to_argv
 
 READY_TIMEOUT_S = 300.0  # first start may load a large model
+# JetStream fsyncs each write before acknowledging it (docs/durability.md): on one local
+# node there is no replica to recover an acknowledged job from after an OS crash.
+LOCAL_SYNC_INTERVAL = "always"
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.2
 
@@ -102,16 +113,25 @@ class Launcher:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_requested = True
 
-    def _spawn(self, name: str, argv: list[str], log: Path | None = None) -> Child:
-        """``log``: the child's stdout and stderr go to that file, not the terminal."""
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Child:
+        """``log``: the child's stdout and stderr go to that file, not the terminal;
+        ``env``: added to this process's environment (a NATS identity)."""
         # start_new_session: Ctrl-C goes to the launcher only; it stops children in order.
+        full_env = {**os.environ, **env} if env else None
         if log is None:
-            proc = subprocess.Popen(argv, start_new_session=True)
+            proc = subprocess.Popen(argv, start_new_session=True, env=full_env)
         else:
             with open(log, "ab") as out:
                 proc = subprocess.Popen(
-                    argv, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
-                )
+                    argv, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+                    env=full_env,
+                )  # fmt: skip
         child = Child(name, proc)
         self.children.append(child)
         return child
@@ -141,32 +161,32 @@ class Launcher:
             if port_in_use(port):
                 raise RuntimeError(f"port {port} for {what} is in use; choose another with {flag}")
         store = Path(s.data_dir) / "nats"
-        store.mkdir(parents=True, exist_ok=True)
+        config = write_local_nats_config(store, s.nats_port)
         print(f"jetserve: starting NATS (its log: {self.nats_log}), worker and API",
               file=sys.stderr, flush=True)  # fmt: skip
         nats = self._spawn(
-            "nats-server",
-            [nats_server_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1",
-             "-p", str(s.nats_port)],
-            log=self.nats_log,
-        )  # fmt: skip
+            "nats-server", [nats_server_binary(), "-c", str(config)], log=self.nats_log
+        )
         try:
             wait_for_port(s.nats_port, nats.proc, 30)
         except (RuntimeError, TimeoutError) as e:
             raise RuntimeError(f"nats-server: {e}; its log: {self.nats_log}") from None
+        auth_dir = (store / AUTH_DIR).resolve()
         common = ["--nats-url", self.nats_url, "--log-level", s.log_level]
         if s.is_set("log_json"):
             common.append("--log-json" if s.log_json else "--no-log-json")
         worker = [sys.executable, "-m", "services.cli", "worker", "--model", str(model),
-                  "--metrics-port", str(s.metrics_port), *common]  # fmt: skip
+                  "--metrics-host", "127.0.0.1", "--metrics-port", str(s.metrics_port),
+                  *common]  # fmt: skip
         if s.model_name:
             worker += ["--model-name", s.model_name]
         worker += to_argv(s, [EngineSettings])  # the engine flags given to `up`
-        self._spawn("worker", worker)
+        self._spawn("worker", worker, env=identity_env(auth_dir, "worker"))
         self._spawn(
             "api",
             [sys.executable, "-m", "services.cli", "api", "--host", s.host,
              "--port", str(s.port), "--no-auth", "--drain-timeout", "5", *common],
+            env=identity_env(auth_dir, "api"),
         )  # fmt: skip
         self._wait_ready()
         name = s.model_name or model.name
@@ -174,8 +194,10 @@ class Launcher:
             f"jetserve is up: {self.api_url}/v1 (model {name!r})\n"
             f"  try: curl {self.api_url}/v1/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'\n'
-            f"  NATS {self.nats_url}, worker metrics http://127.0.0.1:{s.metrics_port}/metrics; "
-            "Ctrl-C stops everything",
+            f"  NATS {self.nats_url} (password files in {auth_dir}; the CLIs: "
+            f"JETSERVE_NATS_USER=operator JETSERVE_NATS_PASSWORD_FILE="
+            f"{auth_dir / 'operator.password'}), worker metrics "
+            f"http://127.0.0.1:{s.metrics_port}/metrics; Ctrl-C stops everything",
             flush=True,
         )
 
@@ -235,6 +257,32 @@ class Launcher:
             print("jetserve: stopping", file=sys.stderr, flush=True)
             self.stop()
         return code
+
+
+AUTH_DIR = "auth"
+
+
+def write_local_nats_config(store: Path, port: int) -> Path:
+    """nats-server's config for `jetserve up`: loopback only, JetStream in `store`, the
+    four identities (passwords generated once, kept across restarts), no monitoring port."""
+    store.mkdir(parents=True, exist_ok=True)
+    write_credentials(store / AUTH_DIR)
+    config = store / "nats-server.conf"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        "max_payload: 1MB\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(store.resolve()))}\n"
+        f"  sync_interval: {LOCAL_SYNC_INTERVAL}\n}}\n"
+        f"include {json.dumps(AUTH_DIR + '/auth.conf')}\n"
+    )
+    return config
+
+
+def identity_env(auth_dir: Path, role: str) -> dict[str, str]:
+    return {
+        "JETSERVE_NATS_USER": role,
+        "JETSERVE_NATS_PASSWORD_FILE": str(auth_dir / f"{role}.password"),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -80,7 +80,9 @@ async def _list(js, as_json: bool) -> int:
 
 async def main(args: argparse.Namespace) -> int:
     settings = BusSettings.from_args(args)
-    nc = await connect_nats(settings.nats_url, "jetserve-models", CLI_CONNECT_TIMEOUT_S, quiet)
+    nc = await connect_nats(
+        settings.nats_url, "jetserve-models", CLI_CONNECT_TIMEOUT_S, quiet, identity=settings
+    )
     try:
         js = nc.jetstream()
         if args.action == "push":

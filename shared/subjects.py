@@ -11,6 +11,8 @@ WORKERS_BUCKET = "llm_workers"
 JOB_RECORDS_BUCKET = "llm_job_records"  # the jobs API's request per job id (any replica reads it)
 MODELS_OBJECT_STORE = "llm_models"
 CHECKPOINTS_OBJECT_STORE = "llm_checkpoints"  # whole model folders (`jetserve models push`)
+API_KEYS_BUCKET = "llm_api_keys"  # the gateway's keys (services/api/gateway/key_store.py)
+RATE_LIMITS_BUCKET = "llm_rate_limits"  # the gateway's shared token buckets
 
 JOBS_PREFIX = "llm.jobs"
 EVENTS_PREFIX = "llm.events"

@@ -196,6 +196,7 @@ class Worker:
             f"jetserve-worker-{self.worker_id}",
             self.settings.nats_connect_timeout_s,
             error_cb=self._on_nats_error,
+            identity=self.settings,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )

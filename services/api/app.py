@@ -79,7 +79,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await connect_nats(settings.nats_url, "jetserve-api", settings.nats_connect_timeout_s)
+        nc = await connect_nats(
+            settings.nats_url, "jetserve-api", settings.nats_connect_timeout_s, identity=settings
+        )
         js = nc.jetstream()
         await ensure_streams(js, settings)
         registry = ModelRegistry(js, stale_after_s=settings.worker_ttl_s)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     gateway = GatewaySettings.from_args(args)
     configure_logging(settings.log_level, json=settings.log_json)
     try:
-        asyncio.run(wait_for_nats(settings.nats_url, settings.nats_connect_timeout_s))
+        asyncio.run(wait_for_nats(settings.nats_url, settings.nats_connect_timeout_s, settings))
     except NatsUnreachable as e:
         structlog.get_logger("jetserve.api").error("api_start_failed", error=str(e))
         return 1

@@ -29,6 +29,22 @@ class BusSettings(LogSettings):
     section: ClassVar[str] = "NATS and streams"
 
     nats_url: str = setting(DEFAULT_NATS_URL, help="NATS server URL")
+    nats_user: str | None = setting(
+        None, help="NATS identity (api, worker, operator, exporter; docs/security.md)"
+    )
+    nats_password: str | None = setting(
+        None, flag=None, help="NATS password; env only, so it shows in no process list"
+    )
+    nats_password_file: str | None = setting(
+        None, help="file holding the NATS password (a Docker or Kubernetes secret)"
+    )
+    nats_tls_ca: str | None = setting(
+        None, help="CA file that signed the NATS server's certificate (turns TLS on)"
+    )
+    nats_tls_cert: str | None = setting(
+        None, help="client certificate, when the NATS server asks for one"
+    )
+    nats_tls_key: str | None = setting(None, help="key of the client certificate")
     nats_connect_timeout_s: float = setting(
         60.0,
         gt=0,

@@ -26,7 +26,11 @@ class LauncherSettings(LogSettings, EngineSettings):
         shown_default="empty",
     )
     model_name: str = same_as(WorkerSettings, "model_name")
-    host: str = same_as(ApiSettings, "host")
+    host: str = setting(
+        "127.0.0.1",
+        env="API_HOST",
+        help="bind address of the API; API keys are off in `up`, so only this machine by default",
+    )
     port: int = same_as(ApiSettings, "port")
     nats_port: int = setting(4222, ge=1, le=65535, help="port of the embedded nats-server")
     metrics_port: int = same_as(

@@ -149,9 +149,10 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)  # extra env for every service
 
     @classmethod
-    def create(cls, root: Path, model_dir: Path) -> Stack:
+    def create(cls, root: Path, model_dir: Path, secured: bool = False) -> Stack:
+        """`secured`: NATS requires the launcher's identities; workers and APIs use theirs."""
         root.mkdir(parents=True, exist_ok=True)
-        server = NatsServer(root / "nats")
+        server = NatsServer(root / "nats", secured=secured)
         server.start()
         return cls(root=root, model_dir=model_dir, nats=server)
 
@@ -187,6 +188,7 @@ class Stack:
             "OMP_NUM_THREADS": "1",
             # API keys are on by default for `jetserve api`; tests/integration/gateway turns them on.
             "JETSERVE_AUTH": "0",
+            **(self.nats.identity_env(name.rstrip("0123456789")) if self.nats.secured else {}),
             **self.env,
             **(env or {}),
         }

@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-KEYS_BUCKET = "llm_api_keys"
+from shared.subjects import API_KEYS_BUCKET
+
+KEYS_BUCKET = API_KEYS_BUCKET
 SECRET_PREFIX = "sk-js-"
 # Lower runs first in the engine scheduler (Job.priority). A key's class is the floor of
 # the priority its requests get; a request may only ask for less urgency than that.

@@ -95,7 +95,9 @@ async def _run(args: argparse.Namespace) -> int:
     as_json = OutputOptions.from_args(args).as_json
     create = CreateOptions.from_args(args) if args.action == "create" else None
     revoke_id = RevokeOptions.from_args(args).key_id if args.action == "revoke" else ""
-    nc = await connect_nats(settings.nats_url, "jetserve-keys", CLI_CONNECT_TIMEOUT_S, quiet)
+    nc = await connect_nats(
+        settings.nats_url, "jetserve-keys", CLI_CONNECT_TIMEOUT_S, quiet, identity=settings
+    )
     try:
         kv = await keys_bucket(nc.jetstream(), settings.stream_replicas)
         if create is not None:

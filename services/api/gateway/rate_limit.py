@@ -29,8 +29,9 @@ from starlette.responses import JSONResponse
 from services.api.errors import APIError
 from shared.jetstream import open_kv_bucket
 from shared.retry import RetryPolicy, retry
+from shared.subjects import RATE_LIMITS_BUCKET
 
-RATE_BUCKET = "llm_rate_limits"
+RATE_BUCKET = RATE_LIMITS_BUCKET
 ENTRY_TTL_S = 300.0  # > 60 s: an entry idle this long has refilled completely
 # After a lost compare-and-set, wait a random slice of a doubling window (1 ms, 2 ms, ...
 # 64 ms): without it a burst of N takers on one key retries in lock-step and the unlucky
