@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -39,6 +40,7 @@ from shared.metrics import ApiMetrics
 from shared.settings import ApiSettings
 
 log = structlog.get_logger("jetserve.api")
+T = TypeVar("T")
 QUEUE_FULL_RETRY_S = 5.0
 
 # Tokenizing and chat templates run here, never on the event loop: a long prompt then
@@ -72,8 +74,11 @@ class ApiState:
         here, without waiting for a thread."""
         check_request_size(req, model)
         build = prepare_chat if isinstance(req, ChatCompletionRequest) else prepare_completion
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.tokenizer_pool, build, req, model)
+        return await self.off_loop(build, req, model)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run tokenizer or template work in the tokenizer pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
 
     async def resolve(self, name: str, require_live: bool = True) -> ServedModel:
         try:

@@ -169,11 +169,16 @@ def check_request_size(req: CompletionRequest | ChatCompletionRequest, model: Se
     p = getattr(req, "prompt", None)
     if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > MAX_PROMPTS:
         raise bad_request(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    check_texts_fit(request_texts(req), model, param)
+
+
+def check_texts_fit(texts: list[str], model: ServedModel, param: str) -> None:
+    """400 for a text that cannot fit in the model's context, judged by its byte size."""
     limit = prompt_byte_limit(model)
     if limit is None:
         return
-    param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-    for text in request_texts(req):
+    for text in texts:
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > limit:
             raise bad_request(

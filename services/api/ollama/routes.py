@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from services.api.client_disconnect import collected_response
 from services.api.errors import APIError
+from services.api.jobs.builder import check_texts_fit
 from services.api.model_registry import ServedModel
 from services.api.ollama.prompts import chat_prompt, generate_prompt
 from services.api.ollama.responses import (
@@ -79,7 +80,8 @@ async def generate(request: Request) -> Response:
     model = await resolve(st, req.model)
     if not req.prompt and not req.suffix and not req.context:
         return JSONResponse(load_response(model.name, chat=False))
-    shape = generate_prompt(req, model)
+    check_texts_fit([(req.system or "") + (req.prompt or "") + (req.suffix or "")], model, "prompt")
+    shape = await st.off_loop(generate_prompt, req, model)
     return await _run(request, st, model, shape, req.stream is not False, GENERATE)
 
 
@@ -90,5 +92,6 @@ async def chat(request: Request) -> Response:
     model = await resolve(st, req.model)
     if not req.messages:
         return JSONResponse(load_response(model.name, chat=True))
-    shape = chat_prompt(req, model)
+    check_texts_fit(["".join(m.content or "" for m in req.messages)], model, "messages")
+    shape = await st.off_loop(chat_prompt, req, model)
     return await _run(request, st, model, shape, req.stream is not False, CHAT)
