@@ -25,6 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("services.models_cli", "push, list and remove models in the NATS object store"),
     "dead": ("services.dead_letters", "list or replay jobs in the dead-letter stream"),
     "keys": ("services.api.gateway.keys_cli", "create, revoke and list API keys (gateway)"),
+    "nats-auth": (
+        "services.nats_auth_cli",
+        "write the NATS identities' passwords and nats-server's auth (and TLS) includes",
+    ),
 }
 
 

@@ -167,9 +167,17 @@ def authorization_block(passwords: dict[str, str]) -> str:
     return "authorization {\n  users = " + json.dumps(users, indent=2) + "\n}\n"
 
 
-def tls_block(tls: TlsFiles, verify: bool = False, indent: str = "") -> str:
-    body = {"cert_file": tls.cert, "key_file": tls.key, "ca_file": tls.ca, "verify": verify}
-    return f"{indent}tls " + json.dumps(body) + "\n"
+def tls_block(tls: TlsFiles) -> str:
+    """Client connections: TLS required; clients verify the server against the CA."""
+    body = {"cert_file": tls.cert, "key_file": tls.key, "ca_file": tls.ca, "timeout": 5}
+    return "tls " + json.dumps(body) + "\n"
+
+
+def cluster_tls_block(tls: TlsFiles) -> str:
+    """Routes (included inside `cluster {}`): mutual TLS, a peer without a certificate of
+    the same CA cannot join the cluster."""
+    body = {"cert_file": tls.cert, "key_file": tls.key, "ca_file": tls.ca, "verify": True}
+    return "tls " + json.dumps(body) + "\n"
 
 
 def write_credentials(directory: Path, roles: tuple[str, ...] = ROLES) -> dict[str, str]:

@@ -84,16 +84,24 @@ def compose_like_stack(
     if request.param == "gpu" and not torch.cuda.is_available():
         pytest.skip("docker-compose.gpu.yml's worker environment needs a CUDA device")
     root = tmp_path_factory.mktemp(f"compose-env-{request.param}")
-    nats_server = NatsServer(root / "nats")
+    # Secured as compose's nats: the generated identities; each service keeps the
+    # JETSERVE_NATS_USER compose gives it, its password file is the one made here.
+    nats_server = NatsServer(root / "nats", secured=True)
     nats_server.start()
     api_port, worker_port = free_port(), free_port()
     here = {"JETSERVE_NATS_URL": nats_server.url, "JETSERVE_DATA_DIR": str(root / "data")}
     worker_env = {
         **compose_environment("worker", files),
+        "JETSERVE_NATS_PASSWORD_FILE": str(nats_server.auth_dir / "worker.password"),
         **here,
         "JETSERVE_WORKER_METRICS_PORT": str(worker_port),
     }
-    api_env = {**compose_environment("api", files), **here, "JETSERVE_API_PORT": str(api_port)}
+    api_env = {
+        **compose_environment("api", files),
+        **here,
+        "JETSERVE_API_PORT": str(api_port),
+        "JETSERVE_NATS_PASSWORD_FILE": str(nats_server.auth_dir / "api.password"),
+    }
     api_env["JETSERVE_API_HOST"] = "127.0.0.1"
     assert api_env["JETSERVE_AUTH"] == "1"  # compose turns API keys on; seed one here
     api_env["JETSERVE_API_KEYS"] = f"deploy-test={API_KEY}"

@@ -20,6 +20,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from shared.jetstream import jobs_consumer_config, stream_configs
 from shared.messages import Job, SamplingParams, decode_job, encode_job
+from shared.nats_connect import connect
 from shared.settings import BusSettings
 from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
 from tests.support.nats_cluster import LoopbackCluster, loopback_cluster
@@ -82,7 +83,7 @@ async def test_jobs_keep_flowing_when_a_node_dies(cluster: LoopbackCluster) -> N
     settings = BusSettings(ack_wait_s=3.0, max_deliver=20)
     consumer: asyncio.Task | None = None
     nc = await nats.connect(
-        servers=cluster.client_urls,
+        **cluster.connect_kwargs("operator"),
         reconnect_time_wait=0.2,
         max_reconnect_attempts=-1,
         connect_timeout=2,
@@ -169,4 +170,41 @@ async def test_jobs_keep_flowing_when_a_node_dies(cluster: LoopbackCluster) -> N
     finally:
         if consumer is not None and not consumer.done():
             consumer.cancel()
+        await nc.close()
+
+
+async def test_cluster_requires_identities_and_tls(cluster: LoopbackCluster) -> None:
+    """No anonymous client, no plaintext client; an identity over TLS gets in, and the
+    routes between the nodes (mutual TLS) carry an R3 stream."""
+    for kwargs in (
+        {"servers": cluster.client_urls},  # anonymous, plaintext
+        {"servers": cluster.client_urls, "tls": cluster.tls_context()},  # anonymous, TLS
+        {**cluster.connect_kwargs("api"), "tls": None},  # an identity, but plaintext
+    ):
+        with pytest.raises(Exception):  # noqa: B017 (refused: auth or TLS, by server)
+            nc = await nats.connect(**kwargs, allow_reconnect=False, connect_timeout=2)
+            await nc.close()
+    nc = await nats.connect(**cluster.connect_kwargs("api"), connect_timeout=5)
+    try:
+        js = nc.jetstream(timeout=5.0)
+        config = replace(stream_configs(BusSettings())[1], num_replicas=3)
+        await _retry(lambda: js.add_stream(config))
+        ack = await _retry(lambda: js.publish("llm.events.tls-probe", b"x"))
+        assert ack.seq >= 1
+        info = await js.stream_info(config.name)
+        assert len(info.cluster.replicas or []) == 2  # the other two nodes, over the routes
+    finally:
+        await nc.close()
+    # What the API and workers do: shared/nats_connect.py from their settings.
+    settings = BusSettings(
+        nats_url=cluster.client_urls[0],
+        nats_user="worker",
+        nats_password_file=str(cluster.secrets / "worker.password"),
+        nats_tls_ca=str(cluster.secrets / "ca.crt"),
+    )
+    nc = await connect(settings, connect_timeout=5)
+    try:
+        assert nc.is_connected and nc.connected_url.scheme == "nats"
+        assert (await nc.jetstream(timeout=5.0).stream_info(config.name)).config.name
+    finally:
         await nc.close()

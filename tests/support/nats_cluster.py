@@ -1,21 +1,29 @@
 """Three real nats-server processes on loopback, run from deploy/nats/cluster.conf.
 
 Each node gets its own free ports and store directory on the command line, which is
-how the shipped config expects to be used (Kubernetes passes the same flags).
+how the shipped config expects to be used (Kubernetes passes the same flags). The
+config's secrets/ includes are made as an operator would (`jetserve nats-auth
+--tls-dir`) with certificates the test generates: identities, client TLS, route mTLS.
 """
 
 from __future__ import annotations
 
+import shutil
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from services.launcher import nats_server_binary
+from services.nats_auth_cli import write_all
+from shared.nats_auth import inbox_prefix
 from tests.support.deploy_files import NATS_CLUSTER_CONF
 from tests.support.nats_process import free_port, wait_for_port
+from tests.support.nats_tls import write_tls_files
 
 
 @dataclass
@@ -23,6 +31,7 @@ class ClusterNode:
     name: str
     store_dir: Path
     log_path: Path
+    conf: Path = NATS_CLUSTER_CONF
     client_port: int = field(default_factory=free_port)
     monitor_port: int = field(default_factory=free_port)
     cluster_port: int = field(default_factory=free_port)
@@ -42,7 +51,7 @@ class ClusterNode:
             [
                 nats_server_binary(),
                 "-c",
-                str(NATS_CLUSTER_CONF),
+                str(self.conf),
                 "--name",
                 self.name,
                 "--store_dir",
@@ -93,6 +102,23 @@ class ClusterNode:
 @dataclass
 class LoopbackCluster:
     nodes: list[ClusterNode]
+    secrets: Path
+
+    def password(self, role: str) -> str:
+        return (self.secrets / f"{role}.password").read_text().strip()
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.secrets / "ca.crt"))
+
+    def connect_kwargs(self, role: str = "operator") -> dict[str, Any]:
+        """How a client of this cluster connects: an identity, over TLS."""
+        return {
+            "servers": self.client_urls,
+            "user": role,
+            "password": self.password(role),
+            "inbox_prefix": inbox_prefix(role),
+            "tls": self.tls_context(),
+        }
 
     @property
     def routes(self) -> list[str]:
@@ -124,8 +150,14 @@ class LoopbackCluster:
 
 
 def loopback_cluster(root: Path, size: int = 3) -> LoopbackCluster:
+    conf_dir = root / "conf"
+    secrets = conf_dir / "secrets"
+    write_tls_files(secrets)
+    write_all(secrets, str(secrets.resolve()))
+    conf = conf_dir / "cluster.conf"
+    shutil.copy(NATS_CLUSTER_CONF, conf)
     nodes = []
     for i in range(size):
         (root / f"n{i}").mkdir(parents=True, exist_ok=True)
-        nodes.append(ClusterNode(f"n{i}", root / f"n{i}", root / f"n{i}.log"))
-    return LoopbackCluster(nodes)
+        nodes.append(ClusterNode(f"n{i}", root / f"n{i}", root / f"n{i}.log", conf=conf))
+    return LoopbackCluster(nodes, secrets)
