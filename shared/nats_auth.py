@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.subjects import (
-    API_KEYS_BUCKET as KEYS_BUCKET,
-)
-from shared.subjects import (
+    API_KEYS_BUCKET,
     ATTACH_WILDCARD,
     CANCEL_WILDCARD,
+    CHECKPOINTS_OBJECT_STORE,
     DEAD_STREAM,
     DEAD_WILDCARD,
     EVENTS_STREAM,
@@ -39,11 +38,11 @@ from shared.subjects import (
     JOBS_STREAM,
     JOBS_WILDCARD,
     MODELS_OBJECT_STORE,
+    RATE_LIMITS_BUCKET,
     WORKERS_BUCKET,
 )
-from shared.subjects import (
-    RATE_LIMITS_BUCKET as RATE_BUCKET,
-)
+
+KEYS_BUCKET, RATE_BUCKET = API_KEYS_BUCKET, RATE_LIMITS_BUCKET
 
 ROLES = ("api", "worker", "operator", "exporter")
 JS = "$JS.API"
@@ -97,6 +96,7 @@ def permissions(role: str, user: str | None = None) -> dict:
         JOBS_STREAM, EVENTS_STREAM, DEAD_STREAM, _kv(WORKERS_BUCKET), _kv(JOB_RECORDS_BUCKET),
         _obj(MODELS_OBJECT_STORE),
     ]  # fmt: skip
+    checkpoints = _obj(CHECKPOINTS_OBJECT_STORE)  # model folders (`jetserve models push`)
     if role == "api":
         own = [_kv(KEYS_BUCKET), _kv(RATE_BUCKET)]
         publish = [
@@ -108,7 +108,10 @@ def permissions(role: str, user: str | None = None) -> dict:
             HANDOFF_WILDCARD,
             *_manage(shared_streams + own),
             *_read([EVENTS_STREAM, _kv(WORKERS_BUCKET), _obj(MODELS_OBJECT_STORE)]),
-            *_read([_kv(JOB_RECORDS_BUCKET), *own]),
+            *_read([_kv(JOB_RECORDS_BUCKET), *own, checkpoints]),
+            *_manage([checkpoints]),
+            f"$O.{CHECKPOINTS_OBJECT_STORE}.>",  # Ollama's /api/delete of a stored model
+            f"{JS}.STREAM.PURGE.{checkpoints}",
             f"{JS}.STREAM.MSG.DELETE.{JOBS_STREAM}",  # cancel a queued job
             f"{JS}.CONSUMER.INFO.{JOBS_STREAM}.>",  # queue depth
             f"{JS}.STREAM.MSG.GET.{JOBS_STREAM}",  # age of the queue's head (fallback)
@@ -132,6 +135,8 @@ def permissions(role: str, user: str | None = None) -> dict:
             f"{JS}.STREAM.MSG.GET.{JOBS_STREAM}",
             f"{JS}.STREAM.MSG.DELETE.{JOBS_STREAM}",  # the janitor's dead-letter move
             *_read([EVENTS_STREAM, DEAD_STREAM, _kv(WORKERS_BUCKET), _obj(MODELS_OBJECT_STORE)]),
+            *_read([checkpoints]),  # a model pushed to NATS, fetched by the worker
+            *_manage([checkpoints]),
             *_kv_write(WORKERS_BUCKET),
             f"$O.{MODELS_OBJECT_STORE}.>",
             f"{JS}.STREAM.PURGE.{_obj(MODELS_OBJECT_STORE)}",  # replacing a tokenizer file

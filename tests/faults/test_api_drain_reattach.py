@@ -10,9 +10,10 @@ import signal
 import time
 
 import httpx
-from fault_support import StreamRead, read_stream, report, wait_for
-from stack import Stack, bus_stack_fixture, tiny_llama_long_fixture  # noqa: F401
-from test_api_faults import body, references, tally_line
+
+from tests.faults.test_api_faults import body, references, tally_line
+from tests.support.faults import StreamRead, read_stream, report, wait_for
+from tests.support.stack import Stack
 
 
 async def test_sigterm_drain_hands_open_jobs_to_the_other_replica(

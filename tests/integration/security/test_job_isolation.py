@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from security_support import auth, gateway_env, wait_until, write_keys_file
-from stack import Stack, tiny_llama_long_fixture  # noqa: F401
 
 from services.api.jobs.builder import MAX_PROMPTS
+from tests.support.gateway import auth, gateway_env, wait_until, write_keys_file
+from tests.support.stack import Stack
 
 PARKED = "parked"
 KEYS = {

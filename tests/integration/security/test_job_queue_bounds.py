@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from stack import Stack
 
 from shared.messages import CompletionChunk, Delta, decode_job, encode_delta
 from shared.settings import BusSettings
 from shared.subjects import JOB_RECORDS_BUCKET, JOBS_STREAM, events_subject, jobs_subject
+from tests.support.stack import Stack
 
 PARKED = "parked"
 MAX_JOBS = 4

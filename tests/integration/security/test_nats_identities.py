@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from security_support import auth, gateway_env, secret, write_keys_file
-from stack import REPO_ROOT, Stack
 
 from services.api.gateway.keys import ApiKeyRecord, hash_secret
 from shared.messages import CompletionChunk, Delta, encode_delta
@@ -30,6 +28,8 @@ from shared.subjects import (
     events_subject,
     jobs_subject,
 )
+from tests.support.gateway import auth, gateway_env, secret, write_keys_file
+from tests.support.stack import REPO_ROOT, Stack
 
 DENIED_S = 2.0
 

@@ -10,9 +10,9 @@ import time
 
 import httpx
 import nats
-from stack import Stack, stack_fixture  # noqa: F401
 
 from shared.subjects import JOB_RECORDS_BUCKET
+from tests.support.stack import Stack
 
 MIB = 1024 * 1024
 
