@@ -97,6 +97,40 @@ class TokenizerBundle:
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         return max((len(t.encode("utf-8")) for t in vocab), default=1)
 
+    @cached_property
+    def special_token_strings(self) -> tuple[str, ...]:
+        """The text of every special (control) token, longest first."""
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        return tuple(sorted({t.content for t in added if t.special and t.content}, key=len)[::-1])
+
+    @cached_property
+    def literal_tokenizer(self) -> Tokenizer:
+        """A copy that encodes special-token text as plain text (own instance: the shared
+        one is used from several threads and must not change mode)."""
+        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    def encode_rendered(self, text: str, contents: list[str]) -> list[int]:
+        """A rendered chat prompt where only the template can make control tokens.
+
+        The template's own `<|im_start|>`-style markers are special tokens; the same text
+        typed inside a message's content (`contents`, what clients sent) is encoded as
+        ordinary text, so a user cannot open a system turn or end their own. Prompts
+        whose contents hold no special-token text tokenize exactly as before.
+        """
+        specials = self.special_token_strings
+        risky = {c for c in contents if c and any(s in c for s in specials)}
+        if not risky:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pos = 0
+        for start, end in _content_spans(text, risky):
+            ids += self.encode(text[pos:start], add_special_tokens=False)
+            ids += self.literal_tokenizer.encode(text[start:end], add_special_tokens=False).ids
+            pos = end
+        return ids + self.encode(text[pos:], add_special_tokens=False)
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -137,6 +171,32 @@ class TokenizerBundle:
 
     def files(self) -> dict[str, bytes]:
         return dict(self.raw_files)
+
+
+def _content_spans(text: str, contents: set[str]) -> list[tuple[int, int]]:
+    """Where each content sits in the rendered text (as given, or as the template trimmed
+    it), merged and in order. A content the template changed beyond trimming cannot be
+    placed, and is refused rather than tokenized with its control-token text live."""
+    spans: list[tuple[int, int]] = []
+    for content in contents:
+        found = False
+        for variant in dict.fromkeys((content, content.strip())):
+            start = text.find(variant)
+            while variant and start >= 0:
+                spans.append((start, start + len(variant)))
+                found = True
+                start = text.find(variant, start + len(variant))
+            if found:
+                break
+        if not found:
+            raise ValueError("message content with special-token text was changed by the template")
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def load_tokenizer_files(files: dict[str, bytes]) -> TokenizerBundle:

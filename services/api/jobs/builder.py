@@ -285,7 +285,11 @@ def chat_prompt(
         raise bad_request(str(e), param="messages") from e
     except Exception as e:  # jinja2 errors, raise_exception() in templates
         raise bad_request(f"chat template failed: {e}", param="messages") from e
-    ids = tok.encode(text, add_special_tokens=False)
+    try:
+        # Control tokens come from the template only, never from message text.
+        ids = tok.encode_rendered(text, [str(m.get("content") or "") for m in messages])
+    except ValueError as e:
+        raise bad_request(str(e), param="messages") from e
     if not ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     return ids, text

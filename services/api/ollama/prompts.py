@@ -219,6 +219,7 @@ def generate_prompt(req: GenerateRequest, model: ServedModel) -> OllamaPrompt:
     prompt = req.prompt or ""
     text = prompt
     special = True
+    contents: list[str] | None = None  # templated: what the client typed
     if req.suffix:
         fim = fim_tokens(model)
         if fim is None:
@@ -230,7 +231,14 @@ def generate_prompt(req: GenerateRequest, model: ServedModel) -> OllamaPrompt:
         messages.append({"role": "user", "content": prompt})
         text = _encode_template(model, messages, **_template_context(think, req.think))
         special = False
-    ids = list(req.context or []) + tok.encode(text, add_special_tokens=special)
+        contents = [str(m["content"] or "") for m in messages]
+    if contents is None:  # raw or fill-in-the-middle: the client writes the control tokens
+        ids = list(req.context or []) + tok.encode(text, add_special_tokens=special)
+    else:
+        try:
+            ids = list(req.context or []) + tok.encode_rendered(text, contents)
+        except ValueError as e:
+            raise bad_request(str(e)) from e
     logprobs = _logprobs(req.logprobs, req.top_logprobs)
     prepared, capped = prepare(model, ids, req.options, logprobs, structured)
     prepared.output_plan = output_plan(model, text, think, tools=False)
@@ -274,8 +282,12 @@ def chat_prompt(req: ChatRequest, model: ServedModel) -> OllamaPrompt:
         if "tools" not in capabilities(model):
             raise not_supported(model.name, "tools")
         ctx["tools"] = [t.model_dump() for t in req.tools]
-    text = _encode_template(model, template_messages(req.messages or [], model), **ctx)
-    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    messages = template_messages(req.messages or [], model)
+    text = _encode_template(model, messages, **ctx)
+    try:  # control tokens come from the template only, never from message text
+        ids = model.tokenizer.encode_rendered(text, [str(m.get("content") or "") for m in messages])
+    except ValueError as e:
+        raise bad_request(str(e)) from e
     if not ids:
         raise bad_request("the rendered chat prompt is empty")
     logprobs = _logprobs(req.logprobs, req.top_logprobs)
