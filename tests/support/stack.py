@@ -61,6 +61,8 @@ class ServiceProcess:
     proc: subprocess.Popen
     port: int
     log_path: Path
+    # Sent with /metrics scrapes: per-key series need an operator key when auth is on.
+    metrics_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -83,11 +85,13 @@ class ServiceProcess:
                     events.append(obj)
         return events
 
-    def get(self, path: str, timeout: float = 10.0) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=timeout)
+    def get(
+        self, path: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=timeout, headers=headers)
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        resp = self.get("/metrics")
+        resp = self.get("/metrics", headers=self.metrics_headers)
         resp.raise_for_status()
         return parse_metrics(resp.text)
 

@@ -114,14 +114,22 @@ class Gateway:
     proxy: FallbackProxy | None = None
     admissions: dict[int, Admission] = field(default_factory=dict)  # by id(Generation)
     streams: StreamBudget = field(default_factory=lambda: StreamBudget(128, 512))
+    tenant_prom: CollectorRegistry | None = None  # per-key series: operators only
     _background: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
     def create(cls, settings: GatewaySettings, prom: CollectorRegistry) -> Gateway:
-        metrics = gateway_metrics(prom)
+        tenants = CollectorRegistry(auto_describe=True)
+        metrics = gateway_metrics(prom, tenants)
         budget = StreamBudget(settings.max_open_streams_per_key, settings.max_open_streams)
         metrics.open_streams.set_function(lambda: budget.in_use)
-        return cls(settings=settings, metrics=metrics, meter=UsageMeter(metrics), streams=budget)
+        return cls(
+            settings=settings,
+            metrics=metrics,
+            meter=UsageMeter(metrics),
+            streams=budget,
+            tenant_prom=tenants,
+        )
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -197,6 +205,18 @@ class Gateway:
             self.metrics.auth_failures.labels(e.reason).inc()
             raise
         return Caller(key=key, feature=feature_tag)
+
+    def shows_tenant_metrics(self, authorization: str | None) -> bool:
+        """Per-key series go to an operator key, or to anyone with auth off."""
+        if not self.settings.auth:
+            return True
+        if self.store is None or not authorization:
+            return False
+        try:
+            key = authenticate(self.store, authorization)
+        except AuthError:
+            return False
+        return key.operator
 
     async def check_request_rate(self, caller: Caller) -> None:
         rpm = caller.key.limits.requests_per_minute if caller.key else None

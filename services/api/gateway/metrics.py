@@ -1,5 +1,10 @@
 """Prometheus metrics of the gateway layer: per-key usage, auth failures, rate limiting,
-fallback traffic and the queue wait that drives it. Registered on the app's own registry.
+fallback traffic and the queue wait that drives it.
+
+Series labelled by API key (usage, rate limiting) live in a registry of their own, the
+tenant registry: `/metrics` shows them only to an operator key (or with auth off), so an
+anonymous scrape learns nothing about who uses the service. No series carries the
+end-user `user` value (it is in the usage log line only).
 """
 
 from __future__ import annotations
@@ -27,16 +32,18 @@ class GatewayMetrics:
     open_streams: Gauge
 
 
-def gateway_metrics(registry: CollectorRegistry) -> GatewayMetrics:
+def gateway_metrics(registry: CollectorRegistry, tenants: CollectorRegistry) -> GatewayMetrics:
     usage = ["key_id", "tag"]
 
     def counter(name: str, doc: str, labels: list[str]) -> Counter:
-        return Counter(f"{PREFIX}{name}", doc, labels, registry=registry)
+        target = tenants if "key_id" in labels else registry
+        return Counter(f"{PREFIX}{name}", doc, labels, registry=target)
 
     return GatewayMetrics(
         usage_requests=counter(
             "usage_requests",
-            "Generation requests by API key, tag (X-Feature or user) and route (local, fallback)",
+            "Generation requests by API key, tag (X-Feature) and route (local, fallback, "
+            "reattach, job_events)",
             [*usage, "route"],
         ),
         usage_prompt_tokens=counter("usage_prompt_tokens", "Prompt tokens by key and tag", usage),

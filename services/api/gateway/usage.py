@@ -51,7 +51,8 @@ class UsageRecord:
 
     @property
     def tag(self) -> str | None:
-        return self.feature or self.user
+        # Only the caller's own X-Feature: an end-user id never becomes a metric label.
+        return self.feature
 
 
 @dataclass

@@ -110,4 +110,10 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(render(api_state(request).prom), media_type=CONTENT_TYPE)
+    st = api_state(request)
+    body = render(st.prom)
+    gw = st.gateway
+    if gw is not None and gw.tenant_prom is not None:
+        if gw.shows_tenant_metrics(request.headers.get("authorization")):
+            body += render(gw.tenant_prom)
+    return Response(body, media_type=CONTENT_TYPE)

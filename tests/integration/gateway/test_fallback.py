@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.gateway import gateway_env, secret, wait_until, write_keys_file
+from tests.support.gateway import auth, gateway_env, secret, wait_until, write_keys_file
 from tests.support.stack import BusClient, Stack
 
 QUEUE_WAIT_S = 1.0
@@ -26,11 +26,11 @@ QUEUE_WAIT_S = 1.0
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("upstream")
-    keys = write_keys_file(root / "keys.json", {"upstream": {}})
+    keys = write_keys_file(root / "keys.json", {"upstream": {}, "ops": {"operator": True}})
     stack = Stack.create(root / "stack", tiny_llama)
     try:
         stack.start_worker()
-        stack.start_api(env=gateway_env(keys))
+        stack.start_api(env=gateway_env(keys)).metrics_headers = auth("ops")
         yield stack
     finally:
         stack.close()
@@ -42,7 +42,7 @@ def primary(
 ) -> Iterator[Stack]:
     """Starts with no worker: its API answers /health but not /ready."""
     root = tmp_path_factory.mktemp("primary")
-    keys = write_keys_file(root / "keys.json", {"client": {}})
+    keys = write_keys_file(root / "keys.json", {"client": {}, "ops": {"operator": True}})
     stack = Stack.create(root / "stack", tiny_llama)
     env = gateway_env(
         keys,
@@ -51,7 +51,9 @@ def primary(
         JETSERVE_FALLBACK_QUEUE_WAIT=str(QUEUE_WAIT_S),
     )
     try:
-        stack.start_api(env=env, wait=False).wait_http("/health")
+        api = stack.start_api(env=env, wait=False)
+        api.metrics_headers = auth("ops")
+        api.wait_http("/health")
         yield stack
     finally:
         stack.close()

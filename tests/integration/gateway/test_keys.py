@@ -40,7 +40,7 @@ from tests.support.stack import Stack
 
 PUBLIC = ("/health", "/ready", "/metrics", "/", "/api/version")
 KEYS = {
-    "admin": {},
+    "admin": {"operator": True},  # also reads the per-key series of /metrics
     "rpm": {"limits": {"requests_per_minute": 6}},
     "tpm": {"limits": {"tokens_per_minute": 200}},
     "capped": {"limits": {"max_tokens": 8, "max_prompt_tokens": 20}},
@@ -66,6 +66,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path):
         stack.start_worker()
         stack.start_api(env=env)
         stack.start_api(env=env)
+        for api in stack.apis:
+            api.metrics_headers = auth("admin")
         yield stack
     finally:
         stack.close()
@@ -264,9 +266,13 @@ def test_usage_metered_per_key_and_tag(gw: Stack, model: str) -> None:
         == before["completion_tokens"] + 5
     )
     assert api.metric("jetserve:usage_gpu_seconds_total", **labels) > 0
-    # Without X-Feature the tag is the request's `user`.
+    # An end user's `user` never becomes a label (issue 17): without X-Feature, no tag.
+    untagged = api.metric("jetserve:usage_requests_total", key_id="key_admin", tag="")
     completion(api, model, auth("admin"), user="carol")
-    assert api.metric("jetserve:usage_requests_total", key_id="key_admin", tag="carol") >= 1
+    assert api.metric("jetserve:usage_requests_total", key_id="key_admin", tag="carol") == 0
+    assert api.metric("jetserve:usage_requests_total", key_id="key_admin", tag="") == untagged + 1
+    anonymous = httpx.get(api.url + "/metrics", timeout=10).text
+    assert "key_admin" not in anonymous and "carol" not in anonymous
     line = wait_until(
         lambda: [
             e for e in api.log_events() if e.get("event") == "usage" and e.get("user") == "alice"
