@@ -197,6 +197,8 @@ async def run_request(
         return False
     finally:
         _caller.reset(token)
+    # The request never runs here: give back the open streams it holds, as its end would.
+    gateway.streams.release(admission.caller.key_id, admission.streams)
     check_worker_accepts(admission.prepared, served.tokenizer.vocab_size)
     if capped:
         assert admission.prepared.sampling.max_tokens <= 8
