@@ -299,6 +299,12 @@ class Gateway:
     # ---- admission: run by the handler once the request is tokenized ---------------------
 
     def _hold_streams(self, caller: Caller, count: int) -> None:
+        if count > self.streams.per_key:  # could never run: a 400, not a 429 to retry
+            raise bad_request(
+                f"This request needs {count} jobs at once; this API allows {self.streams.per_key} "
+                "open streams per key. Send fewer prompts or inputs per request.",
+                param="prompt",
+            )
         exhausted = self.streams.acquire(caller.key_id, count)
         if exhausted is None:
             return
