@@ -116,6 +116,9 @@ def compose_like_stack(
             "api": f"http://127.0.0.1:{api_port}",
             "worker": f"http://127.0.0.1:{worker_port}",
             "model": worker_env["JETSERVE_MODEL_NAME"],
+            # The API container's NATS identity (what `docker compose exec api` runs as).
+            "nats_user": api_env["JETSERVE_NATS_USER"],
+            "nats_password_file": api_env["JETSERVE_NATS_PASSWORD_FILE"],
         }
     finally:
         _stop(api)
@@ -133,7 +136,11 @@ def test_a_key_created_as_deploy_md_says_opens_the_api(
     r = httpx.post(f"{api}/v1/completions", json=body, timeout=30)
     assert r.status_code == 401, r.text
     assert "jetserve keys create" in r.json()["error"]["message"]
-    env = {"JETSERVE_NATS_URL": compose_like_stack["nats_url"]}
+    env = {
+        "JETSERVE_NATS_URL": compose_like_stack["nats_url"],
+        "JETSERVE_NATS_USER": compose_like_stack["nats_user"],
+        "JETSERVE_NATS_PASSWORD_FILE": compose_like_stack["nats_password_file"],
+    }
     created = subprocess.run(
         [sys.executable, "-m", "services.cli", "keys", "create", "--name", "me", "--json"],
         env={**{k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}, **env},

@@ -16,6 +16,8 @@ import typing
 from dataclasses import fields
 from typing import ClassVar, Literal
 
+import nats
+
 from services.api.gateway.key_store import all_records, keys_bucket, put_record, revoke
 from services.api.gateway.keys import MAX_LIMIT, PRIORITY_CLASSES, KeyLimits, new_record
 from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
@@ -156,4 +158,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except ValueError as e:  # a bad limit value
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, nats.errors.Error, TimeoutError) as e:  # NATS unreachable or refused us
+        print(f"jetserve keys: {type(e).__name__}: {e} (a NATS identity with access to the "
+              "keys: JETSERVE_NATS_USER, JETSERVE_NATS_PASSWORD_FILE)", file=sys.stderr)  # fmt: skip
         return 2
