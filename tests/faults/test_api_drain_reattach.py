@@ -23,7 +23,7 @@ async def test_sigterm_drain_hands_open_jobs_to_the_other_replica(
     bus_stack.start_worker("--max-num-seqs", "8", model_dir=tiny_llama_long)
     flags = ("--reattach-grace", "10", "--drain-timeout", "1")
     api1, api2 = bus_stack.start_api(*flags), bus_stack.start_api(*flags)
-    bodies = [body(model, i, 1500) for i in range(3)]
+    bodies = [body(model, i, 3000) for i in range(3)]
     async with httpx.AsyncClient(timeout=120) as http:
         reads = [StreamRead() for _ in bodies]
         tasks = [
@@ -35,7 +35,8 @@ async def test_sigterm_drain_hands_open_jobs_to_the_other_replica(
         cut_at = time.monotonic()
         await asyncio.gather(*tasks)
         assert api1.proc.wait(30) == 0
-        assert all(r.broken for r in reads)  # the drain timeout (1 s) ended them mid-way
+        cut = [r.broken for r in reads]
+        assert any(cut)  # the drain timeout (1 s) ended streams mid-way
         rests = [StreamRead() for _ in reads]
         await asyncio.gather(
             *(
@@ -48,11 +49,15 @@ async def test_sigterm_drain_hands_open_jobs_to_the_other_replica(
                     headers={"Last-Event-ID": r.last_id},
                 )
                 for r, rest, b in zip(reads, rests, bodies, strict=True)
+                if r.broken  # a stream that finished inside the drain needs nothing
             )
         )
         resumed_s = time.monotonic() - cut_at
         refs = await references(api2.url, bodies)
     joined = [StreamRead(events=r.events + x.events) for r, x in zip(reads, rests, strict=True)]
     line, completed, exact = tally_line(joined, refs)
-    report("api_sigterm_drain_reattach", f"{line}; resumed {resumed_s:.2f}s after SIGTERM")
+    report(
+        "api_sigterm_drain_reattach",
+        f"{line}; {sum(cut)} streams cut by the drain, resumed {resumed_s:.2f}s after SIGTERM",
+    )
     assert completed == exact == len(bodies)
