@@ -28,7 +28,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.launcher import nats_server_binary, wait_for_port
-from tests.nats_process import free_port
+from tests.support.nats_process import free_port
 
 PAYLOAD = b"x" * 256
 SETTINGS = ("default", "always")

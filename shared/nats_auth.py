@@ -39,6 +39,7 @@ from shared.subjects import (
     JOBS_WILDCARD,
     MODELS_OBJECT_STORE,
     RATE_LIMITS_BUCKET,
+    TOKENS_WILDCARD,
     WORKERS_BUCKET,
 )
 
@@ -119,7 +120,8 @@ def permissions(role: str, user: str | None = None) -> dict:
             *_kv_write(KEYS_BUCKET),  # keys seeded from JETSERVE_API_KEYS(_FILE)
             *_kv_write(RATE_BUCKET),
         ]
-        subscribe = [*inbox, ATTACH_WILDCARD, HANDOFF_WILDCARD]
+        # llm.tokens.<job>: the Deltas LLM_EVENTS re-publishes to the API that asked.
+        subscribe = [*inbox, ATTACH_WILDCARD, HANDOFF_WILDCARD, TOKENS_WILDCARD]
         return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
     if role == "worker":
         publish = [
