@@ -32,8 +32,12 @@ class GatewayMetrics:
     open_streams: Gauge
 
 
-def gateway_metrics(registry: CollectorRegistry, tenants: CollectorRegistry) -> GatewayMetrics:
+def gateway_metrics(
+    registry: CollectorRegistry, tenants: CollectorRegistry | None = None
+) -> GatewayMetrics:
+    """`tenants`: where the per-key series go (the app passes its own; default: `registry`)."""
     usage = ["key_id", "tag"]
+    tenants = registry if tenants is None else tenants
 
     def counter(name: str, doc: str, labels: list[str]) -> Counter:
         target = tenants if "key_id" in labels else registry
