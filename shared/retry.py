@@ -51,11 +51,13 @@ async def retry(
     policy: RetryPolicy,
     on_retry: Callable[[int, Exception], None] | None = None,
     *,
+    give_up: Callable[[], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
 ) -> T:
     """`await operation()` until it returns; the last error is raised once the policy
-    gives up. `on_retry(failures, error)` is called before each pause (to log it)."""
+    gives up, or as soon as `give_up()` says the result is no longer wanted (a stream
+    closed while NATS was away). `on_retry(failures, error)` is called before each pause."""
     started = clock()
     failures = 0
     while True:
@@ -66,6 +68,8 @@ async def retry(
             if policy.attempts is not None and failures >= policy.attempts:
                 raise
             if policy.deadline_s is not None and clock() - started >= policy.deadline_s:
+                raise
+            if give_up is not None and give_up():
                 raise
             if on_retry is not None:
                 on_retry(failures, e)

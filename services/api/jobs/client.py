@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from nats.js.api import DeliverPolicy
 
 from shared.job_events import last_delta
 from shared.messages import Delta, Job, MessageError, decode_delta, encode_job
+from shared.periodic import Periodic
+from shared.retry import RetryPolicy, retry
 from shared.subjects import (
     ATTACH_WILDCARD,
     EVENTS_STREAM,
@@ -59,6 +62,8 @@ EVENTS_IDLE_HEARTBEAT_S = 1.0
 # the check runs every CATCH_UP_SWEEP_S for all such jobs at once.
 CATCH_UP_IDLE_S = 2.0
 CATCH_UP_SWEEP_S = 1.0
+# A stream that must catch up has nothing else to read: retry until it works or closes.
+CATCH_UP_RETRY = RetryPolicy(deadline_s=math.inf, base_delay_s=0.1, max_delay_s=2.0)
 
 
 class JobFailed(RuntimeError):
@@ -77,14 +82,17 @@ class JobClient:
     _following: dict[str, int] = field(default_factory=dict)  # job id -> open streams here
     _attach_sub: Any = None
     _live: dict[str, JobStream] = field(default_factory=dict)  # followed on core subjects
-    _sweeper: asyncio.Task | None = None
+    _sweeper: Periodic | None = None
     _handoff_sub: Any = None
 
     async def start(self) -> None:
         """Listen for re-attaches elsewhere so a pending cancel here is dropped, and for
         pending cancels handed over by a replica that drains."""
         self._attach_sub = await self.nc.subscribe(ATTACH_WILDCARD, cb=self._on_attach)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self._sweeper = Periodic(
+            "catch-up-sweep", self._sweep, CATCH_UP_SWEEP_S, first_now=False, log=log
+        )
+        self._sweeper.start()
         self._handoff_sub = await self.nc.subscribe(HANDOFF_WILDCARD, cb=self._on_handoff)
 
     async def _on_attach(self, msg: Msg) -> None:
@@ -168,33 +176,34 @@ class JobClient:
     async def _switch_to_log(self, stream: JobStream) -> None:
         """Until it works (NATS may be restarting): the stream has nothing else to read."""
         log.info("stream_catch_up", job_id=stream.job.id, next_seq=stream.next_seq)
-        old, delay = stream.sub, 0.1
-        while not stream.closed:
-            try:
-                stream.sub, _ = await self._subscribe(stream.job.id, stream.inbox)
-                break
-            except Exception as e:
-                log.warning("stream_catch_up_retry", job_id=stream.job.id, error=str(e))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        old = stream.sub
+
+        def on_retry(_: int, e: Exception) -> None:
+            log.warning("stream_catch_up_retry", job_id=stream.job.id, error=str(e))
+
+        with contextlib.suppress(Exception):  # only raised once the stream closed
+            stream.sub, _ = await retry(
+                lambda: self._subscribe(stream.job.id, stream.inbox),
+                CATCH_UP_RETRY,
+                on_retry,
+                give_up=lambda: stream.closed,
+            )
         if stream.closed and stream.sub is not old:
             self._spawn(stream.sub.unsubscribe())
         with contextlib.suppress(Exception):
             await old.unsubscribe()
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(CATCH_UP_SWEEP_S)
-            now = time.monotonic()
-            quiet = [
-                s
-                for s in list(self._live.values())
-                if not s.finished and not s.closed and now - s.last_arrival > CATCH_UP_IDLE_S
-            ]
-            for s in [s for s in list(self._live.values()) if s.finished or s.closed]:
-                self._live.pop(s.job.id, None)
-            if quiet:
-                await asyncio.gather(*(self._check_quiet(s) for s in quiet), return_exceptions=True)
+    async def _sweep(self) -> None:
+        now = time.monotonic()
+        quiet = [
+            s
+            for s in list(self._live.values())
+            if not s.finished and not s.closed and now - s.last_arrival > CATCH_UP_IDLE_S
+        ]
+        for s in [s for s in list(self._live.values()) if s.finished or s.closed]:
+            self._live.pop(s.job.id, None)
+        if quiet:
+            await asyncio.gather(*(self._check_quiet(s) for s in quiet), return_exceptions=True)
 
     async def _check_quiet(self, stream: JobStream) -> None:
         """The log holds a Delta this stream has not seen: core lost it, catch up."""
@@ -271,7 +280,7 @@ class JobClient:
             self._spawn(self.nc.publish(subject or cancel_subject(job_id), grace))
         self._pending_cancels.clear()
         if self._sweeper is not None:
-            self._sweeper.cancel()
+            await self._sweeper.stop()
             self._sweeper = None
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)

@@ -81,3 +81,20 @@ def test_jittered_delays_stay_within_the_window(failures: int, seed: int) -> Non
     policy = RetryPolicy(attempts=50, base_delay_s=0.001, max_delay_s=0.064, jitter=True)
     window = min(0.001 * 2 ** (failures - 1), 0.064)
     assert 0.0 <= policy.delay_s(failures, random.Random(seed)) <= window
+
+
+async def test_gives_up_when_the_result_is_no_longer_wanted() -> None:
+    op, wanted = Flaky(100), [True]
+
+    def on_retry(failures: int, _: Exception) -> None:
+        if failures == 3:
+            wanted[0] = False  # e.g. the stream waiting for it closed
+
+    with pytest.raises(ConnectionError):
+        await retry(
+            op,
+            RetryPolicy(deadline_s=float("inf"), **FAST),
+            on_retry,
+            give_up=lambda: not wanted[0],
+        )
+    assert op.calls == 4  # the call after the last pause failed too, then it stopped
