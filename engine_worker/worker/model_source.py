@@ -40,6 +40,8 @@ async def resolve_model(settings: WorkerSettings) -> WorkerSettings:
     name = settings.model
     folder = await _from_store(settings)
     if folder is None:
+        if name.startswith(("/", "./", "../", "~")):
+            raise ModelStoreError(f"model folder {name!r} does not exist")
         if not is_hub_id(name):
             raise ModelStoreError(
                 f"model {name!r} is neither a local folder, nor in the object store (store "

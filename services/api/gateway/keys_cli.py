@@ -127,6 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
         records = await all_records(kv)
         if as_json:
             print(json.dumps([_public(r) for r in records]))
+        elif not records:
+            print("no API keys (create one with `jetserve keys create --name NAME`)")
         else:
             for r in records:
                 state = "revoked" if r.revoked else "active"
