@@ -238,10 +238,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each kind")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=RESULTS / "structured.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # As the worker runs its engine thread (engine_thread.py): the mask helper thread and
+    # the engine thread hand the GIL back and forth within 0.5 ms, not the default 5 ms.
+    sys.setswitchinterval(0.0005)
     n = 16 if args.quick else args.requests
     out_len = 24 if args.quick else args.output_len
     items = max(out_len // 3, 6)  # an integer of up to 4 digits plus ", " is ~2-3 tokens
@@ -282,16 +286,29 @@ def main() -> int:
             },
         }
         run(path, prompts[:8], free[:8], args.concurrency)  # warm-up
-        results["half_constrained"] = run(path, prompts, mixed, args.concurrency)
-        lengths = results["half_constrained"].pop("lengths")
+        constrained = run(path, prompts, mixed, args.concurrency)
+        lengths = constrained.pop("lengths")
         same_work = [
             SamplingParams(max_tokens=max(n_out, 1), temperature=1.0, seed=i, ignore_eos=True)
             for i, n_out in enumerate(lengths)
         ]
-        results["all_free"] = run(path, prompts, same_work, args.concurrency)
-        results["all_free"].pop("lengths")
+        # Alternate the two runs and keep each one's fastest: on a shared machine the
+        # load drifts over minutes, and one run must not get a quieter minute than the other.
+        rounds: dict[str, list[dict]] = {"half_constrained": [constrained], "all_free": []}
+        for r in range(args.rounds):
+            free_run = run(path, prompts, same_work, args.concurrency)
+            free_run.pop("lengths")
+            rounds["all_free"].append(free_run)
+            print("all free (same lengths)", free_run, flush=True)
+            if r + 1 < args.rounds:
+                again = run(path, prompts, mixed, args.concurrency)
+                again.pop("lengths")
+                rounds["half_constrained"].append(again)
+                print("half constrained", again, flush=True)
+        for key, runs in rounds.items():
+            results[key] = max(runs, key=lambda x: x["output_tok_per_s"])
+            results[key]["rounds_tok_per_s"] = [x["output_tok_per_s"] for x in runs]
         print("half constrained", results["half_constrained"], flush=True)
-        print("all free (same lengths)", results["all_free"], flush=True)
         results["compile_ms"] = compile_times(path, shapes)
         print("compile ms", results["compile_ms"], flush=True)
     results["throughput_ratio"] = round(
