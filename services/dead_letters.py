@@ -18,10 +18,10 @@ from typing import ClassVar
 import nats
 from pydantic import model_validator
 
-from shared.dead_letters import DeadLetter, list_dead_letters, replay
-from shared.jetstream import ensure_streams
-from shared.job_events import read_history
-from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
+from shared.bus.dead_letters import DeadLetter, list_dead_letters, replay
+from shared.bus.jetstream import ensure_streams
+from shared.bus.job_events import read_history
+from shared.bus.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
 from shared.settings import BusSettings, Settings, add_flags, setting
 
 

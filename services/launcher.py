@@ -8,7 +8,7 @@ Children get their own session so a terminal's Ctrl-C reaches only the launcher,
 then controls that order.
 
 Nothing is open by default: NATS listens on 127.0.0.1 only and requires a password; each
-piece connects as its own identity with least-privilege permissions (shared/nats_auth.py),
+piece connects as its own identity with least-privilege permissions (shared/bus/nats_auth.py),
 whose passwords are generated once into `<data-dir>/nats/auth/` (mode 0600). The API
 binds 127.0.0.1 unless `--host` says otherwise (it runs with API keys off).
 """
@@ -30,7 +30,7 @@ from types import FrameType
 
 import httpx
 
-from shared.nats_auth import write_credentials
+from shared.bus.nats_auth import write_credentials
 from shared.settings import EngineSettings, LauncherSettings, add_flags
 from shared.settings.fields import to_argv
 

@@ -1,7 +1,7 @@
 """`jetserve models push PATH --name NAME | list | rm NAME`: models in the NATS object store.
 
 A pushed model is served by `jetserve worker --model NAME` on any machine that reaches
-NATS: the worker fetches and verifies it (shared/model_store.py), so workers need no
+NATS: the worker fetches and verifies it (shared/bus/model_store.py), so workers need no
 shared model volume.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import nats
 
-from shared.model_store import ModelStoreError, list_models, push, remove
-from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
+from shared.bus.model_store import ModelStoreError, list_models, push, remove
+from shared.bus.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
+from shared.bus.subjects import sanitize_model
 from shared.settings import BusSettings, add_flags
-from shared.subjects import sanitize_model
 from shared.terminal import ByteProgress
 
 

@@ -2,7 +2,7 @@
 
 Writes `<role>.password` for api, worker, operator and exporter (random, mode 0600;
 existing ones are kept) and `auth.conf`, the `authorization` block nats-server includes
-(users and their least-privilege permissions, shared/nats_auth.py). With `--tls-dir`
+(users and their least-privilege permissions, shared/bus/nats_auth.py). With `--tls-dir`
 also `tls.conf` (client TLS) and `cluster-tls.conf` (routes: mutual TLS, each node
 proves itself with a certificate of the same CA) naming `tls.crt`, `tls.key`, `ca.crt`
 in that directory as the server will see it. docs/security.md says where each file goes
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import ClassVar
 
-from shared.nats_auth import TlsFiles, cluster_tls_block, tls_block, write_credentials
+from shared.bus.nats_auth import TlsFiles, cluster_tls_block, tls_block, write_credentials
 from shared.settings import Settings, add_flags, setting
 
 

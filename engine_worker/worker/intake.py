@@ -38,8 +38,9 @@ from engine_worker.worker.job_state import (
 )
 from engine_worker.worker.outbox import Outbox, Outgoing
 from engine_worker.worker.running import RunningJobs
-from shared.dead_letters import publish_dead_letter
-from shared.job_events import read_history
+from shared.bus.dead_letters import publish_dead_letter
+from shared.bus.job_events import read_history
+from shared.bus.subjects import CANCEL_WILDCARD, events_subject, job_id_from_subject, sanitize_model
 from shared.messages import (
     JOB_READERS,
     JobReader,
@@ -49,7 +50,6 @@ from shared.messages import (
     encode_delta,
 )
 from shared.metrics import WorkerMetrics
-from shared.subjects import CANCEL_WILDCARD, events_subject, job_id_from_subject, sanitize_model
 
 FETCH_WAIT_S = 0.5  # long-poll for the first job; bounds how fast a stop is noticed
 FETCH_MORE_WAIT_S = 0.05  # after one job arrived, how long to wait for more

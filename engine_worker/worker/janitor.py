@@ -30,12 +30,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from shared.dead_letters import NO_MESSAGE_FOUND, publish_dead_letter
-from shared.event_log import Appended, EventLog, append
-from shared.job_events import read_history
+from shared.bus.dead_letters import NO_MESSAGE_FOUND, publish_dead_letter
+from shared.bus.event_log import Appended, EventLog, append
+from shared.bus.job_events import read_history
+from shared.bus.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject
 from shared.messages import CompletionChunk, Delta, MessageError, decode_job, encode_delta
 from shared.periodic import Periodic
-from shared.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject
 
 ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 

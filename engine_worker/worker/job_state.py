@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_worker.engine.outputs import CompletionDelta, RequestOutput
-from shared.event_log import EventLog
-from shared.job_events import JobHistory
+from shared.bus.event_log import EventLog
+from shared.bus.job_events import JobHistory
+from shared.bus.subjects import events_subject
 from shared.messages import CompletionChunk, Delta, Job, Usage
 from shared.sampling_params import SamplingParams
-from shared.subjects import events_subject
 
 
 @dataclass

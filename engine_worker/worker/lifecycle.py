@@ -38,17 +38,17 @@ from engine_worker.worker.outbox import APPEND_RETRY_S, Outbox
 from engine_worker.worker.running import RunningJobs
 from engine_worker.worker.status_server import StatusServer
 from engine_worker.worker.step_results import step_deltas
-from shared.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
-from shared.jetstream import workers_bucket as open_workers_bucket
+from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
+from shared.bus.jetstream import workers_bucket as open_workers_bucket
+from shared.bus.nats_connect import connect_nats
+from shared.bus.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
+from shared.bus.worker_registry import WorkerStatus, delete_status, put_status
 from shared.logging import configure_logging, get_logger
 from shared.messages import JOB_READERS, JobReader
 from shared.metrics import new_registry, worker_metrics
-from shared.nats_connect import connect_nats
 from shared.periodic import Periodic
 from shared.settings import EngineSettings, WorkerSettings, add_flags
-from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
 from shared.tokenizer import load_tokenizer
-from shared.worker_registry import WorkerStatus, delete_status, put_status
 
 # The engine thread drops the GIL in every torch op and must win it back from the event
 # loop each time; at the default 5 ms switch interval a busy loop (Deltas for dozens of

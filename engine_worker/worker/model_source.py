@@ -2,7 +2,7 @@
 
 `--model NAME` that is not a folder names a model pushed with `jetserve models push`: it
 is fetched once into `--model-cache` (a progress bar on a terminal), verified file by
-file against its manifest (shared/model_store.py), and served under NAME. A NAME that is
+file against its manifest (shared/bus/model_store.py), and served under NAME. A NAME that is
 neither a folder nor stored, shaped `org/name`, is a Hugging Face hub id, downloaded with
 huggingface_hub (shared/hub.py). Runs before the worker starts, on its own short NATS
 connection, so the worker proper always sees a verified local folder.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import nats
 
+from shared.bus.model_store import Manifest, ModelStoreError, fetch, get_manifest
 from shared.hub import download, is_hub_id
 from shared.logging import get_logger
-from shared.model_store import Manifest, ModelStoreError, fetch, get_manifest
 from shared.settings import WorkerSettings
 from shared.terminal import ByteProgress
 

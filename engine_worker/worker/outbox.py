@@ -4,7 +4,7 @@ Everything a worker says about a job goes through one queue drained by one task,
 job's Deltas are stored in seq order (one batch per engine step, a job at most once in
 a batch). A step's Deltas are stored with one atomic batch publish and one ack
 (`append_batch`), each on its job's subject and fenced on the job's previous Delta
-(shared/event_log.py): a worker that lost the job to a takeover learns it here and
+(shared/bus/event_log.py): a worker that lost the job to a takeover learns it here and
 drops the job without acking.
 A job's message is acked (or terminated) only after its final Delta is stored, so a
 crash before that means redelivery, never a lost request.
@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from engine_worker.worker.job_state import JobState
 from engine_worker.worker.running import RunningJobs
-from shared.event_log import Appended, append_batch
+from shared.bus.event_log import Appended, append_batch
 from shared.messages import Delta, encode_delta
 from shared.metrics import WorkerMetrics
 from shared.retry import RetryPolicy, retry

@@ -33,9 +33,9 @@ from services.api.ollama.routes import router as ollama_router
 from services.api.openai.routes import router
 from services.api.openapi_doc import install_openapi
 from services.api.state import ApiState
-from shared.jetstream import ensure_streams, job_records_bucket
+from shared.bus.jetstream import ensure_streams, job_records_bucket
+from shared.bus.nats_connect import connect_nats
 from shared.metrics import api_metrics, new_registry
-from shared.nats_connect import connect_nats
 from shared.settings import ApiSettings, GatewaySettings
 
 log = structlog.get_logger("jetserve.api")

@@ -11,8 +11,8 @@ import asyncio
 import structlog
 import uvicorn
 
+from shared.bus.nats_connect import NatsUnreachable, wait_for_nats
 from shared.logging import configure_logging
-from shared.nats_connect import NatsUnreachable, wait_for_nats
 from shared.settings import ApiSettings, GatewaySettings, add_flags
 
 SETTINGS = (ApiSettings, GatewaySettings)

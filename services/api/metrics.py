@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.model_registry import ModelRegistry
 from services.api.streaming.generation import Generation
-from shared.jetstream import queue_depth
+from shared.bus.jetstream import queue_depth
 from shared.metrics import ApiMetrics
 from shared.periodic import Periodic
 

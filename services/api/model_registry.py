@@ -20,10 +20,10 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 
 from services.api.streaming.token_text import TokenTexts
+from shared.bus.subjects import MODELS_OBJECT_STORE, WORKERS_BUCKET, model_object_name
+from shared.bus.worker_registry import WorkerStatus, decode_status
 from shared.messages import MessageError
-from shared.subjects import MODELS_OBJECT_STORE, WORKERS_BUCKET, model_object_name
 from shared.tokenizer import TOKENIZER_FILES, TokenizerBundle, load_tokenizer_files
-from shared.worker_registry import WorkerStatus, decode_status
 
 log = structlog.get_logger("jetserve.api.registry")
 

@@ -35,7 +35,7 @@ from services.api.metrics import record_generation
 from services.api.model_registry import ModelRegistry, ServedModel
 from services.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from services.api.streaming.generation import Generation
-from shared.jetstream import is_queue_full
+from shared.bus.jetstream import is_queue_full
 from shared.metrics import ApiMetrics
 from shared.settings import ApiSettings
 

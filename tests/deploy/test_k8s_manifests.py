@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from shared.subjects import JOBS_STREAM, consumer_name
+from shared.bus.subjects import JOBS_STREAM, consumer_name
 from tests.support.deploy_files import (
     K8S,
     NATS_CLUSTER_CONF,

@@ -18,11 +18,11 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
-from shared.jetstream import jobs_consumer_config, stream_configs
+from shared.bus.jetstream import jobs_consumer_config, stream_configs
+from shared.bus.nats_connect import connect
+from shared.bus.subjects import JOBS_STREAM, consumer_name, jobs_subject
 from shared.messages import Job, SamplingParams, decode_job, encode_job
-from shared.nats_connect import connect
 from shared.settings import BusSettings
-from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
 from tests.support.nats_cluster import LoopbackCluster, loopback_cluster
 
 MODEL = "cluster-test"
@@ -195,7 +195,7 @@ async def test_cluster_requires_identities_and_tls(cluster: LoopbackCluster) -> 
         assert len(info.cluster.replicas or []) == 2  # the other two nodes, over the routes
     finally:
         await nc.close()
-    # What the API and workers do: shared/nats_connect.py from their settings.
+    # What the API and workers do: shared/bus/nats_connect.py from their settings.
     settings = BusSettings(
         nats_url=cluster.client_urls[0],
         nats_user="worker",

@@ -13,7 +13,7 @@ import time
 import httpx
 import nats
 
-from shared.job_events import read_history
+from shared.bus.job_events import read_history
 from tests.support.faults import StreamRead, read_stream, report, wait_for
 from tests.support.stack import Stack
 

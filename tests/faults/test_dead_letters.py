@@ -21,12 +21,12 @@ from pathlib import Path
 import nats
 
 from engine_worker.worker.janitor import Janitor
-from shared.dead_letters import HDR_REASON, list_dead_letters
-from shared.jetstream import ensure_jobs_consumer, ensure_streams
-from shared.job_events import read_history
+from shared.bus.dead_letters import HDR_REASON, list_dead_letters
+from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams
+from shared.bus.job_events import read_history
+from shared.bus.subjects import DEAD_STREAM, JOBS_STREAM, consumer_name, events_subject
 from shared.messages import decode_delta
 from shared.settings import BusSettings
-from shared.subjects import DEAD_STREAM, JOBS_STREAM, consumer_name, events_subject
 from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
 from tests.support.nats_process import NatsServer
 from tests.support.stack import REPO_ROOT, BusClient, Stack

@@ -10,12 +10,12 @@ from __future__ import annotations
 import nats
 import pytest
 
-from shared.event_log import Appended, EventLog, append
-from shared.jetstream import ensure_streams
-from shared.job_events import JobHistory, fold, fold_all, read_history
+from shared.bus.event_log import Appended, EventLog, append
+from shared.bus.jetstream import ensure_streams
+from shared.bus.job_events import JobHistory, fold, fold_all, read_history
+from shared.bus.subjects import events_subject
 from shared.messages import CompletionChunk, Delta, Usage, encode_delta
 from shared.settings import BusSettings
-from shared.subjects import events_subject
 from tests.support.nats_process import NatsServer
 
 

@@ -20,7 +20,7 @@ import httpx
 
 from services.launcher import nats_server_binary
 from services.nats_auth_cli import write_all
-from shared.nats_auth import inbox_prefix
+from shared.bus.nats_auth import inbox_prefix
 from tests.support.deploy_files import NATS_CLUSTER_CONF
 from tests.support.nats_process import free_port, wait_for_port
 from tests.support.nats_tls import write_tls_files

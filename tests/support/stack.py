@@ -27,17 +27,17 @@ import nats
 from nats.js.api import ConsumerInfo, DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.jetstream import ensure_streams, workers_bucket
-from shared.messages import Delta, Job, SamplingParams, decode_delta, encode_job
-from shared.settings import BusSettings
-from shared.subjects import (
+from shared.bus.jetstream import ensure_streams, workers_bucket
+from shared.bus.subjects import (
     JOBS_STREAM,
     cancel_subject,
     consumer_name,
     events_subject,
     jobs_subject,
 )
-from shared.worker_registry import WorkerStatus, live_workers
+from shared.bus.worker_registry import WorkerStatus, live_workers
+from shared.messages import Delta, Job, SamplingParams, decode_delta, encode_job
+from shared.settings import BusSettings
 from tests.support.nats_process import NatsServer, free_port
 from tests.support.paths import REPO_ROOT
 

@@ -29,8 +29,8 @@ from starlette.types import Receive, Scope, Send
 from services.api.errors import APIError
 from services.api.gateway.metrics import GatewayMetrics
 from services.api.model_registry import ModelRegistry
+from shared.bus.subjects import JOBS_STREAM, consumer_name, jobs_subject
 from shared.periodic import Periodic
-from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
 
 log = structlog.get_logger("jetserve.api.fallback")
 

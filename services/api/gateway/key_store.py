@@ -22,7 +22,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from services.api.gateway.keys import KEYS_BUCKET, ApiKeyRecord, KeyRecordError, hash_secret
-from shared.jetstream import open_kv_bucket
+from shared.bus.jetstream import open_kv_bucket
 
 log = structlog.get_logger("jetserve.api.keys")
 

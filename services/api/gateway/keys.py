@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from shared.subjects import API_KEYS_BUCKET
+from shared.bus.subjects import API_KEYS_BUCKET
 
 KEYS_BUCKET = API_KEYS_BUCKET
 SECRET_PREFIX = "sk-js-"

@@ -20,7 +20,7 @@ import nats
 
 from services.api.gateway.key_store import all_records, keys_bucket, put_record, revoke
 from services.api.gateway.keys import MAX_LIMIT, PRIORITY_CLASSES, KeyLimits, new_record
-from shared.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
+from shared.bus.nats_connect import CLI_CONNECT_TIMEOUT_S, NatsUnreachable, connect_nats, quiet
 from shared.settings import BusSettings, Settings, add_flags, setting
 
 

@@ -27,9 +27,9 @@ from nats.js.kv import KeyValue
 from starlette.responses import JSONResponse
 
 from services.api.errors import APIError
-from shared.jetstream import open_kv_bucket
+from shared.bus.jetstream import open_kv_bucket
+from shared.bus.subjects import RATE_LIMITS_BUCKET
 from shared.retry import RetryPolicy, retry
-from shared.subjects import RATE_LIMITS_BUCKET
 
 RATE_BUCKET = RATE_LIMITS_BUCKET
 ENTRY_TTL_S = 300.0  # > 60 s: an entry idle this long has refilled completely

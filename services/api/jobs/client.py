@@ -34,11 +34,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from shared.job_events import last_delta
-from shared.messages import Delta, Job, MessageError, decode_delta, encode_job
-from shared.periodic import Periodic
-from shared.retry import RetryPolicy, retry
-from shared.subjects import (
+from shared.bus.job_events import last_delta
+from shared.bus.subjects import (
     ATTACH_WILDCARD,
     EVENTS_STREAM,
     HANDOFF_WILDCARD,
@@ -52,6 +49,9 @@ from shared.subjects import (
     jobs_subject,
     tokens_subject,
 )
+from shared.messages import Delta, Job, MessageError, decode_delta, encode_job
+from shared.periodic import Periodic
+from shared.retry import RetryPolicy, retry
 
 log = structlog.get_logger("jetserve.api.jobs")
 

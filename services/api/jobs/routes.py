@@ -37,11 +37,11 @@ from services.api.streaming.generation import Generation, new_choice_state
 from services.api.streaming.reattach import attach_generation, request_cursor
 from services.api.streaming.sse import EventStreamResponse
 from services.api.structured.chat_output import ChatPart
-from shared.event_log import Appended, EventLog, append
-from shared.jetstream import is_queue_full
-from shared.job_events import JobHistory, fold, read_job_events
+from shared.bus.event_log import Appended, EventLog, append
+from shared.bus.jetstream import is_queue_full
+from shared.bus.job_events import JobHistory, fold, read_job_events
+from shared.bus.subjects import JOBS_STREAM, events_subject
 from shared.messages import CompletionChunk, Delta, Usage, encode_delta
-from shared.subjects import JOBS_STREAM, events_subject
 
 log = structlog.get_logger("jetserve.api.jobs_api")
 router = APIRouter()

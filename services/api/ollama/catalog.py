@@ -21,8 +21,8 @@ from services.api.ollama.routes import resolve
 from services.api.ollama.schemas import ModelRequest
 from services.api.request_body import parse_body
 from services.api.state import api_state
-from shared.model_store import Manifest, list_models
-from shared.worker_registry import WorkerStatus
+from shared.bus.model_store import Manifest, list_models
+from shared.bus.worker_registry import WorkerStatus
 
 router = APIRouter()
 

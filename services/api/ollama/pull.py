@@ -29,8 +29,8 @@ from services.api.ollama.schemas import ModelRequest, PullRequest
 from services.api.request_body import parse_body
 from services.api.state import ApiState, api_state
 from services.api.streaming.sse import EventStreamResponse
+from shared.bus.model_store import Manifest, ModelStoreError, get_manifest, push, remove
 from shared.hub import HubError, bytes_under, download, is_hub_id, model_files
-from shared.model_store import Manifest, ModelStoreError, get_manifest, push, remove
 
 router = APIRouter()
 PROGRESS_INTERVAL_S = 0.5

@@ -24,8 +24,8 @@ from services.api.model_registry import ServedModel
 from services.api.streaming.detokenizer import IncrementalDetokenizer
 from services.api.streaming.stop_strings import StopStringMatcher
 from services.api.structured.chat_output import ChatOutputParser, ChatPart
+from shared.bus.subjects import events_subject
 from shared.messages import Delta, Job, TokenLogprobTuple
-from shared.subjects import events_subject
 
 log = structlog.get_logger("jetserve.api.generation")
 

@@ -25,8 +25,8 @@ from services.api.model_registry import ServedModel
 from services.api.state import ApiState
 from services.api.streaming.generation import Generation
 from services.api.streaming.sse import parse_event_id
-from shared.job_events import last_delta
-from shared.subjects import events_subject
+from shared.bus.job_events import last_delta
+from shared.bus.subjects import events_subject
 
 LAST_EVENT_ID = "last-event-id"
 

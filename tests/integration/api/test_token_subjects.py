@@ -13,12 +13,12 @@ import nats
 import pytest
 
 from services.api.jobs.client import CATCH_UP_IDLE_S, JobClient, JobStream
-from shared.event_log import Appended, EventLog, append
-from shared.jetstream import ensure_streams
+from shared.bus.event_log import Appended, EventLog, append
+from shared.bus.jetstream import ensure_streams
+from shared.bus.subjects import EVENTS_STREAM, events_subject, tokens_subject
 from shared.messages import CompletionChunk, Delta, Job, encode_delta
 from shared.sampling_params import SamplingParams
 from shared.settings import BusSettings
-from shared.subjects import EVENTS_STREAM, events_subject, tokens_subject
 
 pytestmark = pytest.mark.asyncio
 

@@ -15,9 +15,9 @@ import ollama
 import pytest
 
 from engine_worker.engine.llm import LLM
-from shared.model_store import ModelStoreError, checkpoint_store, fetch, object_name
+from shared.bus.model_store import ModelStoreError, checkpoint_store, fetch, object_name
+from shared.bus.subjects import CHECKPOINTS_OBJECT_STORE
 from shared.sampling_params import SamplingParams
-from shared.subjects import CHECKPOINTS_OBJECT_STORE
 from tests.support.stack import REPO_ROOT, Stack
 
 PROMPT = "The quick brown fox"

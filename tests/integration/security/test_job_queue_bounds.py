@@ -14,9 +14,9 @@ import httpx
 import nats
 import pytest
 
+from shared.bus.subjects import JOB_RECORDS_BUCKET, JOBS_STREAM, events_subject, jobs_subject
 from shared.messages import CompletionChunk, Delta, decode_job, encode_delta
 from shared.settings import BusSettings
-from shared.subjects import JOB_RECORDS_BUCKET, JOBS_STREAM, events_subject, jobs_subject
 from tests.support.stack import Stack
 
 PARKED = "parked"

@@ -18,8 +18,7 @@ import nats
 import pytest
 
 from services.api.gateway.keys import ApiKeyRecord, hash_secret
-from shared.messages import CompletionChunk, Delta, encode_delta
-from shared.subjects import (
+from shared.bus.subjects import (
     API_KEYS_BUCKET,
     EVENTS_STREAM,
     JOBS_STREAM,
@@ -28,6 +27,7 @@ from shared.subjects import (
     events_subject,
     jobs_subject,
 )
+from shared.messages import CompletionChunk, Delta, encode_delta
 from tests.support.gateway import auth, gateway_env, secret, write_keys_file
 from tests.support.stack import REPO_ROOT, Stack
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import nats
 
-from shared.subjects import JOB_RECORDS_BUCKET
+from shared.bus.subjects import JOB_RECORDS_BUCKET
 from tests.support.stack import Stack
 
 MIB = 1024 * 1024

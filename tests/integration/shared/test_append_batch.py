@@ -9,12 +9,12 @@ from __future__ import annotations
 import nats
 import pytest
 
-from shared.event_log import Appended, EventLog, append, append_batch
-from shared.jetstream import ensure_streams
-from shared.job_events import read_history
+from shared.bus.event_log import Appended, EventLog, append, append_batch
+from shared.bus.jetstream import ensure_streams
+from shared.bus.job_events import read_history
+from shared.bus.subjects import EVENTS_STREAM, events_subject
 from shared.messages import CompletionChunk, Delta, encode_delta
 from shared.settings import BusSettings
-from shared.subjects import EVENTS_STREAM, events_subject
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,4 +1,4 @@
-"""shared/jetstream.py against a real nats-server: stream provisioning and queue depth."""
+"""shared/bus/jetstream.py against a real nats-server: stream provisioning and queue depth."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy
 
-from shared.jetstream import ensure_jobs_consumer, ensure_streams, queue_depth
-from shared.settings import BusSettings
-from shared.subjects import (
+from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams, queue_depth
+from shared.bus.subjects import (
     DEAD_STREAM,
     EVENTS_STREAM,
     JOBS_STREAM,
@@ -18,6 +17,7 @@ from shared.subjects import (
     WORKERS_BUCKET,
     jobs_subject,
 )
+from shared.settings import BusSettings
 from tests.support.nats_process import NatsServer
 
 

@@ -26,19 +26,19 @@ from engine_worker.worker.engine_thread import EngineThread, StepResult
 from engine_worker.worker.intake import Intake
 from engine_worker.worker.outbox import Outbox
 from engine_worker.worker.running import RunningJobs
-from shared.dead_letters import list_dead_letters
-from shared.jetstream import ensure_jobs_consumer, ensure_streams
-from shared.job_events import read_job_events
-from shared.messages import CompletionChunk, Delta, Job, SamplingParams, encode_delta, encode_job
-from shared.metrics import new_registry, worker_metrics
-from shared.settings import BusSettings
-from shared.subjects import (
+from shared.bus.dead_letters import list_dead_letters
+from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams
+from shared.bus.job_events import read_job_events
+from shared.bus.subjects import (
     JOBS_STREAM,
     cancel_subject,
     consumer_name,
     events_subject,
     jobs_subject,
 )
+from shared.messages import CompletionChunk, Delta, Job, SamplingParams, encode_delta, encode_job
+from shared.metrics import new_registry, worker_metrics
+from shared.settings import BusSettings
 
 MODEL = "intake-model"
 MAX_DELIVER = 1  # the consumer allows one more delivery: the one that dead-letters

@@ -17,12 +17,12 @@ from nats.aio.client import Client as NATS
 from engine_worker.worker.job_state import JobState, final_delta
 from engine_worker.worker.outbox import Outbox, Outgoing
 from engine_worker.worker.running import RunningJobs
-from shared.jetstream import ensure_jobs_consumer, ensure_streams
-from shared.job_events import read_job_events
+from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams
+from shared.bus.job_events import read_job_events
+from shared.bus.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject
 from shared.messages import CompletionChunk, Delta, Job, SamplingParams, encode_delta, encode_job
 from shared.metrics import new_registry, worker_metrics
 from shared.settings import BusSettings
-from shared.subjects import JOBS_STREAM, consumer_name, events_subject, jobs_subject
 
 MODEL = "outbox-model"
 

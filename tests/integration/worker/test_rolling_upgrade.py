@@ -20,7 +20,8 @@ import nats
 import structlog
 
 from engine_worker.worker.lifecycle import Worker
-from shared.job_events import read_history
+from shared.bus.job_events import read_history
+from shared.bus.subjects import JOBS_STREAM, consumer_name, jobs_subject
 from shared.messages import (
     JOB_READERS,
     Job,
@@ -30,7 +31,6 @@ from shared.messages import (
     job_from_v1,
 )
 from shared.settings import WorkerSettings
-from shared.subjects import JOBS_STREAM, consumer_name, jobs_subject
 
 PROMPT = [1, 20, 31, 42, 53, 64]
 

@@ -11,11 +11,11 @@ import msgpack
 import pytest
 
 from engine_worker.engine.llm import LLM
-from shared.jetstream import models_object_store
+from shared.bus.jetstream import models_object_store
+from shared.bus.subjects import model_object_name
 from shared.messages import encode_job
 from shared.sampling_params import SamplingParams
 from shared.settings import BusSettings
-from shared.subjects import model_object_name
 from tests.support.stack import BusClient, Stack, finish_reasons, tokens_by_index
 
 PROMPT = [1, 20, 31, 42, 53, 64, 75]

@@ -9,6 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.bus.subjects import (
+    cancel_subject,
+    consumer_name,
+    events_subject,
+    jobs_subject,
+    sanitize_model,
+    worker_key,
+)
 from shared.messages import (
     CompletionChunk,
     Delta,
@@ -20,14 +28,6 @@ from shared.messages import (
     decode_job,
     encode_delta,
     encode_job,
-)
-from shared.subjects import (
-    cancel_subject,
-    consumer_name,
-    events_subject,
-    jobs_subject,
-    sanitize_model,
-    worker_key,
 )
 
 token_ids = st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=50)

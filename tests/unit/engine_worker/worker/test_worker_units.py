@@ -24,7 +24,7 @@ from engine_worker.worker.job_state import (
     state_from_history,
 )
 from engine_worker.worker.status_server import StatusServer
-from shared.job_events import fold_all
+from shared.bus.job_events import fold_all
 from shared.messages import CompletionChunk, Delta, Job, SamplingParams
 from shared.metrics import new_registry, worker_metrics
 

@@ -25,8 +25,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from shared.bus.subjects import EVENTS_STREAM
 from shared.retry import RetryPolicy, retry
-from shared.subjects import EVENTS_STREAM
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071

@@ -7,7 +7,7 @@ with one line that says where it looked and what to do.
 
 The identity (`identity=settings`): user and password (from the environment or a secret
 file), a reply-inbox prefix of its own (the only inbox its permissions let it read,
-shared/nats_auth.py), and TLS verified against the CA given, with a client certificate
+shared/bus/nats_auth.py), and TLS verified against the CA given, with a client certificate
 when one is configured.
 """
 
@@ -23,7 +23,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 
-from shared.nats_auth import inbox_prefix
+from shared.bus.nats_auth import inbox_prefix
 from shared.settings import BusSettings
 
 log = structlog.get_logger("jetserve.nats")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from shared.bus.subjects import EVENTS_STREAM, events_subject
 from shared.messages import Delta, MessageError, Usage, decode_delta
-from shared.subjects import EVENTS_STREAM, events_subject
 
 READ_TIMEOUT_S = 10.0
 # Messages per direct-get batch: a 1,500-Delta job is read in two round trips, with no

@@ -1,6 +1,6 @@
 """The worker registry record: what a worker heartbeats into KV bucket `llm_workers`.
 
-Key `<model>.<worker_id>` (shared.subjects.worker_key), JSON value. The bucket's TTL
+Key `<model>.<worker_id>` (shared.bus.subjects.worker_key), JSON value. The bucket's TTL
 drops a worker that stops heartbeating; a clean exit deletes its key. The API lists
 live models from here (GET /v1/models, /ready) and reads `max_model_len` to validate
 max_tokens. JSON, not msgpack, so `nats kv get` shows it to an operator as is.
@@ -15,8 +15,8 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
+from shared.bus.subjects import sanitize_model, worker_key
 from shared.messages import MessageError
-from shared.subjects import sanitize_model, worker_key
 
 
 @dataclass

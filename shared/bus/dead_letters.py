@@ -18,8 +18,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
+from shared.bus.subjects import DEAD_STREAM, DEAD_WILDCARD, dead_subject, jobs_subject
 from shared.messages import Job, MessageError, decode_job
-from shared.subjects import DEAD_STREAM, DEAD_WILDCARD, dead_subject, jobs_subject
 
 HDR_JOB_ID = "Jetserve-Job-Id"
 HDR_MODEL = "Jetserve-Model"

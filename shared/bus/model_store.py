@@ -28,7 +28,7 @@ from nats.js.api import ObjectStoreConfig
 from nats.js.errors import BadRequestError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from shared.subjects import CHECKPOINTS_OBJECT_STORE, sanitize_model
+from shared.bus.subjects import CHECKPOINTS_OBJECT_STORE, sanitize_model
 
 MANIFEST = "manifest.json"
 VERIFIED_MARKER = ".jetserve-verified"

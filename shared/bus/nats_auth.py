@@ -24,7 +24,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.subjects import (
+from shared.bus.subjects import (
     API_KEYS_BUCKET,
     ATTACH_WILDCARD,
     CANCEL_WILDCARD,

@@ -23,8 +23,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from shared.settings import BusSettings
-from shared.subjects import (
+from shared.bus.subjects import (
     DEAD_STREAM,
     DEAD_WILDCARD,
     EVENTS_STREAM,
@@ -38,6 +37,7 @@ from shared.subjects import (
     consumer_name,
     jobs_subject,
 )
+from shared.settings import BusSettings
 
 STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
 
