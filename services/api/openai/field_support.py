@@ -87,7 +87,9 @@ SAMPLING: dict[str, Support] = {
     "guided_decoding_backend": rejected(
         "`auto` or `xgrammar` accepted; any other backend is a 400", "outlines"
     ),
-    "guided_whitespace_pattern": rejected("JSON is written without optional whitespace", r"\s*"),
+    "guided_whitespace_pattern": rejected(
+        "JSON comes in one fixed layout: ', ' and ': ', no other whitespace", r"\s*"
+    ),
     "structured_outputs": ok(
         f"vLLM's newer object: exactly one of json, regex, choice, grammar, json_object; "
         f"{STRUCTURED}"
