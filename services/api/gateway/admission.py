@@ -299,13 +299,14 @@ class Gateway:
     # ---- admission: run by the handler once the request is tokenized ---------------------
 
     def _hold_streams(self, caller: Caller, count: int) -> None:
-        if count > self.streams.per_key:  # could never run: a 400, not a 429 to retry
+        per_key = caller.key is not None  # auth off: one tenant, only the total applies
+        if per_key and count > self.streams.per_key:  # never runs: a 400, not a 429 to retry
             raise bad_request(
                 f"This request needs {count} jobs at once; this API allows {self.streams.per_key} "
                 "open streams per key. Send fewer prompts or inputs per request.",
                 param="prompt",
             )
-        exhausted = self.streams.acquire(caller.key_id, count)
+        exhausted = self.streams.acquire(caller.key_id, count, per_key)
         if exhausted is None:
             return
         limit = self.streams.per_key if exhausted == "open_streams_per_key" else self.streams.total

@@ -180,12 +180,13 @@ class StreamBudget:
     open: dict[str, int] = field(default_factory=dict)
     in_use: int = 0
 
-    def acquire(self, key_id: str, count: int) -> str | None:
-        """Take `count` streams for `key_id`: None, or which budget is exhausted."""
+    def acquire(self, key_id: str, count: int, per_key: bool = True) -> str | None:
+        """Take `count` streams for `key_id`: None, or which budget is exhausted.
+        `per_key` False: only the total applies (auth off: one anonymous tenant)."""
         if count <= 0:
             return None
         current = self.open.get(key_id, 0)
-        if current + count > self.per_key:
+        if per_key and current + count > self.per_key:
             return "open_streams_per_key"
         if self.in_use + count > self.total:
             return "open_streams"
