@@ -7,6 +7,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +65,8 @@ def test_up_serves_the_default_model_and_stops_cleanly_on_ctrl_c(
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'jetserve:generation_tokens_total{model_name="demo-model"} 5.0' in metrics
         assert (data_dir / "nats" / "jetstream").is_dir()  # JetStream state in the data dir
+        for port in (api_port, nats_port, metrics_port):  # auth is off: this machine only
+            assert listening_addresses(port) == {"127.0.0.1"}, port
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
@@ -90,3 +93,22 @@ def test_up_refuses_a_busy_port(tmp_path: Path, tiny_llama: Path) -> None:
         )  # fmt: skip
     assert result.returncode == 1
     assert f"port {port} for NATS is in use" in result.stderr
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4/IPv6 addresses with a socket listening on `port` (from /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]  # host-order words
+            found.add(
+                socket.inet_ntop(
+                    socket.AF_INET if len(raw) == 4 else socket.AF_INET6, b"".join(words)
+                )
+            )
+    return found
