@@ -115,9 +115,10 @@ class TokenizerBundle:
         """A rendered chat prompt where only the template can make control tokens.
 
         The template's own `<|im_start|>`-style markers are special tokens; the same text
-        typed inside a message's content (`contents`, what clients sent) is encoded as
-        ordinary text, so a user cannot open a system turn or end their own. Prompts
-        whose contents hold no special-token text tokenize exactly as before.
+        written by a client (`contents`: every string of the messages and tool definitions,
+        see `client_strings`) is encoded as ordinary text, whether the template printed it
+        as is or as JSON (`tojson`), so a user cannot open a system turn or end their own.
+        Prompts whose client strings hold no special-token text tokenize exactly as before.
         """
         specials = self.special_token_strings
         risky = {c for c in contents if c and any(s in c for s in specials)}
@@ -173,23 +174,55 @@ class TokenizerBundle:
         return dict(self.raw_files)
 
 
+def client_strings(*values: Any) -> list[str]:
+    """Every string a client wrote in these template inputs (messages, tools): values and
+    dict keys at any depth. Tool names, descriptions, parameter schemas and tool-call
+    arguments reach the template as much as message content does."""
+    out: list[str] = []
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, dict):
+            out += [k for k in value if isinstance(k, str)]
+            stack += value.values()
+        elif isinstance(value, list | tuple):
+            stack += value
+    return out
+
+
+def _rendered_forms(content: str) -> tuple[str, ...]:
+    """How a template can print a client string: as given, trimmed, or inside JSON
+    (`tojson`, with and without ASCII escapes)."""
+    forms = (
+        content,
+        content.strip(),
+        json.dumps(content, ensure_ascii=False)[1:-1],
+        json.dumps(content)[1:-1],
+    )
+    return tuple(f for f in dict.fromkeys(forms) if f)
+
+
 def _content_spans(text: str, contents: set[str]) -> list[tuple[int, int]]:
-    """Where each content sits in the rendered text (as given, or as the template trimmed
-    it), merged and in order. A content the template changed beyond trimming cannot be
-    placed, and is refused rather than tokenized with its control-token text live."""
+    """Where each client string sits in the rendered text (every occurrence of every form
+    it can take there), merged and in order. A string the template changed beyond those
+    forms cannot be placed, and is refused rather than tokenized with its control-token
+    text live."""
     spans: list[tuple[int, int]] = []
     for content in contents:
         found = False
-        for variant in dict.fromkeys((content, content.strip())):
+        for variant in _rendered_forms(content):
             start = text.find(variant)
-            while variant and start >= 0:
+            while start >= 0:
                 spans.append((start, start + len(variant)))
                 found = True
                 start = text.find(variant, start + len(variant))
-            if found:
-                break
         if not found:
-            raise ValueError("message content with special-token text was changed by the template")
+            raise ValueError(
+                "a message or tool definition holds special-token text that the chat "
+                "template changed, so it cannot be kept as plain text"
+            )
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):
         if merged and start <= merged[-1][1]:

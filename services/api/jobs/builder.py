@@ -29,6 +29,7 @@ from services.api.structured.request_fields import (
     template_kwargs,
 )
 from shared.messages import SamplingParams
+from shared.tokenizer import client_strings
 
 MAX_STOP_STRINGS = 16
 # Each prompt is a job the API follows (server-side state on NATS) and a share of the
@@ -286,8 +287,9 @@ def chat_prompt(
     except Exception as e:  # jinja2 errors, raise_exception() in templates
         raise bad_request(f"chat template failed: {e}", param="messages") from e
     try:
-        # Control tokens come from the template only, never from message text.
-        ids = tok.encode_rendered(text, [str(m.get("content") or "") for m in messages])
+        # Control tokens come from the template only, never from what the client wrote:
+        # messages, tool definitions, template kwargs.
+        ids = tok.encode_rendered(text, client_strings(messages, tools, kwargs))
     except ValueError as e:
         raise bad_request(str(e), param="messages") from e
     if not ids:

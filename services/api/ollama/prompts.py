@@ -24,6 +24,7 @@ from services.api.structured.request_fields import checked
 from services.api.structured.schema_subset import UnsupportedSchema, check_schema
 from services.api.structured.tool_parsers import detect_family
 from shared.structured_output import StructuredOutput, json_schema_output
+from shared.tokenizer import client_strings
 
 # Ollama's defaults when neither the request nor the model sets them.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
@@ -231,7 +232,7 @@ def generate_prompt(req: GenerateRequest, model: ServedModel) -> OllamaPrompt:
         messages.append({"role": "user", "content": prompt})
         text = _encode_template(model, messages, **_template_context(think, req.think))
         special = False
-        contents = [str(m["content"] or "") for m in messages]
+        contents = client_strings(messages)
     if contents is None:  # raw or fill-in-the-middle: the client writes the control tokens
         ids = list(req.context or []) + tok.encode(text, add_special_tokens=special)
     else:
@@ -284,8 +285,8 @@ def chat_prompt(req: ChatRequest, model: ServedModel) -> OllamaPrompt:
         ctx["tools"] = [t.model_dump() for t in req.tools]
     messages = template_messages(req.messages or [], model)
     text = _encode_template(model, messages, **ctx)
-    try:  # control tokens come from the template only, never from message text
-        ids = model.tokenizer.encode_rendered(text, [str(m.get("content") or "") for m in messages])
+    try:  # control tokens come from the template only, never from messages or tools
+        ids = model.tokenizer.encode_rendered(text, client_strings(messages, ctx))
     except ValueError as e:
         raise bad_request(str(e)) from e
     if not ids:
