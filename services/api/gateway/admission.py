@@ -12,7 +12,6 @@ Job carries. `Gateway.on_finish` refunds the unused token reservation and meters
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import time
 from dataclasses import dataclass, field, replace
@@ -54,6 +53,7 @@ from services.api.gateway.usage import ANONYMOUS, UsageMeter, UsageRecord, clean
 from services.api.jobs.builder import PreparedRequest
 from services.api.model_registry import ModelRegistry, ServedModel
 from services.api.streaming.generation import Generation
+from shared.background_tasks import BackgroundTasks
 from shared.settings import GatewaySettings
 
 log = structlog.get_logger("jetserve.api.gateway")
@@ -115,7 +115,9 @@ class Gateway:
     admissions: dict[int, Admission] = field(default_factory=dict)  # by id(Generation)
     streams: StreamBudget = field(default_factory=lambda: StreamBudget(128, 512))
     tenant_prom: CollectorRegistry | None = None  # per-key series: operators only
-    _background: set[asyncio.Task] = field(default_factory=set)
+    _background: BackgroundTasks = field(
+        default_factory=lambda: BackgroundTasks(log, "token_refund_failed")
+    )
 
     @classmethod
     def create(cls, settings: GatewaySettings, prom: CollectorRegistry) -> Gateway:
@@ -181,8 +183,7 @@ class Gateway:
             await self.monitor.stop()
         if self.store is not None:
             await self.store.stop()
-        if self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self._background.wait()
         if self.proxy is not None:
             await self.proxy.stop()
 
@@ -453,14 +454,7 @@ class Gateway:
         if tpm is None:
             return
         coro = self.buckets.give_back(bucket_name(key.id, "tok"), amount, Bucket(tpm))
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("token_refund_failed", error=str(task.exception()))
+        self._background.spawn(coro)
 
 
 def is_counted_path(path: str) -> bool:

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from shared.background_tasks import BackgroundTasks
 from shared.bus.job_events import last_delta
 from shared.bus.subjects import (
     ATTACH_WILDCARD,
@@ -77,7 +78,9 @@ class JobClient:
     nc: NATS
     js: JetStreamContext
     reattach_grace_s: float = 0.0
-    _background: set[asyncio.Task] = field(default_factory=set)
+    _background: BackgroundTasks = field(
+        default_factory=lambda: BackgroundTasks(log, "background_nats_call_failed")
+    )
     _pending_cancels: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     _following: dict[str, int] = field(default_factory=dict)  # job id -> open streams here
     _attach_sub: Any = None
@@ -255,14 +258,7 @@ class JobClient:
         self._pending_cancels[job_id] = loop.call_later(grace_s, fire)
 
     def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background_nats_call_failed", error=str(task.exception()))
+        self._background.spawn(coro)
 
     async def drain(self) -> None:
         """Send what is owed. Pending cancels (a re-attach grace is running) go to the
@@ -282,8 +278,7 @@ class JobClient:
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
-        if self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self._background.wait()
 
 
 @dataclass
