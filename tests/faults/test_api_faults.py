@@ -16,40 +16,7 @@ import nats
 from shared.bus.job_events import read_history
 from tests.support.faults import StreamRead, read_stream, report, wait_for
 from tests.support.stack import Stack
-
-PROMPTS = ["The quick brown fox", "Workers pull jobs", "Paged attention", "A queue of jobs"]
-
-
-def body(model: str, i: int, max_tokens: int, stream: bool = True) -> dict:
-    return {
-        "model": model,
-        "prompt": PROMPTS[i % len(PROMPTS)],
-        "max_tokens": max_tokens,
-        "temperature": 0.0 if i % 2 == 0 else 0.8,
-        "seed": 1000 + i,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-
-
-async def references(api_url: str, bodies: list[dict]) -> list[str]:
-    """The uninterrupted run: the same seeded requests, non-streaming."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=120) as api:
-        outs = await asyncio.gather(
-            *(api.post("/v1/completions", json={**b, "stream": False}) for b in bodies)
-        )
-    return [o.json()["choices"][0]["text"] for o in outs]
-
-
-def tally_line(reads: list[StreamRead], refs: list[str]) -> tuple[str, int, int]:
-    completed = sum(r.done and r.finish_reasons() == {0: "length"} for r in reads)
-    exact = sum(r.texts().get(0, "") == ref for r, ref in zip(reads, refs, strict=True))
-    chars = sum(len(r.texts().get(0, "")) for r in reads)
-    line = (
-        f"jobs {completed}/{len(reads)} completed, {exact}/{len(reads)} texts equal to the "
-        f"uninterrupted run, chars {chars}/{sum(len(x) for x in refs)} delivered"
-    )
-    return line, completed, exact
+from tests.support.stream_cut import CutStreams, body, references, tally_line
 
 
 async def test_api_killed_mid_stream_then_reattach_through_another(bus_stack: Stack) -> None:
@@ -58,35 +25,14 @@ async def test_api_killed_mid_stream_then_reattach_through_another(bus_stack: St
     api1, api2 = bus_stack.start_api(), bus_stack.start_api()
     bodies = [body(model, i, 200) for i in range(4)]
     async with httpx.AsyncClient(timeout=60) as http:
-        reads = [StreamRead() for _ in bodies]
-        tasks = [
-            asyncio.create_task(read_stream(http, "POST", f"{api1.url}/v1/completions", r, b))
-            for r, b in zip(reads, bodies, strict=True)
-        ]
-        await wait_for(lambda: all(len(r.events) >= 5 for r in reads), timeout_s=60)
+        streams = await CutStreams.open(http, api1.url, bodies)
         api1.proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        await asyncio.gather(*tasks)
-        assert all(r.broken for r in reads)
+        assert all(await streams.ended())
         # Each client reconnects to the other replica with the last event id it saw.
-        rests = [StreamRead() for _ in reads]
-        await asyncio.gather(
-            *(
-                read_stream(
-                    http,
-                    "POST",
-                    f"{api2.url}/v1/completions",
-                    rest,
-                    b,
-                    headers={"Last-Event-ID": r.last_id},
-                )
-                for r, rest, b in zip(reads, rests, bodies, strict=True)
-            )
-        )
+        await streams.reattach(api2.url)
         resumed_s = time.monotonic() - killed_at
-        joined = [
-            StreamRead(events=r.events + rest.events) for r, rest in zip(reads, rests, strict=True)
-        ]
+        joined = streams.joined()
         refs = await references(api2.url, bodies)
         # Re-attach after the job finished: the tail again, from any point.
         late = StreamRead()
@@ -96,7 +42,7 @@ async def test_api_killed_mid_stream_then_reattach_through_another(bus_stack: St
             f"{api2.url}/v1/completions",
             late,
             bodies[0],
-            headers={"Last-Event-ID": reads[0].last_id},
+            headers={"Last-Event-ID": streams.reads[0].last_id},
         )
     line, completed, exact = tally_line(joined, refs)
     dup_ids = sum(len(j.events) - len({e.id or i for i, e in enumerate(j.events)}) for j in joined)
@@ -106,7 +52,7 @@ async def test_api_killed_mid_stream_then_reattach_through_another(bus_stack: St
         f"finished {resumed_s:.2f}s after the kill",
     )
     assert completed == exact == len(bodies) and dup_ids == 0
-    assert late.done and late.texts() == rests[0].texts()
+    assert late.done and late.texts() == streams.rests[0].texts()
 
 
 async def test_reattach_within_the_grace_keeps_the_job(bus_stack: Stack, tiny_llama_long) -> None:
