@@ -201,6 +201,8 @@ def _sampling_to_wire(s: SamplingParams) -> dict[str, Any]:
     if s.pooling is not None:  # optional too (embeddings); see Delta.embedding
         wire["pooling"] = s.pooling
         wire["normalize"] = s.normalize
+    if not s.speculative:  # optional too: only the opt-out travels
+        wire["speculative"] = False
     return wire
 
 
@@ -228,6 +230,7 @@ def _sampling_from_wire(value: Any) -> SamplingParams:
         structured=_structured(m.get("structured")),
         pooling=_optional(m.get("pooling"), _str, "sampling.pooling"),
         normalize=get("normalize", _bool),
+        speculative=get("speculative", _bool),
     )
 
 

@@ -105,6 +105,10 @@ class WorkerMetrics:
     jobs_dead_lettered: Counter
     jobs_lost: Counter
     jobs_deferred: Counter
+    spec_decode_num_drafts: Counter
+    spec_decode_num_draft_tokens: Counter
+    spec_decode_num_accepted_tokens: Counter
+    spec_decode_num_accepted_tokens_per_pos: Counter
 
 
 def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
@@ -181,6 +185,27 @@ def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
             "Job deliveries handed back (nak with a delay) because their wire version is "
             "newer than this worker reads: a newer API in a rolling upgrade",
             ["model_name", "wire_version"],
+            registry=registry,
+        ),
+        spec_decode_num_drafts=Counter(
+            f"{PREFIX}spec_decode_num_drafts",
+            "Speculative drafts verified: one per sequence per step it speculated",
+            m,
+            registry=registry,
+        ),
+        spec_decode_num_draft_tokens=Counter(
+            f"{PREFIX}spec_decode_num_draft_tokens", "Tokens proposed", m, registry=registry
+        ),
+        spec_decode_num_accepted_tokens=Counter(
+            f"{PREFIX}spec_decode_num_accepted_tokens",
+            "Proposed tokens the model accepted",
+            m,
+            registry=registry,
+        ),
+        spec_decode_num_accepted_tokens_per_pos=Counter(
+            f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
+            "Accepted proposed tokens by their position in the draft (0 first)",
+            [*m, "position"],
             registry=registry,
         ),
     )

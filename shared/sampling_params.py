@@ -34,6 +34,9 @@ class SamplingParams:
     # instead of sampled; None: generate text.
     pooling: str | None = None
     normalize: bool = True  # L2-normalize the pooled vector
+    # False: never speculate for this request, even where the server does (a per-request
+    # opt-out; outputs are the same either way, only the cost per token differs).
+    speculative: bool = True
 
     @property
     def greedy(self) -> bool:

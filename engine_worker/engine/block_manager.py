@@ -138,6 +138,25 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the table's blocks past those `num_tokens` tokens need: a speculative
+        step allocated room for every proposed token, and the rejected ones give it back.
+
+        Only blocks past the computed frontier go, never full (hashed, maybe shared) ones;
+        they head the free queue so that allocation reuses them before evicting cached ones.
+        """
+        keep = self.blocks_needed(num_tokens)
+        assert keep >= len(seq.block_hashes), "truncate() below the computed full blocks"
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"double free of block {block_id}")
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                self.free_queue.move_to_end(block_id, last=False)
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register blocks that became full with computed KV so others can share them."""
         bs = self.block_size

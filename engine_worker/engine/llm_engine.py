@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLo
 from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
+from engine_worker.engine.speculative.counters import SpecCounters
+from engine_worker.engine.speculative.ngram import NgramProposer
+from engine_worker.engine.speculative.verify import verify
 from engine_worker.engine.structured.constraint import SequenceConstraint
 from engine_worker.engine.structured.grammars import DEFAULT_CACHE_SIZE, GrammarCache
 from engine_worker.engine.structured.masks import MaskFiller
@@ -40,6 +43,7 @@ class EngineStats:
     kv_cache_usage: float
     prefix_cache_hit_rate: float
     num_preemptions: int
+    spec: SpecCounters = field(default_factory=SpecCounters)  # speculative decoding so far
 
 
 @dataclass
@@ -106,6 +110,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv, backend, block_size, self.device)
         if use_graphs and backend.name == "triton":
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        if config.speculative_method == "ngram":
+            self.proposer = NgramProposer(
+                config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min
+            )
 
     def _num_kv_blocks(self, model: torch.nn.Module, limit: int, backend_name: str) -> int:
         """--num-kv-blocks, else what the KV cache budget (kv_budget.py) holds."""
@@ -151,6 +159,9 @@ class LLMEngine:
         # Structured outputs: built on the first constrained request (needs xgrammar).
         self.grammars: GrammarCache | None = None
         self.masks: MaskFiller | None = None
+        # Speculative decoding: set by __init__ when configured (never on the simulated device).
+        self.proposer: NgramProposer | None = None
+        self.spec_counters = SpecCounters()
 
     @property
     def model_name(self) -> str:
@@ -295,38 +306,39 @@ class LLMEngine:
             kv_cache_usage=bm.usage,
             prefix_cache_hit_rate=bm.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            spec=self.spec_counters.copy(),
         )
 
     # -- the step -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
         # Embedding sequences never sample: their prefill ends in a pooled vector instead.
         sample_mask = [
-            seq.num_computed_tokens + n == seq.num_tokens and seq.params.pooling is None
+            seq.num_computed_tokens + n - len(seq.spec_token_ids) == seq.num_tokens
+            and seq.params.pooling is None
             for seq, n in batch.items
         ]
         embedded: list[Sequence] = []
         if any(seq.params.pooling is not None for seq, _ in batch.items):
             samplers, tokens, logprobs, embedded = self._forward_pool_and_sample(batch, sample_mask)
+            emitted, emitted_lps = [[t] for t in tokens], [[lp] for lp in logprobs]
+        elif any(seq.spec_token_ids for seq, _ in batch.items):
+            samplers, emitted, emitted_lps = self._forward_and_verify(batch, sample_mask)
         else:
             samplers, tokens, logprobs = self._forward_and_sample(batch, sample_mask)
+            emitted, emitted_lps = [[t] for t in tokens], [[lp] for lp in logprobs]
         touched: dict[str, RequestState] = {}
         for seq in embedded:
             seq.finish_reason, seq.status = "stop", SequenceStatus.FINISHED
             self.scheduler.remove(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
-        for seq, token, lp in zip(samplers, tokens, logprobs, strict=True):
-            seq.token_ids.append(token)
-            if seq.constraint is not None and not seq.constraint.accept(token):
-                seq.finish_reason, seq.status = "error", SequenceStatus.FINISHED
-            if lp is not None:
-                seq.pending_logprobs.append(lp)
-            self._check_stop(seq, token)
-            if seq.is_finished:
-                self.scheduler.remove(seq)
+        for seq, tokens, lps in zip(samplers, emitted, emitted_lps, strict=True):
+            self._append(seq, tokens, lps)
             touched[seq.request_id] = self.requests[seq.request_id]
         for state in touched.values():
             deltas = [
@@ -338,6 +350,115 @@ class LLMEngine:
             if state.finished:
                 del self.requests[state.request_id]
         return outputs
+
+    def _append(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob | None]) -> None:
+        """Add a step's verified tokens one by one until one ends the sequence; every
+        token but the last is an accepted proposal whose KV this step computed."""
+        num_proposed = len(seq.spec_token_ids)
+        accepted = 0
+        for i, (token, lp) in enumerate(zip(tokens, lps, strict=True)):
+            seq.token_ids.append(token)
+            if i < len(tokens) - 1:
+                accepted += 1
+            if seq.constraint is not None and not seq.constraint.accept(token):
+                seq.finish_reason, seq.status = "error", SequenceStatus.FINISHED
+            if lp is not None:
+                seq.pending_logprobs.append(lp)
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                break
+        if num_proposed:
+            self.spec_counters.record(num_proposed, len(tokens) - 1)
+            self.scheduler.finish_speculation(seq, accepted)
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+
+    # -- speculative decoding ---------------------------------------------------
+    def _speculates(self, seq: Sequence) -> bool:
+        """Plain decoding for what verification does not model: penalties and grammars
+        (their logits depend on each proposal), embeddings, and requests that opted out."""
+        p = seq.params
+        return (
+            p.speculative
+            and p.pooling is None
+            and seq.constraint is None
+            and not p.needs_penalties
+            and seq.num_tokens - seq.num_computed_tokens == 1
+        )
+
+    def _propose(self) -> None:
+        """Proposals for the running sequences that decode next, capped so that neither
+        max_tokens nor the context length can be overrun by what they would add."""
+        assert self.proposer is not None
+        queued = itertools.chain(self.scheduler.running, self.scheduler.waiting)
+        if any(s.params.pooling is not None for s in queued):
+            return  # the pooling forward reads one logits row per sampler
+        seqs, limits = [], []
+        k = self.config.num_speculative_tokens
+        for seq in self.scheduler.running:
+            seq.spec_token_ids = []
+            if not self._speculates(seq):
+                continue
+            room = min(
+                seq.params.max_tokens - seq.num_output_tokens,
+                self.max_model_len - seq.num_tokens,
+            )
+            if room > 1:
+                seqs.append(seq)
+                limits.append(min(k, room - 1))
+        if not seqs:
+            return
+        proposals = self.proposer.propose([s.token_ids for s in seqs], limits)
+        for seq, proposal in zip(seqs, proposals, strict=True):
+            seq.spec_token_ids = proposal
+
+    def _forward_and_verify(
+        self, batch: ScheduledBatch, sample_mask: list[bool]
+    ) -> tuple[list[Sequence], list[list[int]], list[list[TokenLogprob | None]]]:
+        """`_forward_and_sample` for a batch where some sequences speculate: their rows
+        are verified (speculative/verify.py), the others sampled as usual. Per sampler:
+        the tokens to emit and their logprobs."""
+        pending = None
+        if self.masks is not None:
+            will_sample = [
+                seq
+                for (seq, _), s in zip(batch.items, sample_mask, strict=True)
+                if s and not seq.spec_token_ids
+            ]
+            pending = self.masks.start(will_sample)
+        logits = self.runner.execute(batch.items, sample_mask)
+        samplers = self.scheduler.commit(batch)
+        plain_rows: list[int] = []
+        plain: list[Sequence] = []
+        spans: list[tuple[int, int]] = []  # per sampler: its first row, its row count
+        row = 0
+        for seq in samplers:
+            n = 1 + len(seq.spec_token_ids)
+            spans.append((row, n))
+            if n == 1:
+                plain_rows.append(row)
+                plain.append(seq)
+            row += n
+        apply_mask = None
+        if pending is not None and self.masks is not None:
+            apply_mask = functools.partial(self.masks.apply, pending)
+        plain_tokens: list[int] = []
+        plain_lps: list[TokenLogprob | None] = []
+        if plain:
+            plain_tokens, plain_lps = sample(logits[plain_rows], plain, self.generator, apply_mask)
+        plain_out = iter(zip(plain_tokens, plain_lps, strict=True))
+        emitted: list[list[int]] = []
+        lps: list[list[TokenLogprob | None]] = []
+        for seq, (first, n) in zip(samplers, spans, strict=True):
+            if n == 1:
+                token, lp = next(plain_out)
+                emitted.append([token])
+                lps.append([lp])
+            else:
+                tokens, token_lps = verify(logits[first : first + n], seq, self.generator)
+                emitted.append(tokens)
+                lps.append(token_lps)
+        return samplers, emitted, lps
 
     def _forward_pool_and_sample(
         self, batch: ScheduledBatch, sample_mask: list[bool]

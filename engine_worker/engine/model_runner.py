@@ -51,7 +51,11 @@ def prepare_inputs(
     block_size: int,
     device: torch.device,
 ) -> StepInputs:
-    """Flatten (sequence, new tokens) pairs; the items must list decodes first."""
+    """Flatten (sequence, new tokens) pairs; the items must list decodes first.
+
+    A sequence with speculative tokens computes them after its last token, and when it
+    samples it gets a logits row for each of them too (1 + proposals rows, in order).
+    """
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -63,7 +67,8 @@ def prepare_inputs(
     for (seq, n), samples in zip(items, sample_mask, strict=True):
         start = seq.num_computed_tokens
         end = start + n
-        input_ids.extend(seq.token_ids[start:end])
+        spec = seq.spec_token_ids
+        input_ids.extend((seq.token_ids + spec if spec else seq.token_ids)[start:end])
         positions.extend(range(start, end))
         table = seq.block_table
         slots.extend(
@@ -75,7 +80,7 @@ def prepare_inputs(
         if n == 1 and num_decodes == len(query_lens) - 1:
             num_decodes += 1
         if samples:
-            logits_indices.append(query_start[-1] - 1)
+            logits_indices.extend(range(query_start[-1] - 1 - len(spec), query_start[-1]))
     max_blocks = max(len(seq.block_table) for seq, _ in items)
     tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in items]
 
@@ -147,7 +152,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, items: list[tuple[Sequence, int]], sample_mask: list[bool]) -> torch.Tensor:
-        """Logits [num sampling sequences, vocab] in fp32."""
+        """Logits [rows, vocab] in fp32: a row per sampling sequence, plus one per
+        speculative token of those that speculate."""
         hidden, inputs = self._hidden(items, sample_mask)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 

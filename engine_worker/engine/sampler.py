@@ -60,6 +60,27 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def sampling_probs(
+    logits: torch.Tensor, seqs: list[Sequence], temps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The distribution each row's token is drawn from: temperature, then top-k/top-p/min-p
+    (penalties and grammar masks already applied); `temps` defaults to the rows' own."""
+    if temps is None:
+        temps = torch.tensor(
+            [1.0 if s.params.greedy else s.params.temperature for s in seqs], device=logits.device
+        )
+    return _filter(logits / temps[:, None], seqs).softmax(dim=-1)
+
+
+def token_logprob(raw_logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """One row's logprob of `token` and its top `k` alternatives (raw model distribution)."""
+    top: list[tuple[int, float]] = []
+    if k:
+        vals, ids = raw_logprobs.topk(k)
+        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+    return TokenLogprob(token, float(raw_logprobs[token]), top)
+
+
 def sample(
     logits: torch.Tensor,
     seqs: list[Sequence],
@@ -85,7 +106,7 @@ def sample(
         temps = torch.tensor(
             [1.0 if s.params.greedy else s.params.temperature for s in seqs], device=logits.device
         )
-        probs = _filter(logits / temps[:, None], seqs).softmax(dim=-1)
+        probs = sampling_probs(logits, seqs, temps)
         noise = torch.empty_like(probs)
         for row, seq in enumerate(seqs):
             if not seq.params.greedy:

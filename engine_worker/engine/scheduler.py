@@ -6,6 +6,11 @@ budget last; a prompt longer than the remaining budget is prefilled in chunks. W
 running sequence needs a block and none is free, the lowest-priority, latest-arrived
 running sequence is preempted by recompute: its blocks are freed and it goes back to
 the waiting queue with its generated tokens, to be prefilled again later.
+
+A decoding sequence may carry speculative tokens (`Sequence.spec_token_ids`): it is then
+scheduled for its last token plus those, as far as budget and blocks allow (a sequence
+short of blocks drops its proposals rather than preempt another), and after the step the
+engine keeps what the model verified and gives the rest back (`finish_speculation`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.block_table:
             self.bm.free(seq)
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.FINISHED
 
     def has_work(self) -> bool:
@@ -67,6 +73,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.spec_token_ids = []
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -97,6 +104,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids:
+                num_new += self._fit_speculation(seq, budget - num_new)
             target = seq.num_computed_tokens + num_new
             while not self.bm.can_allocate(seq, target, []):
                 victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
@@ -143,6 +152,17 @@ class Scheduler:
             self.running.append(seq)
         return self._ordered(batch)
 
+    def _fit_speculation(self, seq: Sequence, budget: int) -> int:
+        """Trim a decode's proposals to the budget left and the free blocks; their count."""
+        spec = seq.spec_token_ids[:budget]
+        if spec:
+            need = self.bm.blocks_needed(seq.num_tokens + len(spec)) - len(seq.block_table)
+            # A block in reserve per running sequence: never preempt anyone for a guess.
+            if need + len(self.running) > self.bm.num_free_blocks:
+                spec = []
+        seq.spec_token_ids = spec
+        return len(spec)
+
     @staticmethod
     def _ordered(batch: ScheduledBatch) -> ScheduledBatch:
         """Decodes (one new token) first, as the attention metadata expects."""
@@ -153,8 +173,20 @@ class Scheduler:
         """Account the step's computed tokens; return the sequences that now sample."""
         samplers = []
         for seq, num_new in batch.items:
-            seq.num_computed_tokens += num_new
+            # Proposed tokens' KV is written but not yet theirs: see finish_speculation.
+            seq.num_computed_tokens += num_new - len(seq.spec_token_ids)
             self.bm.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 samplers.append(seq)
         return samplers
+
+    def finish_speculation(self, seq: Sequence, num_accepted: int) -> None:
+        """After verification: the first `num_accepted` proposals (already appended to the
+        sequence's tokens by the engine) keep their KV; the blocks that only rejected
+        ones used go back to the free queue. A finished sequence has freed everything."""
+        seq.spec_token_ids = []
+        if seq.is_finished:
+            return
+        seq.num_computed_tokens += num_accepted
+        self.bm.truncate(seq, seq.num_tokens)
+        self.bm.cache_full_blocks(seq)

@@ -49,6 +49,10 @@ class Sequence:
     prefill_leader: Sequence | None = None
     num_preemptions: int = 0
     constraint: SequenceConstraint | None = None  # grammar state of a structured output
+    # Speculative decoding: tokens proposed to follow `token_ids`, not yet verified. The
+    # step that schedules them computes their KV after the last real token's and checks
+    # them; they never reach `token_ids` (nor a delta) unless the model agrees.
+    spec_token_ids: list[int] = field(default_factory=list)
     # Embedding sequences (params.pooling): fp32 sum of the hidden states computed so far
     # (reset when a preemption restarts the prefill), then the pooled vector.
     pooled_sum: torch.Tensor | None = None

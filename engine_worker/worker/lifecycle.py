@@ -37,7 +37,7 @@ from engine_worker.worker.model_source import resolve_model
 from engine_worker.worker.outbox import APPEND_RETRY_S, Outbox
 from engine_worker.worker.running import RunningJobs
 from engine_worker.worker.status_server import StatusServer
-from engine_worker.worker.step_results import step_deltas
+from engine_worker.worker.step_results import count_speculation, step_deltas
 from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
 from shared.bus.jetstream import workers_bucket as open_workers_bucket
 from shared.bus.nats_connect import connect_nats
@@ -290,6 +290,8 @@ class Worker:
     # -- engine results (on the loop, posted by the engine thread) --------------------
     def _on_step(self, result: StepResult) -> None:
         assert self.intake is not None and self.outbox is not None
+        before = self.snapshot.stats.spec if self.snapshot is not None else None
+        count_speculation(before, result.stats.spec, self.metrics, self.model_name)
         self.snapshot = result
         self.intake.engine_stepped(result)
         self._update_gauges()

@@ -1,7 +1,9 @@
-"""One engine step's outputs as the Deltas to publish, with the token and success counters."""
+"""One engine step's outputs as the Deltas to publish, with the token, success and
+speculative decoding counters."""
 
 from __future__ import annotations
 
+from engine_worker.engine.speculative.counters import SpecCounters
 from engine_worker.worker.engine_thread import StepResult
 from engine_worker.worker.job_state import delta_from_output
 from engine_worker.worker.outbox import Outgoing
@@ -42,3 +44,27 @@ def step_deltas(
             ).inc()
         batch.append(Outgoing(state, delta, action))
     return batch
+
+
+def count_speculation(
+    before: SpecCounters | None, now: SpecCounters, metrics: WorkerMetrics, model_name: str
+) -> None:
+    """Advance the spec_decode_* counters by what the engine's totals grew since `before`."""
+    before = before or SpecCounters()
+    m, name = metrics, model_name
+    grown = now.num_drafts - before.num_drafts
+    if grown <= 0:
+        return
+    m.spec_decode_num_drafts.labels(model_name=name).inc(grown)
+    m.spec_decode_num_draft_tokens.labels(model_name=name).inc(
+        now.num_draft_tokens - before.num_draft_tokens
+    )
+    m.spec_decode_num_accepted_tokens.labels(model_name=name).inc(
+        now.num_accepted_tokens - before.num_accepted_tokens
+    )
+    for pos, total in enumerate(now.accepted_per_pos):
+        prev = before.accepted_per_pos[pos] if pos < len(before.accepted_per_pos) else 0
+        if total > prev:
+            m.spec_decode_num_accepted_tokens_per_pos.labels(
+                model_name=name, position=str(pos)
+            ).inc(total - prev)

@@ -74,6 +74,22 @@ class EngineSettings(Settings):
     seed: int = setting(
         0, ge=0, help="seed of the engine's sampler for requests that bring no seed of their own"
     )
+    speculative_method: Literal["off", "ngram"] = setting(
+        "off",
+        help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
+        "occurrence of the sequence's last n tokens (prompt lookup, no extra model); the "
+        "model then checks every proposal in one forward. "
+        "Greedy outputs are unchanged and sampled ones keep their distribution",
+    )
+    num_speculative_tokens: int = setting(
+        4, ge=1, le=16, help="tokens proposed per sequence and step when speculating"
+    )
+    ngram_prompt_lookup_max: int = setting(
+        3, ge=1, le=16, help="longest suffix n-gram the ngram proposer looks up"
+    )
+    ngram_prompt_lookup_min: int = setting(
+        1, ge=1, le=16, help="shortest suffix n-gram the ngram proposer falls back to"
+    )
     load_format: Literal["safetensors", "dummy", "simulated"] = setting(
         "safetensors",
         help="safetensors: the checkpoint's weights; dummy: random weights of its shape; "
@@ -90,6 +106,12 @@ class EngineSettings(Settings):
     def _simulation_named(self) -> EngineSettings:
         if (self.load_format == "simulated") != bool(self.simulate_profile):
             raise ValueError("--load-format simulated and --simulate-profile go together")
+        return self
+
+    @model_validator(mode="after")
+    def _speculation_consistent(self) -> EngineSettings:
+        if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
+            raise ValueError("--ngram-prompt-lookup-min exceeds --ngram-prompt-lookup-max")
         return self
 
     @field_validator("block_size")

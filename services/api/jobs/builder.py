@@ -131,6 +131,7 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> Sam
         stop_token_ids=stop_ids,
         ignore_eos=bool(req.ignore_eos),
         n=n,
+        speculative=req.speculative_decoding is not False,
         structured=structured_output(req),
     )
 

@@ -76,6 +76,10 @@ SAMPLING: dict[str, Support] = {
     "min_p": ok("extension: 0 to 1"),
     "repetition_penalty": ok("extension: > 0, 1 is off"),
     "ignore_eos": ok("extension: generate max_tokens even past end-of-sequence"),
+    "speculative_decoding": ok(
+        "extension: false opts this request out of the worker's speculative decoding "
+        "(`--speculative-method`); the tokens are the same either way, only the cost differs"
+    ),
     "stop_token_ids": ok("extension: token ids that end the choice"),
     "skip_special_tokens": ok("extension: default true"),
     "priority": ok("extension: lower runs first inside the key's priority class"),

@@ -72,6 +72,7 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     priority: int | None = 0
+    speculative_decoding: bool | None = True
     # structured outputs (response_format is OpenAI's; the rest are vLLM's names)
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None

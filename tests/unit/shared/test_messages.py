@@ -50,6 +50,7 @@ samplings = st.builds(
     stop_token_ids=token_ids,
     ignore_eos=st.booleans(),
     n=st.integers(1, 8),
+    speculative=st.booleans(),
 )
 jobs = st.builds(
     Job,

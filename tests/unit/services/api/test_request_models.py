@@ -71,6 +71,7 @@ SAMPLING_FIELDS: dict[str, st.SearchStrategy] = {
     "ignore_eos": st.booleans(),
     "stop_token_ids": st.lists(st.integers(0, 399), max_size=3),
     "priority": st.integers(-5, 200),
+    "speculative_decoding": opt(st.booleans()),
 }
 FIELDS = {
     "completion": {
