@@ -109,6 +109,9 @@ class WorkerMetrics:
     spec_decode_num_draft_tokens: Counter
     spec_decode_num_accepted_tokens: Counter
     spec_decode_num_accepted_tokens_per_pos: Counter
+    jobs_pulled: Counter
+    routed_fallbacks: Counter
+    kv_events_published: Counter
 
 
 def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
@@ -208,6 +211,26 @@ def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
             [*m, "position"],
             registry=registry,
         ),
+        jobs_pulled=Counter(
+            f"{PREFIX}jobs_pulled",
+            "Job deliveries pulled, by queue: `routed` (this worker's own subject, prefix "
+            "routing) or `shared` (the model's queue)",
+            ["model_name", "queue"],
+            registry=registry,
+        ),
+        routed_fallbacks=Counter(
+            f"{PREFIX}routed_fallbacks",
+            "Routed jobs this worker moved to the shared queue, by reason: `not_pulled` "
+            "(waited past --route-fallback), `worker_gone`, `redelivered`, `stale`, `drain`",
+            ["model_name", "reason"],
+            registry=registry,
+        ),
+        kv_events_published=Counter(
+            f"{PREFIX}kv_events_published",
+            "KV block event messages published (one per engine step that changed the cache)",
+            ["model_name"],
+            registry=registry,
+        ),
     )
 
 
@@ -224,6 +247,11 @@ class ApiMetrics:
     generation_tokens: Counter
     request_success: Counter
     api_requests: Counter
+    routing_decisions: Counter
+    routing_prompt_tokens: Counter
+    routing_cached_tokens: Counter
+    kv_index_snapshots: Counter
+    kv_index_blocks: Gauge
 
 
 def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
@@ -273,6 +301,37 @@ def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
             f"{PREFIX}api_requests",
             "HTTP requests by endpoint and status",
             ["endpoint", "status"],
+            registry=registry,
+        ),
+        routing_decisions=Counter(
+            f"{PREFIX}routing_decisions",
+            "Where jobs were published: `routed` (a worker's own subject), `cold` (no worker "
+            "holds a prefix: shared queue), `no_worker` (none routable: shared queue); none with "
+            "--routing queue",
+            ["model_name", "decision"],
+            registry=registry,
+        ),
+        routing_prompt_tokens=Counter(
+            f"{PREFIX}routing_prompt_tokens",
+            "Prompt tokens of the jobs the router placed (any decision but `off`)",
+            m,
+            registry=registry,
+        ),
+        routing_cached_tokens=Counter(
+            f"{PREFIX}routing_cached_tokens",
+            "Prompt tokens the router predicted cached on the chosen worker",
+            m,
+            registry=registry,
+        ),
+        kv_index_snapshots=Counter(
+            f"{PREFIX}kv_index_snapshots",
+            "KV snapshots this replica asked workers for (a gap in their events), by outcome",
+            ["outcome"],
+            registry=registry,
+        ),
+        kv_index_blocks=Gauge(
+            f"{PREFIX}kv_index_blocks",
+            "Distinct KV block hashes in this replica's routing index, all workers",
             registry=registry,
         ),
     )

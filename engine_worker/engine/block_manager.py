@@ -8,20 +8,13 @@ a later request with the same prefix revives them; allocation evicts the oldest 
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine_worker.engine.sequence import Sequence
+from shared.kv_blocks import hash_block
 
-
-def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """Chained content hash of one full block; collisions would corrupt outputs, so no `hash()`."""
-    h = hashlib.blake2b(digest_size=16)
-    if parent is not None:
-        h.update(parent)
-    h.update(b",".join(str(t).encode() for t in token_ids))
-    return h.digest()
+__all__ = ["Block", "BlockManager", "hash_block"]
 
 
 @dataclass
@@ -45,6 +38,25 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # Hashes cached (True) or evicted (False) since the last drain, the last change of
+        # each hash winning: what a worker announces so API replicas can route by prefix.
+        # None (the default, e.g. offline use) records nothing.
+        self.kv_changes: dict[bytes, bool] | None = None
+
+    def record_kv_changes(self) -> None:
+        """Start recording cache changes for `drain_kv_changes` (the worker does)."""
+        if self.kv_changes is None:
+            self.kv_changes = {h: True for h in self.cached}
+
+    def drain_kv_changes(self) -> tuple[list[bytes], list[bytes]]:
+        """(stored, evicted) hashes since the last call; applying them in any order to the
+        set reported before gives the set cached now."""
+        if not self.kv_changes:
+            return [], []
+        changes, self.kv_changes = self.kv_changes, {}
+        stored = [h for h, present in changes.items() if present]
+        evicted = [h for h, present in changes.items() if not present]
+        return stored, evicted
 
     @property
     def num_blocks(self) -> int:
@@ -112,6 +124,8 @@ class BlockManager:
             if block.block_hash is not None:  # evict: its content is about to be overwritten
                 if self.cached.get(block.block_hash) == block_id:
                     del self.cached[block.block_hash]
+                    if self.kv_changes is not None:
+                        self.kv_changes[block.block_hash] = False
                 block.block_hash = None
             block.ref_count = 1
             seq.block_table.append(block_id)
@@ -172,6 +186,8 @@ class BlockManager:
             if h not in self.cached:  # another sequence may have computed the same block first
                 self.cached[h] = block.block_id
                 block.block_hash = h
+                if self.kv_changes is not None:
+                    self.kv_changes[h] = True
 
     def check_invariants(self, live: list[Sequence]) -> None:
         """Refcounts equal the number of live tables holding each block; used by tests."""

@@ -57,6 +57,10 @@ class StepResult:
     step_time_s: float = 0.0
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
     fatal: str | None = None  # the engine raised: it is no longer usable
+    # Prefix-cache block hashes stored and evicted by this step (and the commands before
+    # it): announced to the API replicas as one KV event (worker/routing/kv_announcer.py).
+    kv_stored: list[bytes] = field(default_factory=list)
+    kv_evicted: list[bytes] = field(default_factory=list)
 
 
 def admit_slots(engine: LLMEngine) -> int:
@@ -162,6 +166,7 @@ class EngineThread:
                     outputs = self.engine.step()
                     step_time = time.perf_counter() - t0
                 if commands or outputs:
+                    stored, evicted = self.engine.block_manager.drain_kv_changes()
                     self._post(
                         StepResult(
                             outputs=outputs,
@@ -170,6 +175,8 @@ class EngineThread:
                             adds_applied=self._adds_applied,
                             step_time_s=step_time,
                             rejected=rejected,
+                            kv_stored=stored,
+                            kv_evicted=evicted,
                         )
                     )
             except Exception as e:  # a bug or device failure: report it, stop stepping

@@ -37,6 +37,12 @@ from engine_worker.worker.job_state import (
     state_from_history,
 )
 from engine_worker.worker.outbox import Outbox, Outgoing
+from engine_worker.worker.routing.fallback import (
+    is_routed,
+    is_stale,
+    move_to_shared,
+    prior_runs,
+)
 from engine_worker.worker.running import RunningJobs
 from shared.bus.dead_letters import publish_dead_letter
 from shared.bus.job_events import read_history
@@ -61,6 +67,12 @@ def num_delivered(msg: Msg) -> int:
         return int(msg.metadata.num_delivered or 1)
     except Exception:
         return 1
+
+
+def runs_so_far(msg: Msg) -> int:
+    """Deliveries of this job counting this one: the shared consumer's count plus the runs
+    it had on a worker's routed subject before it was moved (routing/fallback.py)."""
+    return num_delivered(msg) + prior_runs(msg)
 
 
 def _message_key(msg: Msg) -> str:
@@ -88,7 +100,12 @@ class Intake:
     log: Any
     job_readers: Mapping[int, JobReader] = field(default_factory=lambda: JOB_READERS)
     defer_s: float = 30.0  # a job too new for this worker is redelivered after 1-1.5x this
+    # Pull subscription on this worker's routed subject (prefix routing, docs/routing.md);
+    # pulled beside the shared queue and before it.
+    routed_sub: Any = None
+    ack_wait_s: float = 30.0
     _adds_submitted: int = 0
+    _routed_backlog: bool = False
     # Messages already reported as too new (a bounded, expiring set): one log line each.
     _deferred: CancelMemory = field(default_factory=lambda: CancelMemory(ttl_s=3600.0))
     _capacity_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -109,7 +126,23 @@ class Intake:
         return self.snapshot.admit_slots - in_flight
 
     async def pull_loop(self) -> None:
+        """Pull the shared queue and, when there is one, this worker's routed subject at
+        once: each long-polls for one job, so a job on either starts without waiting out
+        the other's poll (at the edge of capacity that may admit one job more than the
+        engine can start now; it waits in the engine)."""
+        if self.routed_sub is None:
+            await self._pull(self.sub, "shared")
+            return
+        await asyncio.gather(self._pull(self.routed_sub, "routed"), self._pull(self.sub, "shared"))
+
+    async def _pull(self, sub: Any, queue: str) -> None:
         while not self.stopping.is_set():
+            if queue == "shared" and self._routed_backlog:
+                # Routed jobs first: they are here because their prefix is cached here.
+                self._capacity_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._capacity_changed.wait(), FETCH_MORE_WAIT_S)
+                continue
             if self.capacity() <= 0:
                 self._capacity_changed.clear()
                 if self.capacity() <= 0:
@@ -123,13 +156,20 @@ class Intake:
                 if n <= 0 or self.stopping.is_set():
                     break
                 try:
-                    msgs = await self.sub.fetch(n, timeout=wait)
+                    msgs = await sub.fetch(n, timeout=wait)
                 except TimeoutError:
+                    if queue == "routed":
+                        self._routed_backlog = False
                     break
                 except Exception as e:  # disconnected, server restarting: retry shortly
                     self.log.warning("fetch_failed", error=f"{type(e).__name__}: {e}")
                     await asyncio.sleep(0.5)
                     break
+                if queue == "routed":
+                    self._routed_backlog = len(msgs) >= n
+                self.metrics.jobs_pulled.labels(model_name=self.model_name, queue=queue).inc(
+                    len(msgs)
+                )
                 # Histories are read concurrently (one round trip each for a fresh job);
                 # jobs then start in the order they were delivered.
                 states = await asyncio.gather(*(self.prepare(msg) for msg in msgs))
@@ -148,6 +188,15 @@ class Intake:
             await self.reject_malformed(msg, str(e))
             return None
         with structlog.contextvars.bound_contextvars(job_id=job.id):
+            if is_routed(msg, self.model_name) and self.jobs.get(job.id) is None:
+                # A routed job runs on its first delivery only; any later one goes to the
+                # shared queue (routing/fallback.py explains why that makes it run once).
+                if num_delivered(msg) > 1:
+                    await self.move_routed(msg, num_delivered(msg) - 1, "redelivered")
+                    return None
+                if is_stale(msg, self.ack_wait_s):
+                    await self.move_routed(msg, 0, "stale")
+                    return None
             if sanitize_model(job.model) != sanitize_model(self.model_name):
                 state = JobState(job, msg)
                 error = f"job for model {job.model!r} reached a worker of {self.model_name!r}"
@@ -166,7 +215,7 @@ class Intake:
                 # Not acked: JetStream redelivers it after ack_wait, when NATS answers again.
                 self.log.warning("job_history_unreadable", error=f"{type(e).__name__}: {e}")
                 return None
-            delivered = num_delivered(msg)
+            delivered = runs_so_far(msg)
             if history.terminal:
                 # The last worker stored the final Delta but died before its ack.
                 self.log.info("job_already_finished", num_delivered=delivered)
@@ -187,6 +236,18 @@ class Intake:
                 await self._dead_letter(state, delivered)
                 return None
             return state
+
+    async def move_routed(self, msg: Msg, runs: int, reason: str) -> bool:
+        """Hand a routed delivery to the shared queue; False if NATS refused (left unacked,
+        it is redelivered and moved again)."""
+        try:
+            await move_to_shared(self.nc.jetstream(), self.model_name, msg, runs)
+        except Exception as e:
+            self.log.warning("routed_move_failed", reason=reason, error=f"{type(e).__name__}: {e}")
+            return False
+        self.metrics.routed_fallbacks.labels(model_name=self.model_name, reason=reason).inc()
+        self.log.info("routed_job_moved", reason=reason, runs=runs)
+        return True
 
     def admit(self, state: JobState) -> None:
         """Hand a prepared job to the engine, or close it if it should not run."""

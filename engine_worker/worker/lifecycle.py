@@ -35,13 +35,27 @@ from engine_worker.worker.janitor import Janitor
 from engine_worker.worker.model_facts import ModelFacts, model_facts
 from engine_worker.worker.model_source import resolve_model
 from engine_worker.worker.outbox import APPEND_RETRY_S, Outbox
+from engine_worker.worker.routing.fallback import RoutedSweeper, is_routed, num_delivered
+from engine_worker.worker.routing.kv_announcer import KvAnnouncer
 from engine_worker.worker.running import RunningJobs
 from engine_worker.worker.status_server import StatusServer
 from engine_worker.worker.step_results import count_speculation, step_deltas
-from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams, models_object_store
+from shared.bus.jetstream import (
+    ensure_jobs_consumer,
+    ensure_routed_consumer,
+    ensure_streams,
+    models_object_store,
+)
 from shared.bus.jetstream import workers_bucket as open_workers_bucket
 from shared.bus.nats_connect import connect_nats
-from shared.bus.subjects import JOBS_STREAM, consumer_name, jobs_subject, model_object_name
+from shared.bus.subjects import (
+    JOBS_STREAM,
+    consumer_name,
+    jobs_subject,
+    model_object_name,
+    routed_consumer_name,
+    routed_jobs_subject,
+)
 from shared.bus.worker_registry import WorkerStatus, delete_status, put_status
 from shared.logging import configure_logging, get_logger
 from shared.messages import JOB_READERS, JobReader
@@ -91,7 +105,9 @@ class Worker:
         self.outbox: Outbox | None = None
         self.intake: Intake | None = None
         self.janitor: Janitor | None = None
+        self.kv_announcer: KvAnnouncer | None = None
         self._kv: Any = None
+        self._routed_sub: Any = None
         self._fatal: str | None = None
         self._stopping = asyncio.Event()
         self._shut_down = False
@@ -122,11 +138,21 @@ class Worker:
         sub = await js.pull_subscribe_bind(
             durable=consumer_name(self.model_name), stream=JOBS_STREAM
         )
+        # This worker's own subject: jobs an API routed here for their cached prefix.
+        await ensure_routed_consumer(js, self.model_name, self.worker_id, self.settings)
+        self._routed_sub = await js.pull_subscribe_bind(
+            durable=routed_consumer_name(self.model_name, self.worker_id), stream=JOBS_STREAM
+        )
         self._kv = await open_workers_bucket(js, self.settings)
         obs = await models_object_store(js, self.settings)
         for name, data in tokenizer_files.items():
             await obs.put(model_object_name(self.model_name, name), data)
 
+        engine.block_manager.record_kv_changes()
+        self.kv_announcer = KvAnnouncer(
+            self.nc, self.model_name, self.worker_id, engine.block_manager.block_size, self.log
+        )
+        await self.kv_announcer.start()
         self.engine_thread = EngineThread(engine, asyncio.get_running_loop(), self._on_step)
         self.outbox = Outbox(
             self.nc,
@@ -153,6 +179,8 @@ class Worker:
             log=self.log,
             job_readers=self.job_readers,
             defer_s=self.settings.ack_wait_s,
+            routed_sub=self._routed_sub,
+            ack_wait_s=self.settings.ack_wait_s,
         )
         self.engine_thread.start()  # started at once: shutdown joins it
         await self.intake.subscribe_cancels()
@@ -177,7 +205,18 @@ class Worker:
             Periodic("heartbeat", self._heartbeat, every, first_now=False, log=self.log),
             # In-progress acks every ack_wait/3 keep long jobs from being redelivered.
             Periodic("keepalive", self._keepalive, self.settings.ack_wait_s / 3, log=self.log),
-        ]
+            # Routed jobs that wait too long, or whose worker is gone, go to the shared queue.
+            Periodic(
+                "routed-sweep",
+                RoutedSweeper(
+                    self.nc, js, self._kv, self.model_name, self.worker_id, self.settings,
+                    self.metrics, self.log,
+                ).sweep,
+                self.settings.route_fallback_s / 2,
+                first_now=False,
+                log=self.log,
+            ),
+        ]  # fmt: skip
         for periodic in self._periodic:
             periodic.start()
         self.log.info(
@@ -255,6 +294,7 @@ class Worker:
             self._puller.cancel()
         if self.janitor is not None:
             await self.janitor.stop()
+        await self._move_routed_backlog()
         if self._fatal is None:
             await self.jobs.wait_empty(self.settings.drain_timeout_s)
         # Hand unfinished jobs back: forget them first so their abort output is not published.
@@ -269,12 +309,19 @@ class Worker:
             self.outbox.close()
             await asyncio.wait([self._publisher], timeout=10)
         for state in handed_back:
-            if not state.lost:
-                with contextlib.suppress(Exception):
-                    await state.msg.nak()
+            if state.lost:
+                continue
+            if self.intake is not None and is_routed(state.msg, self.model_name):
+                # Routed: straight to the shared queue (a nak would wait for a sweeper).
+                if await self.intake.move_routed(state.msg, num_delivered(state.msg), "drain"):
+                    continue
+            with contextlib.suppress(Exception):
+                await state.msg.nak()
         if handed_back:
             self.log.info("jobs_handed_back", job_ids=[s.id for s in handed_back])
         await asyncio.gather(*(periodic.stop() for periodic in self._periodic))  # bounded
+        if self.kv_announcer is not None:
+            await self.kv_announcer.stop()
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await delete_status(self._kv, self.model_name, self.worker_id)
@@ -287,6 +334,21 @@ class Worker:
         await self.status_server.stop()
         self.log.info("worker_stopped", exit_code=self.exit_code)
 
+    async def _move_routed_backlog(self) -> None:
+        """Stopping: jobs routed here and not pulled go to the shared queue now."""
+        if self._routed_sub is None or self.intake is None:
+            return
+        moved = 0
+        while True:
+            try:
+                msgs = await self._routed_sub.fetch(64, timeout=0.2)
+            except Exception:
+                break
+            for msg in msgs:
+                moved += await self.intake.move_routed(msg, num_delivered(msg) - 1, "drain")
+        if moved:
+            self.log.info("routed_backlog_moved", jobs=moved)
+
     # -- engine results (on the loop, posted by the engine thread) --------------------
     def _on_step(self, result: StepResult) -> None:
         assert self.intake is not None and self.outbox is not None
@@ -295,6 +357,9 @@ class Worker:
         self.snapshot = result
         self.intake.engine_stepped(result)
         self._update_gauges()
+        if self.kv_announcer is not None and (result.kv_stored or result.kv_evicted):
+            self.kv_announcer.on_step(result.kv_stored, result.kv_evicted)
+            self.metrics.kv_events_published.labels(model_name=self.model_name).inc()
         if result.fatal is not None:
             self._fail_all(result.fatal)
             return
@@ -372,6 +437,10 @@ class Worker:
             metrics_port=self.status_server.port,
             started_at=self.started_at,
             updated_at=time.time(),
+            block_size=self.engine.block_manager.block_size,
+            routed_subject=routed_jobs_subject(self.model_name, self.worker_id),
+            kv_epoch=self.kv_announcer.epoch if self.kv_announcer else 0,
+            kv_seq=self.kv_announcer.seq if self.kv_announcer else 0,
             **(dataclasses.asdict(self.facts) if self.facts else {}),
         )
 

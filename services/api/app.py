@@ -32,6 +32,9 @@ from services.api.ollama.pull import router as ollama_pull_router
 from services.api.ollama.routes import router as ollama_router
 from services.api.openai.routes import router
 from services.api.openapi_doc import install_openapi
+from services.api.routing.kv_listener import KvListener
+from services.api.routing.prefix_index import PrefixIndex
+from services.api.routing.router import Router
 from services.api.state import ApiState
 from shared.bus.jetstream import ensure_streams, job_records_bucket
 from shared.bus.nats_connect import connect_nats
@@ -89,7 +92,13 @@ def create_app(
         await gateway.start(js, registry, settings.stream_replicas)
         poller = QueuePoller(js, registry, metrics)
         poller.start()
-        jobs = JobClient(nc, js, reattach_grace_s=settings.reattach_grace_s)
+        kv_listener, job_router = None, None
+        if settings.routing == "prefix":
+            index = PrefixIndex()
+            kv_listener = KvListener(nc, index, registry, metrics)
+            await kv_listener.start()
+            job_router = Router(index, registry, metrics, settings.routing_load_tokens)
+        jobs = JobClient(nc, js, reattach_grace_s=settings.reattach_grace_s, router=job_router)
         await jobs.start()
         records = await job_records_bucket(js, settings)
         app.state.api = ApiState(
@@ -109,6 +118,8 @@ def create_app(
             yield
         finally:
             await poller.stop()
+            if kv_listener is not None:
+                await kv_listener.stop()
             await gateway.stop()
             await registry.stop()
             await jobs.drain()

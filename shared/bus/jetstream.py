@@ -36,6 +36,10 @@ from shared.bus.subjects import (
     WORKERS_BUCKET,
     consumer_name,
     jobs_subject,
+    routed_consumer_name,
+    routed_jobs_subject,
+    routed_jobs_wildcard,
+    worker_of_routed_subject,
 )
 from shared.settings import BusSettings
 
@@ -170,6 +174,34 @@ def jobs_consumer_config(model: str, settings: BusSettings) -> ConsumerConfig:
     )
 
 
+ROUTED_CONSUMER_INACTIVE_S = 3600.0  # a gone worker's consumer is deleted after an idle hour
+
+
+def routed_consumer_config(model: str, worker_id: str, settings: BusSettings) -> ConsumerConfig:
+    """The durable pull consumer of one worker's routed subject (docs/routing.md).
+
+    Its owner pulls it; any worker of the model may bind to it to move what waits too
+    long to the shared queue. No delivery cap: a routed job is run only on its first
+    delivery; every later one is moved, and the shared consumer counts runs from then on
+    (the move carries the runs so far)."""
+    return ConsumerConfig(
+        durable_name=routed_consumer_name(model, worker_id),
+        filter_subject=routed_jobs_subject(model, worker_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=-1,
+        inactive_threshold=ROUTED_CONSUMER_INACTIVE_S,
+    )
+
+
+async def ensure_routed_consumer(
+    js: JetStreamContext, model: str, worker_id: str, settings: BusSettings
+) -> None:
+    await js.add_consumer(JOBS_STREAM, routed_consumer_config(model, worker_id, settings))
+
+
 QUEUE_FULL_HINTS = ("maximum messages", "maximum bytes", "discard new")
 
 
@@ -184,7 +216,31 @@ async def ensure_jobs_consumer(js: JetStreamContext, model: str, settings: BusSe
 
 
 async def queue_depth(js: JetStreamContext, model: str) -> int:
-    """Jobs of `model` not yet delivered to any worker (the consumer's num_pending).
+    """Jobs of `model` no worker has pulled: the shared queue plus every routed subject."""
+    return await shared_backlog(js, model) + await routed_backlog(js, model)
+
+
+async def routed_backlog(js: JetStreamContext, model: str) -> int:
+    """Jobs routed to workers of `model` (prefix routing) not pulled yet."""
+    try:
+        info = await js.stream_info(JOBS_STREAM, subjects_filter=routed_jobs_wildcard(model))
+    except NotFoundError:
+        return 0
+    total = 0
+    for subject, count in (info.state.subjects or {}).items():
+        if not count:
+            continue
+        worker = worker_of_routed_subject(subject)
+        try:
+            consumer = await js.consumer_info(JOBS_STREAM, routed_consumer_name(model, worker))
+            total += int(consumer.num_pending or 0)
+        except NotFoundError:
+            total += int(count)  # no consumer (yet, or deleted idle): all of it waits
+    return total
+
+
+async def shared_backlog(js: JetStreamContext, model: str) -> int:
+    """Jobs in the model's shared queue not yet delivered (its consumer's num_pending).
 
     Before any worker created the consumer the whole subject is backlog, so count it in
     the stream instead.

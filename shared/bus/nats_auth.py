@@ -37,8 +37,11 @@ from shared.bus.subjects import (
     JOB_RECORDS_BUCKET,
     JOBS_STREAM,
     JOBS_WILDCARD,
+    KV_EVENTS_WILDCARD,
+    KV_SNAPSHOT_WILDCARD,
     MODELS_OBJECT_STORE,
     RATE_LIMITS_BUCKET,
+    SHARED_JOBS_WILDCARD,
     TOKENS_WILDCARD,
     WORKERS_BUCKET,
 )
@@ -107,6 +110,7 @@ def permissions(role: str, user: str | None = None) -> dict:
             CANCEL_WILDCARD,
             ATTACH_WILDCARD,
             HANDOFF_WILDCARD,
+            KV_SNAPSHOT_WILDCARD,  # prefix routing: ask a worker for its KV block hashes
             *_manage(shared_streams + own),
             *_read([EVENTS_STREAM, _kv(WORKERS_BUCKET), _obj(MODELS_OBJECT_STORE)]),
             *_read([_kv(JOB_RECORDS_BUCKET), *own, checkpoints]),
@@ -122,12 +126,17 @@ def permissions(role: str, user: str | None = None) -> dict:
         ]
         # llm.tokens.<job>: the Deltas LLM_EVENTS re-publishes to the API that asked.
         subscribe = [*inbox, ATTACH_WILDCARD, HANDOFF_WILDCARD, TOKENS_WILDCARD]
+        subscribe.append(KV_EVENTS_WILDCARD)  # prefix routing: workers' KV block events
         return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
     if role == "worker":
         publish = [
             *COMMON_PUBLISH,
             EVENTS_WILDCARD,
             DEAD_WILDCARD,
+            KV_EVENTS_WILDCARD,  # the KV blocks it holds, for prefix routing
+            # A routed job its worker did not run moves to the model's shared queue
+            # (`llm.jobs.<model>` only: no worker can route jobs to another).
+            SHARED_JOBS_WILDCARD,
             *_manage(shared_streams),
             f"{JS}.CONSUMER.CREATE.{JOBS_STREAM}.>",
             f"{JS}.CONSUMER.DURABLE.CREATE.{JOBS_STREAM}.>",
@@ -147,8 +156,14 @@ def permissions(role: str, user: str | None = None) -> dict:
             *inbox,
             CANCEL_WILDCARD,
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.>",
+            KV_SNAPSHOT_WILDCARD,  # snapshot requests, answered to the asker's inbox
         ]
-        return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+        return {
+            "publish": {"allow": publish},
+            "subscribe": {"allow": subscribe},
+            # Replies to requests it received (KV snapshots), and nothing else of others'.
+            "allow_responses": {"max": 256, "expires": "10s"},
+        }
     raise ValueError(f"unknown NATS role {role!r}; one of {ROLES}")
 
 

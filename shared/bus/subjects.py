@@ -23,6 +23,9 @@ ATTACH_PREFIX = "llm.attach"  # core: a client re-attached to a job; pending can
 # follows it with a plain subscription instead of a JetStream consumer per request.
 TOKENS_PREFIX = "llm.tokens"
 HANDOFF_PREFIX = "llm.handoff"  # core: a draining API hands a job's pending cancel to the others
+KV_EVENTS_PREFIX = "llm.kv"  # core: a worker's KV block hashes stored/evicted (kv_events.py)
+KV_SNAPSHOT_PREFIX = "llm.kvsnap"  # core request/reply: every hash a worker holds
+ROUTED_TOKEN = "w"  # llm.jobs.<model>.w.<worker>: a job routed to one worker (docs/routing.md)
 
 JOBS_WILDCARD = f"{JOBS_PREFIX}.>"
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.>"
@@ -31,6 +34,9 @@ DEAD_WILDCARD = f"{DEAD_PREFIX}.>"
 ATTACH_WILDCARD = f"{ATTACH_PREFIX}.*"
 TOKENS_WILDCARD = f"{TOKENS_PREFIX}.>"
 HANDOFF_WILDCARD = f"{HANDOFF_PREFIX}.*"
+KV_EVENTS_WILDCARD = f"{KV_EVENTS_PREFIX}.>"
+KV_SNAPSHOT_WILDCARD = f"{KV_SNAPSHOT_PREFIX}.>"
+SHARED_JOBS_WILDCARD = f"{JOBS_PREFIX}.*"  # the shared queues only, no routed subject
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -55,6 +61,32 @@ def jobs_subject(model: str) -> str:
 
 def consumer_name(model: str) -> str:
     return f"workers-{sanitize_model(model)}"
+
+
+def routed_jobs_subject(model: str, worker_id: str) -> str:
+    """The subject of jobs routed to one worker; only that worker's consumer reads it."""
+    return f"{JOBS_PREFIX}.{sanitize_model(model)}.{ROUTED_TOKEN}.{_token(worker_id, 'worker id')}"
+
+
+def routed_jobs_wildcard(model: str) -> str:
+    return f"{JOBS_PREFIX}.{sanitize_model(model)}.{ROUTED_TOKEN}.*"
+
+
+def routed_consumer_name(model: str, worker_id: str) -> str:
+    return f"routed-{sanitize_model(model)}-{_token(worker_id, 'worker id')}"
+
+
+def worker_of_routed_subject(subject: str) -> str:
+    """The worker id, last token of `llm.jobs.<model>.w.<worker>`."""
+    return subject.rsplit(".", 1)[-1]
+
+
+def kv_events_subject(model: str, worker_id: str) -> str:
+    return f"{KV_EVENTS_PREFIX}.{sanitize_model(model)}.{_token(worker_id, 'worker id')}"
+
+
+def kv_snapshot_subject(model: str, worker_id: str) -> str:
+    return f"{KV_SNAPSHOT_PREFIX}.{sanitize_model(model)}.{_token(worker_id, 'worker id')}"
 
 
 def events_subject(job_id: str) -> str:

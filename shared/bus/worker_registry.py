@@ -41,6 +41,13 @@ class WorkerStatus:
     dtype: str = ""  # float32 | bfloat16 | float16
     model_bytes: int = 0  # size of the weight files
     model_digest: str = ""  # sha256 hex identifying the checkpoint
+    # Prefix routing (docs/routing.md): the KV block size the worker hashes with, the
+    # (epoch, seq) of its latest KV event (a reader behind it asks for a snapshot), and the
+    # subject of jobs routed to it ("" from a worker that does not read one: never routed).
+    block_size: int = 0
+    kv_epoch: int = 0
+    kv_seq: int = 0
+    routed_subject: str = ""
 
     @property
     def key(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from shared.settings.bus import BusSettings
 from shared.settings.fields import setting
@@ -18,6 +18,18 @@ class ApiSettings(BusSettings):
         ge=0,
         env="API_DRAIN_TIMEOUT",
         help="on SIGTERM, new requests get 503 while open streams get this long to finish",
+    )
+    routing: Literal["queue", "prefix"] = setting(
+        "queue",
+        help="where jobs go: `queue`, the model's shared queue (the first free worker takes "
+        "each); `prefix`, the worker that holds most of the prompt's KV prefix, unless busier "
+        "than the prefill it saves, falling back to the shared queue (docs/routing.md)",
+    )
+    routing_load_tokens: float = setting(
+        64.0,
+        ge=0,
+        help="prefix routing: the prefill tokens one more running sequence on a worker is "
+        "worth (the load term of a worker's cost; waiting ones count 4x)",
     )
     reattach_grace_s: float = setting(
         0.0,

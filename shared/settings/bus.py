@@ -65,6 +65,13 @@ class BusSettings(LogSettings):
         help="a job whose worker sends no in-progress ack for this long is redelivered "
         "(workers ack every third of it; a worker needs more than 2 s)",
     )
+    route_fallback_s: float = setting(
+        1.0,
+        gt=0,
+        le=60,
+        help="a job routed to one worker (--routing prefix) that it has not pulled after this "
+        "long moves to the model's shared queue (workers check twice per period)",
+    )
     max_deliver: int = setting(
         5,
         ge=0,

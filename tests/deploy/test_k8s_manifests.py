@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from shared.bus.subjects import JOBS_STREAM, consumer_name
+from shared.metrics import api_metrics, new_registry
 from tests.support.deploy_files import (
     K8S,
     NATS_CLUSTER_CONF,
@@ -156,26 +157,38 @@ def test_nats_configmap_is_the_cluster_conf_file() -> None:
     assert cm.doc["data"]["cluster.conf"] == NATS_CLUSTER_CONF.read_text()
 
 
-def test_keda_scales_each_worker_deployment_on_its_consumer_lag() -> None:
+def test_keda_scales_each_worker_deployment_on_its_whole_backlog() -> None:
+    """The shared consumer's lag (NATS) and the API's queue_depth (shared + routed jobs)."""
     deployments = {d.name: d for d in k8s_by_kind("Deployment") if d.name.startswith("worker-")}
     scaled = k8s_by_kind("ScaledObject")
     assert {s.doc["spec"]["scaleTargetRef"]["name"] for s in scaled} == set(deployments)
+    api_series = {m._name for m in vars(api_metrics(new_registry())).values()}
     for s in scaled:
         spec = s.doc["spec"]
         assert s.doc["apiVersion"] == "keda.sh/v1alpha1"
         assert spec["scaleTargetRef"]["kind"] == "Deployment"
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-        (trigger,) = spec["triggers"]
-        assert trigger["type"] == "nats-jetstream"
-        meta = trigger["metadata"]
-        assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
+        triggers = {t["type"]: t["metadata"] for t in spec["triggers"]}
+        assert set(triggers) == {"nats-jetstream", "prometheus"}
+        for meta in triggers.values():
+            assert all(isinstance(v, str) for v in meta.values()), (
+                "KEDA metadata values are strings"
+            )
         deployment = deployments[spec["scaleTargetRef"]["name"]]
         model = deployment.doc["metadata"]["labels"]["jetserve.io/model"]
+        meta = triggers["nats-jetstream"]
         assert meta["stream"] == JOBS_STREAM
         assert meta["consumer"] == consumer_name(model)
         assert int(meta["lagThreshold"]) > 0
         host, port = meta["natsServerMonitoringEndpoint"].split(":")
         assert host.split(".")[0] == "nats-cluster" and port == "8222"
+        # The whole backlog: the API's gauge (shared + routed), one value per replica.
+        prom = triggers["prometheus"]
+        series = "jetserve:queue_depth"
+        assert series in api_series
+        assert prom["query"] == f'max({series}{{model_name="{model}"}})'
+        assert int(prom["threshold"]) == int(meta["lagThreshold"])
+        assert prom["serverAddress"].startswith("http")
         env = {
             e["name"]: e["value"]
             for e in deployment.doc["spec"]["template"]["spec"]["containers"][0]["env"]

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from services.api.routing.router import Router
 from shared.background_tasks import BackgroundTasks
 from shared.bus.job_events import last_delta
 from shared.bus.subjects import (
@@ -78,6 +79,7 @@ class JobClient:
     nc: NATS
     js: JetStreamContext
     reattach_grace_s: float = 0.0
+    router: Router | None = None  # --routing prefix: a worker's own subject when it pays
     _background: BackgroundTasks = field(
         default_factory=lambda: BackgroundTasks(log, "background_nats_call_failed")
     )
@@ -141,9 +143,15 @@ class JobClient:
         return sub, inbox
 
     async def publish_job(self, job: Job) -> int:
-        """Queue the job; its sequence in LLM_JOBS (what a cancel of a queued job deletes)."""
+        """Queue the job; its sequence in LLM_JOBS (what a cancel of a queued job deletes).
+
+        With a router, the job may go to one worker's subject (docs/routing.md); any
+        worker moves it to the shared queue if that one does not pull it in time."""
+        subject = jobs_subject(job.model)
+        if self.router is not None:
+            subject = self.router.route(job.model, job.prompt_token_ids).subject
         ack = await self.js.publish(
-            jobs_subject(job.model),
+            subject,
             encode_job(job),
             stream=JOBS_STREAM,
             headers={"Nats-Msg-Id": job.id},
