@@ -63,8 +63,11 @@ class EngineSettings(Settings):
     enable_prefix_caching: bool = setting(
         True, help="reuse the KV blocks of a prompt prefix already computed (chained block hashes)"
     )
-    attention_backend: Literal["auto", "torch", "triton"] = setting(
-        "auto", help="attention kernels: auto takes triton on CUDA and the torch reference on CPU"
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = setting(
+        "auto",
+        help="attention kernels: auto takes triton on CUDA and, on CPU, the C++ kernels "
+        "(cpu: built at first use, needs a C++ compiler and ninja) or the torch reference "
+        "(torch) where they cannot be built",
     )
     cuda_graphs: bool = setting(
         True,

@@ -37,12 +37,24 @@ class AttentionBackend(Protocol):
         ...
 
 
+BACKENDS = ("torch", "cpu", "triton")
+
+
 def resolve_backend_name(name: str, device: torch.device) -> str:
-    """'auto' takes Triton on CUDA and the torch reference elsewhere."""
+    """'auto' takes Triton on CUDA; on the CPU the C++ kernels where this host can build
+    them (a C++ compiler and ninja), else the torch reference."""
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name not in ("torch", "triton"):
-        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'torch' or 'triton'")
+        if device.type == "cuda":
+            return "triton"
+        from kernels.cpu.ops import available
+
+        return "cpu" if device.type == "cpu" and available() else "torch"
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose 'auto', {', '.join(map(repr, BACKENDS))}"
+        )
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs on the CPU, not on {device.type}")
     return name
 
 
@@ -57,6 +69,10 @@ def select_backend(
         from engine_worker.engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
+    if name == "cpu":
+        from engine_worker.engine.attention.cpu_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     from engine_worker.engine.attention.triton_backend import TritonAttentionBackend
     from kernels.paged_attention import PagedAttentionTiling
 

@@ -1,4 +1,4 @@
-"""The norm and rotary functions a model calls: torch references, or fused Triton kernels."""
+"""The norm and rotary functions a model calls: torch references, or fused Triton or C++ kernels."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ class LayerOps:
 
 
 def layer_ops_for(backend_name: str) -> LayerOps:
-    """The Triton backend brings the fused kernels along; the reference keeps torch ops."""
+    """The Triton and CPU backends bring their fused kernels along; the reference keeps
+    torch ops."""
+    if backend_name == "cpu":
+        from kernels.cpu.ops import rms_norm_cpu, rotary_cpu
+
+        return LayerOps(rms_norm=rms_norm_cpu, rotary=rotary_cpu)
     if backend_name == "triton":
         from kernels.rms_norm import rms_norm_triton
         from kernels.rotary import rotary_triton

@@ -9,16 +9,20 @@ from engine_worker.engine.attention.backend import select_backend
 from engine_worker.engine.attention.metadata import AttentionMetadata
 from engine_worker.engine.attention.torch_backend import TorchAttentionBackend
 from engine_worker.engine.attention.triton_backend import TritonAttentionBackend
+from kernels.cpu.ops import available as cpu_kernels_available
 from tests.support.paged_batch import build_paged_batch
 
 
 def test_selection() -> None:
     assert isinstance(select_backend("auto", torch.device("cuda")), TritonAttentionBackend)
-    assert isinstance(select_backend("auto", torch.device("cpu")), TorchAttentionBackend)
+    on_cpu = "cpu" if cpu_kernels_available() else "torch"
+    assert select_backend("auto", torch.device("cpu")).name == on_cpu
     assert isinstance(select_backend("triton", torch.device("cpu")), TritonAttentionBackend)
     assert isinstance(select_backend("torch", torch.device("cuda")), TorchAttentionBackend)
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_backend("flash", torch.device("cpu"))
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        select_backend("cpu", torch.device("cuda"))
 
 
 def test_backend_matches_torch_backend(device: torch.device) -> None:

@@ -1,0 +1,51 @@
+"""The CPU backend: C++ kernels that read the paged cache block by block (kernels/cpu/)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine_worker.engine.attention.metadata import AttentionMetadata
+from kernels.cpu.ops import available, paged_attention_cpu, write_kv_cache_cpu
+
+
+class CpuAttentionBackend:
+    """Same contract as ``TorchAttentionBackend``, chosen by 'auto' on a CPU that can build
+    the kernels. The reference gathers each decode's context into a padded copy per layer;
+    this one reads K/V in place through the block table with an online softmax."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        if not available():
+            raise RuntimeError(
+                "attention backend 'cpu' needs a C++ compiler and ninja to build its kernels; "
+                "use 'torch' or 'auto'"
+            )
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return paged_attention_cpu(
+            query,
+            k_cache,
+            v_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            scale,
+        )

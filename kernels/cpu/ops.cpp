@@ -1,0 +1,412 @@
+// CPU kernels for the engine's hot path: paged attention read block by block from the
+// cache (no gathered copy of K/V), the KV-cache write, and the fused RMSNorm and rotary
+// that would otherwise be a dozen small torch ops each. Built at first use by
+// kernels/cpu/build.py; kernels/cpu/ops.py wraps them and says what each returns.
+//
+// Everything accumulates in fp32 whatever the storage dtype (fp32, bf16, fp16), and
+// loops over the head dimension are written so the compiler vectorises them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr float kNegLarge = -1.0e30f;  // a finite "minus infinity": safe under vectorisation
+
+// exp for x <= 0 (softmax arguments after the max is taken out), branch-free so the
+// compiler vectorises a loop of it: 2^(x log2 e) split into integer and fraction, the
+// fraction through a degree-6 minimax polynomial (relative error under 2e-7).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.4426950408889634f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(fi) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof(bits));
+  return p;
+}
+
+template <typename T>
+inline float as_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Scores of every query row against one cached key, four rows per pass so each key
+// element is loaded once for four dot products (GQA rows share their kv head's keys).
+template <typename T>
+inline void scores_of_position(const float* qf, const T* k, float* out, int64_t rows, int64_t D,
+                               int64_t stride) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *q0 = qf + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int64_t d = 0; d < D; ++d) {
+      const float kd = as_float(k[d]);
+      d0 += q0[d] * kd;
+      d1 += q1[d] * kd;
+      d2 += q2[d] * kd;
+      d3 += q3[d] * kd;
+    }
+    out[r * stride] = d0;
+    out[(r + 1) * stride] = d1;
+    out[(r + 2) * stride] = d2;
+    out[(r + 3) * stride] = d3;
+  }
+  for (; r < rows; ++r) {
+    const float* q0 = qf + r * D;
+    float d0 = 0.0f;
+#pragma omp simd reduction(+ : d0)
+    for (int64_t d = 0; d < D; ++d) d0 += q0[d] * as_float(k[d]);
+    out[r * stride] = d0;
+  }
+}
+
+// acc[r] += p[r] * v for every row, four rows per pass over the value row.
+template <typename T>
+inline void accumulate_position(const float* p, const T* v, float* acc, int64_t rows, int64_t D,
+                                int64_t stride) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float p0 = p[r * stride], p1 = p[(r + 1) * stride], p2 = p[(r + 2) * stride],
+                p3 = p[(r + 3) * stride];
+    float *a0 = acc + r * D, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const float vd = as_float(v[d]);
+      a0[d] += p0 * vd;
+      a1[d] += p1 * vd;
+      a2[d] += p2 * vd;
+      a3[d] += p3 * vd;
+    }
+  }
+  for (; r < rows; ++r) {
+    const float p0 = p[r * stride];
+    float* a0 = acc + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) a0[d] += p0 * as_float(v[d]);
+  }
+}
+
+// One work item: the query rows of `num_tokens` consecutive tokens of one sequence times
+// the `group` query heads that share one kv head. K/V of each context block are read in
+// place through the block table; an online softmax carries the running max and sum.
+template <typename T>
+struct AttentionItem {
+  const T* q;
+  int64_t q_stride_t, q_stride_h;
+  const T* k_cache;
+  const T* v_cache;
+  int64_t c_stride_b, c_stride_s, c_stride_h;
+  const int32_t* block_table;
+  T* out;
+  int64_t o_stride_t, o_stride_h;
+  int64_t head_dim, block_size, group;
+  float scale;
+};
+
+template <typename T>
+void attend(const AttentionItem<T>& a, int64_t kv_head, int64_t first_token, int64_t num_tokens,
+            int64_t context_len, int64_t seq_len, std::vector<float>& scratch) {
+  const int64_t D = a.head_dim, G = a.group, rows = num_tokens * G, bs = a.block_size;
+  scratch.resize(static_cast<size_t>(rows * (2 * D + 2 + bs)));
+  float* qf = scratch.data();
+  float* acc = qf + rows * D;
+  float* m = acc + rows * D;
+  float* l = m + rows;
+  float* p = l + rows;  // [rows, block_size]: scores, then probabilities, of one block
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = first_token + r / G, h = kv_head * G + r % G;
+    const T* src = a.q + t * a.q_stride_t + h * a.q_stride_h;
+    float* dst = qf + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = as_float(src[d]) * a.scale;
+    std::fill(acc + r * D, acc + (r + 1) * D, 0.0f);
+    m[r] = kNegLarge;
+    l[r] = 0.0f;
+  }
+  // The last token of the item sees positions up to context_len + its index.
+  const int64_t reach = std::min(seq_len, context_len + first_token + num_tokens);
+  for (int64_t start = 0; start < reach; start += bs) {
+    const int64_t block = a.block_table[start / bs];
+    const T* kb = a.k_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const T* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const int64_t in_block = std::min(bs, reach - start);
+    for (int64_t j = 0; j < in_block; ++j) scores_of_position(qf, kb + j * a.c_stride_s, p + j, rows, D, bs);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* pr = p + r * bs;
+      const int64_t visible = context_len + first_token + r / G + 1 - start;
+      const int64_t n = std::max<int64_t>(std::min(in_block, visible), 0);
+      float block_max = kNegLarge;
+      for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, pr[j]);
+      const float m_new = std::max(m[r], block_max);
+      const float alpha = exp_nonpositive(m[r] - m_new);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        pr[j] = exp_nonpositive(pr[j] - m_new);
+        sum += pr[j];
+      }
+      for (int64_t j = n; j < in_block; ++j) pr[j] = 0.0f;  // future positions
+      float* ar = acc + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+    }
+    for (int64_t j = 0; j < in_block; ++j) accumulate_position(p + j, vb + j * a.c_stride_s, acc, rows, D, bs);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = first_token + r / G, h = kv_head * G + r % G;
+    T* dst = a.out + t * a.o_stride_t + h * a.o_stride_h;
+    const float inv = 1.0f / l[r];
+    const float* ar = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(ar[d] * inv);
+  }
+}
+
+void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dim() == 4, "caches are [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must share one shape and layout");
+  TORCH_CHECK(k_cache.stride(3) == 1, "the cache's head dim must be contiguous");
+}
+
+}  // namespace
+
+// Causal attention of every sequence's new tokens over its cached context. Sequence b owns
+// query rows query_start_loc[b]:query_start_loc[b+1]; its context is seq_lens[b] tokens,
+// the last of which are the new ones. Work is split into (sequence, kv head, token tile)
+// items so a batch of one-token decodes and a long prefill chunk both fill the threads.
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& query_start_loc,
+                              const at::Tensor& seq_lens, const at::Tensor& block_tables,
+                              double scale, int64_t tile_tokens) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query is [T, heads, head_dim]");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type(), "query and cache dtypes differ");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt &&
+                  block_tables.scalar_type() == at::kInt,
+              "query_start_loc, seq_lens and block_tables are int32");
+  TORCH_CHECK(query_start_loc.is_contiguous() && seq_lens.is_contiguous() &&
+                  block_tables.stride(1) == 1,
+              "metadata tensors must be contiguous");
+  const int64_t num_q_heads = query.size(1), head_dim = query.size(2);
+  const int64_t num_kv_heads = k_cache.size(2), block_size = k_cache.size(1);
+  TORCH_CHECK(num_q_heads % num_kv_heads == 0, "query heads must group over kv heads");
+  TORCH_CHECK(k_cache.size(3) == head_dim, "query and cache head dims differ");
+  const int64_t num_seqs = seq_lens.size(0);
+  auto out = at::empty(query.sizes(), query.options());
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t tile = std::max<int64_t>(tile_tokens, 1);
+  // Items of sequence b start at first_item[b]; each is (token tile, kv head).
+  std::vector<int64_t> first_item(num_seqs + 1, 0);
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = qsl[b + 1] - qsl[b];
+    TORCH_CHECK(q_len >= 0 && q_len <= lens[b], "query longer than its sequence");
+    first_item[b + 1] = first_item[b] + (q_len + tile - 1) / tile * num_kv_heads;
+  }
+  const int64_t total = first_item[num_seqs];
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
+        AttentionItem<scalar_t> a{query.data_ptr<scalar_t>(),
+                                  query.stride(0),
+                                  query.stride(1),
+                                  k_cache.data_ptr<scalar_t>(),
+                                  v_cache.data_ptr<scalar_t>(),
+                                  k_cache.stride(0),
+                                  k_cache.stride(1),
+                                  k_cache.stride(2),
+                                  nullptr,
+                                  out.data_ptr<scalar_t>(),
+                                  out.stride(0),
+                                  out.stride(1),
+                                  head_dim,
+                                  block_size,
+                                  num_q_heads / num_kv_heads,
+                                  static_cast<float>(scale)};
+        const int32_t* tables = block_tables.data_ptr<int32_t>();
+        const int64_t table_stride = block_tables.stride(0);
+        at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> scratch;
+          AttentionItem<scalar_t> item = a;
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t b =
+                std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
+            const int64_t local = i - first_item[b];
+            const int64_t tile_index = local / num_kv_heads, kv_head = local % num_kv_heads;
+            const int64_t q_start = qsl[b], q_len = qsl[b + 1] - qsl[b], seq_len = lens[b];
+            const int64_t first = tile_index * tile;
+            const int64_t count = std::min(tile, q_len - first);
+            item.q = a.q + q_start * a.q_stride_t;
+            item.out = a.out + q_start * a.o_stride_t;
+            item.block_table = tables + b * table_stride;
+            attend(item, kv_head, first, count, seq_len - q_len, seq_len, scratch);
+          }
+        });
+      });
+  return out;
+}
+
+// Scatters the step's new keys and values into their cache slots; negative slots are padding.
+void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+              const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(key.dim() == 3 && key.stride(2) == 1 && value.stride(2) == 1,
+              "key/value are [T, kv_heads, head_dim] with a contiguous head dim");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() &&
+                  value.scalar_type() == k_cache.scalar_type(),
+              "key/value and cache dtypes differ");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping is contiguous int64");
+  const int64_t num_tokens = key.size(0), heads = key.size(1), dim = key.size(2);
+  const int64_t block_size = k_cache.size(1);
+  const int64_t capacity = k_cache.size(0) * block_size;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv", [&] {
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;
+      TORCH_CHECK(slot < capacity, "slot ", slot, " is outside the cache");
+      const int64_t base = (slot / block_size) * k_cache.stride(0) + (slot % block_size) * k_cache.stride(1);
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(kc + base + h * k_cache.stride(2), k + t * key.stride(0) + h * key.stride(1),
+                    dim * sizeof(scalar_t));
+        std::memcpy(vc + base + h * v_cache.stride(2),
+                    v + t * value.stride(0) + h * value.stride(1), dim * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+template <typename T>
+void rms_norm_row(const T* x, const T* residual, T* summed, const T* w, T* out, int64_t hidden,
+                  float eps, float* h) {
+  if (residual != nullptr) {
+    for (int64_t i = 0; i < hidden; ++i) {
+      summed[i] = static_cast<T>(as_float(x[i]) + as_float(residual[i]));
+      h[i] = as_float(summed[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < hidden; ++i) h[i] = as_float(x[i]);
+  }
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < hidden; ++i) sq += h[i] * h[i];
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(hidden) + eps);
+  for (int64_t i = 0; i < hidden; ++i) {
+    const float normed = as_float(static_cast<T>(h[i] * rstd));
+    out[i] = static_cast<T>(as_float(w[i]) * normed);
+  }
+}
+
+// RMSNorm with the residual add fused: returns (weight * normed, x + residual). Rounds
+// where Hugging Face's Llama does: the sum and the normalised value in the storage dtype.
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                                    double eps, const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.stride(-1) == 1 && weight.is_contiguous(), "rows must be contiguous");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight and x dtypes differ");
+  const int64_t hidden = x.size(-1);
+  const int64_t rows = x.numel() / std::max<int64_t>(hidden, 1);
+  auto x2 = x.reshape({rows, hidden});
+  auto out = at::empty({rows, hidden}, x.options());
+  const bool has_residual = residual.has_value();
+  at::Tensor res2, summed;
+  if (has_residual) {
+    res2 = residual->reshape({rows, hidden});
+    TORCH_CHECK(res2.stride(1) == 1 && res2.scalar_type() == x.scalar_type(),
+                "residual must match x");
+    summed = at::empty({rows, hidden}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> h(hidden);
+      for (int64_t r = begin; r < end; ++r) {
+        rms_norm_row<scalar_t>(
+            x2.data_ptr<scalar_t>() + r * x2.stride(0),
+            has_residual ? res2.data_ptr<scalar_t>() + r * res2.stride(0) : nullptr,
+            has_residual ? summed.data_ptr<scalar_t>() + r * hidden : nullptr, w,
+            out.data_ptr<scalar_t>() + r * hidden, hidden, static_cast<float>(eps), h.data());
+      }
+    });
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (has_residual) return {out.view(shape), summed.view(shape)};
+  return {out.view(shape)};
+}
+
+template <typename T>
+void rotate_token(const at::Tensor& src, const at::Tensor& dst, int64_t t, const float* cs,
+                  int64_t half) {
+  const int64_t dim = 2 * half;
+  for (int64_t h = 0; h < src.size(1); ++h) {
+    const T* x = src.data_ptr<T>() + t * src.stride(0) + h * src.stride(1);
+    T* y = dst.data_ptr<T>() + (t * dst.size(1) + h) * dim;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = as_float(x[i]), x2 = as_float(x[i + half]);
+      y[i] = static_cast<T>(x1 * cs[i] - x2 * cs[half + i]);
+      y[i + half] = static_cast<T>(x2 * cs[i] + x1 * cs[half + i]);
+    }
+  }
+}
+
+// Rotary embedding (rotate-half layout) of q and k at their positions, into new contiguous
+// tensors. cos_sin is [max_positions, head_dim] fp32: cos in the first half, sin in the second.
+std::vector<at::Tensor> rotary(const at::Tensor& positions, const at::Tensor& query,
+                                  const at::Tensor& key, const at::Tensor& cos_sin) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "positions are contiguous int64");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
+              "cos_sin is contiguous fp32");
+  TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1, "head dims must be contiguous");
+  const int64_t num_tokens = query.size(0), dim = query.size(2), half = dim / 2;
+  auto q_out = at::empty(query.sizes(), query.options());
+  auto k_out = at::empty(key.sizes(), key.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* table = cos_sin.data_ptr<float>();
+  const int64_t max_pos = cos_sin.size(0);
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "position ", pos[t], " beyond the rotary table");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary", [&] {
+    at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cs = table + pos[t] * dim;
+        rotate_token<scalar_t>(query, q_out, t, cs, half);
+        rotate_token<scalar_t>(key, k_out, t, cs, half);
+      }
+    });
+  });
+  return {q_out, k_out};
+}
+
+TORCH_LIBRARY(jetserve_cpu, m) {
+  m.def("paged_attention", &paged_attention);
+  m.def("write_kv", &write_kv);
+  m.def("rms_norm", &rms_norm);
+  m.def("rotary", &rotary);
+}

@@ -1,0 +1,81 @@
+"""Python faces of the C++ CPU kernels, with the signatures of the torch references they
+replace (``paged_attention_ref``, ``write_kv_cache_ref``, ``rms_norm_ref``, ``rotary_ref``).
+
+Each call goes straight to ``torch.ops.jetserve_cpu``; ``available()`` says whether this
+host could build them (kernels/cpu/build.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.cpu.build import cpu_ops
+
+# Query tokens of one sequence per work item: decodes are one token, a prefill chunk is cut
+# in tiles so its rows spread over the threads while each tile reads its K/V blocks once.
+PREFILL_TILE_TOKENS = 16
+
+
+def available() -> bool:
+    return cpu_ops() is not None
+
+
+def _ops():
+    ops = cpu_ops()
+    if ops is None:
+        raise RuntimeError("the C++ CPU kernels are not built on this host; use the torch backend")
+    return ops
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # int32 [B+1]
+    seq_lens: torch.Tensor,  # int32 [B]
+    block_tables: torch.Tensor,  # int32 [B, max_blocks]
+    scale: float,
+    tile_tokens: int = PREFILL_TILE_TOKENS,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached context, reading K/V
+    block by block through the table (nothing gathered, nothing padded)."""
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    return _ops().paged_attention(
+        query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, tile_tokens
+    )
+
+
+def write_kv_cache_cpu(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # int64 [T]; negative slots are skipped
+) -> None:
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    _ops().write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm_cpu(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(normed, x + residual) as ``rms_norm_ref``, in one pass over each row."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = _ops().rms_norm(x, weight, eps, residual)
+    return (out[0], out[1]) if residual is not None else (out[0], None)
+
+
+def rotary_cpu(
+    positions: torch.Tensor,  # int64 [T]
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hkv, D]
+    cos_sin_cache: torch.Tensor,  # [max_positions, D] fp32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (query, key) as new contiguous tensors; the inputs are left untouched."""
+    q, k = _ops().rotary(positions, query, key, cos_sin_cache)
+    return q, k
