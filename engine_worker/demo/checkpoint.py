@@ -100,6 +100,9 @@ class TrainingPlan:
     threads: int = 1
     tokenizer_docs: int = 4000
     init_std: float = 0.02
+    # Share of copy/edit conversations in the corpus (corpus.copy_conversation): 0 for the
+    # demo model; the speculative decoding benchmark trains models that copy.
+    copy_fraction: float = 0.0
 
 
 @dataclass
@@ -242,7 +245,12 @@ def pack_documents(docs: list[list[int]], row_len: int, pad_id: int) -> list[lis
 
 
 def training_rows(
-    tokenizer: Tokenizer, seed: int, num_rows: int, row_len: int, pad_id: int
+    tokenizer: Tokenizer,
+    seed: int,
+    num_rows: int,
+    row_len: int,
+    pad_id: int,
+    copy_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets, ``num_rows`` x ``row_len``, in corpus order (itself seeded).
 
@@ -251,7 +259,7 @@ def training_rows(
     """
     n = max(64, num_rows * 4)
     while True:
-        texts = demo_corpus(seed, n)
+        texts = demo_corpus(seed, n, copy_fraction=copy_fraction)
         encoded = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
         rows = pack_documents(encoded, row_len + 1, pad_id)
         if len(rows) > num_rows:  # the last row may be partial; never use it
@@ -460,6 +468,8 @@ def build_demo_checkpoint(
     say = progress or (lambda _msg: None)
 
     with _deterministic_torch(plan.threads):
+        # The tokenizer comes from the plain corpus whatever the plan: models trained on
+        # other mixes share it, so one can draft for another (speculative decoding).
         texts = demo_corpus(seed, plan.tokenizer_docs)
         tokenizer = train_bpe_tokenizer(
             texts, shape.vocab_size, SPECIAL_TOKENS, bos_token=BOS_TOKEN
@@ -467,7 +477,12 @@ def build_demo_checkpoint(
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         pad_id = tokenizer.token_to_id(EOS_TOKEN)
         inputs, targets = training_rows(
-            tokenizer, seed, plan.steps * plan.batch_size, plan.seq_len, pad_id
+            tokenizer,
+            seed,
+            plan.steps * plan.batch_size,
+            plan.seq_len,
+            pad_id,
+            plan.copy_fraction,
         )
         gen = torch.Generator().manual_seed(seed)
         model = trainable_model(shape, vocab, plan.seq_len)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -428,16 +429,43 @@ def _raise(message: str) -> None:
     raise ValueError(message)
 
 
-def demo_corpus(seed: int, n: int, chat_fraction: float = 0.5) -> list[str]:
+COPY_WORDS = ("small", "green", "happy", "old", "bright", "quiet", "tall", "kind")
+
+
+def copy_conversation(r: random.Random) -> list[dict[str, str]]:
+    """A passage to repeat, or to repeat with one word replaced: the output repeats the
+    input, the workload prompt-lookup speculation is for (benchmarks/spec_decode_bench.py)."""
+    passage = plain_document(r)
+    if r.random() < 0.5:
+        return [
+            {"role": "user", "content": f"Repeat this passage: {passage}"},
+            {"role": "assistant", "content": passage},
+        ]
+    words = sorted({w for w in re.findall(r"[a-z]{4,}", passage)})
+    old = r.choice(words) if words else "the"
+    new = r.choice(COPY_WORDS)
+    edited = re.sub(rf"\b{old}\b", new, passage)
+    return [
+        {"role": "user", "content": f"Replace {old} with {new} in this passage: {passage}"},
+        {"role": "assistant", "content": edited},
+    ]
+
+
+def demo_corpus(
+    seed: int, n: int, chat_fraction: float = 0.5, copy_fraction: float = 0.0
+) -> list[str]:
     """``n`` training documents with their special tokens, ready to encode without adding any.
 
     Plain documents are ``<s>text</s>``; chat documents are full conversations rendered with
-    ``CHAT_TEMPLATE``. The same ``seed`` and ``n`` always give the same list.
+    ``CHAT_TEMPLATE``; ``copy_fraction`` of them (none by default, which leaves the corpus
+    as it always was) are `copy_conversation`s. The same arguments always give the same list.
     """
     r = random.Random(seed)
     docs: list[str] = []
     for _ in range(n):
-        if r.random() < chat_fraction:
+        if copy_fraction and r.random() < copy_fraction:
+            docs.append(render_chat(copy_conversation(r)))
+        elif r.random() < chat_fraction:
             docs.append(render_chat(chat_conversation(r)))
         else:
             docs.append(f"{BOS_TOKEN}{plain_document(r)}{EOS_TOKEN}")

@@ -40,3 +40,32 @@ def test_pack_documents_starts_rows_at_documents() -> None:
     rows = pack_documents([[0, 5, 6], [0, 7], [0, 8, 9, 10, 11, 12]], row_len=5, pad_id=1)
     assert rows == [[0, 5, 6, 0, 7], [0, 8, 9, 10, 11]]
     assert pack_documents([[0, 5], [0, 6]], row_len=5, pad_id=1) == [[0, 5, 0, 6, 1]]
+
+
+def test_copy_conversations_repeat_their_passage() -> None:
+    """The speculative decoding benchmark's models learn these: the answer is the
+    passage, or the passage with the one word replaced."""
+    import random
+    import re
+
+    from engine_worker.demo.corpus import copy_conversation
+
+    r = random.Random(5)
+    for _ in range(50):
+        user, assistant = copy_conversation(r)
+        prompt, answer = user["content"], assistant["content"]
+        if prompt.startswith("Repeat this passage: "):
+            assert answer == prompt.removeprefix("Repeat this passage: ")
+        else:
+            old, new, passage = re.fullmatch(
+                r"Replace (\w+) with (\w+) in this passage: (.*)", prompt
+            ).groups()
+            assert answer == re.sub(rf"\b{old}\b", new, passage)
+
+
+def test_copy_fraction_zero_is_the_demo_corpus() -> None:
+    from engine_worker.demo.corpus import demo_corpus
+
+    assert demo_corpus(3, 40, copy_fraction=0.0) == demo_corpus(3, 40)
+    mixed = demo_corpus(3, 40, copy_fraction=0.5)
+    assert sum("this passage:" in d for d in mixed) > 5
