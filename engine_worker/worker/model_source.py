@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 
 from shared.bus.model_store import Manifest, ModelStoreError, fetch, get_manifest
+from shared.bus.nats_connect import connect_options
 from shared.hub import download, is_hub_id
 from shared.logging import get_logger
 from shared.settings import WorkerSettings
@@ -59,6 +60,7 @@ async def _from_store(settings: WorkerSettings) -> Path | None:
         settings.nats_url,
         name=f"jetserve-worker-fetch-{settings.worker_id}",
         connect_timeout=CONNECT_TIMEOUT_S,
+        **connect_options(settings),  # its identity and TLS, like its main connection
     )
     bar = ByteProgress()
 

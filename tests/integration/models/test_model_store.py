@@ -5,6 +5,7 @@ refused with a clear error."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -150,3 +151,31 @@ async def test_a_corrupted_chunk_is_refused_with_a_clear_error(
         await try_fetch(url, "never-pushed", cache)
     bad_push = models_cli(url, "push", str(tmp_path), "--name", "x")
     assert bad_push.returncode == 1 and "no config.json" in bad_push.stderr
+
+
+def test_a_worker_fetches_its_model_as_its_own_identity(tmp_path: Path, tiny_llama: Path) -> None:
+    """With NATS identities on (every deployment), the worker's fetch of a stored model
+    connects as the worker, not anonymously (compose's `--model jetserve-demo` failed so)."""
+    stack = Stack.create(tmp_path / "stack", tiny_llama, secured=True)
+    try:
+        env = {**stack.nats.identity_env("operator"), "JETSERVE_NATS_URL": stack.nats_url}
+        pushed = subprocess.run(
+            [sys.executable, "-m", "services.cli", "models", "push", str(tiny_llama),
+             "--name", "stored-tiny"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}, **env},
+        )  # fmt: skip
+        assert pushed.returncode == 0, pushed.stderr
+        worker = stack.start_worker("--model-cache", str(tmp_path / "cache"), model_dir=Path("stored-tiny"))  # fmt: skip
+        events = [e.get("event") for e in worker.log_events()]
+        assert "model_ready" in events
+        stack.start_api()
+        client = ollama.Client(host=stack.api.url, timeout=60)
+        got = client.generate(model="stored-tiny", prompt=PROMPT, raw=True,
+                              options={"temperature": 0, "num_predict": 4})  # fmt: skip
+        assert got.done
+        violations = [line for line in stack.nats.log_path.read_text().splitlines()
+                      if "Violation" in line or "Authorization Error" in line]  # fmt: skip
+        assert not violations, violations[:3]
+    finally:
+        stack.close()
