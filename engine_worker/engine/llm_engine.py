@@ -26,6 +26,7 @@ from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
 from engine_worker.engine.speculative.counters import SpecCounters
+from engine_worker.engine.speculative.draft_model import DraftModelProposer
 from engine_worker.engine.speculative.ngram import NgramProposer
 from engine_worker.engine.speculative.verify import verify
 from engine_worker.engine.structured.constraint import SequenceConstraint
@@ -114,6 +115,17 @@ class LLMEngine:
             self.proposer = NgramProposer(
                 config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min
             )
+        elif config.speculative_method == "draft":
+            self.proposer = DraftModelProposer(
+                config.speculative_model,
+                mc,
+                num_blocks,
+                block_size,
+                limit,
+                self.dtype,
+                self.device,
+                backend_name,
+            )
 
     def _num_kv_blocks(self, model: torch.nn.Module, limit: int, backend_name: str) -> int:
         """--num-kv-blocks, else what the KV cache budget (kv_budget.py) holds."""
@@ -160,7 +172,7 @@ class LLMEngine:
         self.grammars: GrammarCache | None = None
         self.masks: MaskFiller | None = None
         # Speculative decoding: set by __init__ when configured (never on the simulated device).
-        self.proposer: NgramProposer | None = None
+        self.proposer: NgramProposer | DraftModelProposer | None = None
         self.spec_counters = SpecCounters()
 
     @property
@@ -317,6 +329,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        if isinstance(self.proposer, DraftModelProposer):
+            speculating = [seq for seq, _ in batch.items if seq.spec_token_ids]
+            if speculating:
+                self.proposer.fill(speculating)
         # Embedding sequences never sample: their prefill ends in a pooled vector instead.
         sample_mask = [
             seq.num_computed_tokens + n - len(seq.spec_token_ids) == seq.num_tokens
@@ -407,6 +423,10 @@ class LLMEngine:
                 seqs.append(seq)
                 limits.append(min(k, room - 1))
         if not seqs:
+            return
+        if isinstance(self.proposer, DraftModelProposer):
+            for seq, limit in zip(seqs, limits, strict=True):
+                seq.spec_token_ids = [0] * limit  # room the scheduler reserves; fill() proposes
             return
         proposals = self.proposer.propose([s.token_ids for s in seqs], limits)
         for seq, proposal in zip(seqs, proposals, strict=True):

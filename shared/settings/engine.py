@@ -77,11 +77,11 @@ class EngineSettings(Settings):
     seed: int = setting(
         0, ge=0, help="seed of the engine's sampler for requests that bring no seed of their own"
     )
-    speculative_method: Literal["off", "ngram"] = setting(
+    speculative_method: Literal["off", "ngram", "draft"] = setting(
         "off",
         help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
-        "occurrence of the sequence's last n tokens (prompt lookup, no extra model); the "
-        "model then checks every proposal in one forward. "
+        "occurrence of the sequence's last n tokens (prompt lookup, no extra model); draft "
+        "runs --speculative-model; the model then checks every proposal in one forward. "
         "Greedy outputs are unchanged and sampled ones keep their distribution",
     )
     num_speculative_tokens: int = setting(
@@ -92,6 +92,12 @@ class EngineSettings(Settings):
     )
     ngram_prompt_lookup_min: int = setting(
         1, ge=1, le=16, help="shortest suffix n-gram the ngram proposer falls back to"
+    )
+    speculative_model: str = setting(
+        "",
+        help="draft model folder for --speculative-method draft: a smaller checkpoint with "
+        "the target's tokenizer, run in the same worker with its own paged KV cache (as "
+        "many blocks as the target's, not counted in --kv-cache-memory)",
     )
     load_format: Literal["safetensors", "dummy", "simulated"] = setting(
         "safetensors",
@@ -115,6 +121,8 @@ class EngineSettings(Settings):
     def _speculation_consistent(self) -> EngineSettings:
         if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
             raise ValueError("--ngram-prompt-lookup-min exceeds --ngram-prompt-lookup-max")
+        if (self.speculative_method == "draft") != bool(self.speculative_model):
+            raise ValueError("--speculative-method draft and --speculative-model go together")
         return self
 
     @field_validator("block_size")

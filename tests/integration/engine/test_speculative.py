@@ -1,4 +1,5 @@
-"""Speculative decoding inside continuous batching gives the tokens plain decoding gives.
+"""Speculative decoding inside continuous batching gives the tokens plain decoding gives,
+with either proposer: prompt lookup (ngram) or a draft model.
 
 Greedy: token-identical to the plain engine and to Hugging Face transformers, with chunked
 prefill, prefix caching, preemption, n > 1, logprobs, takeover (resume) and plain
@@ -192,3 +193,58 @@ def test_no_unverified_token_reaches_a_delta(tiny_llama, plain_greedy) -> None:
                 want = plain_greedy[int(out.request_id[1:])]
                 assert seen[out.request_id] == want[: len(seen[out.request_id])]
                 assert len(d.token_ids) <= 1 + engine.config.num_speculative_tokens
+
+
+@pytest.fixture(scope="module")
+def other_llama(tmp_path_factory) -> Path:
+    """Another random tiny Llama with the same tokenizer: a draft that is mostly wrong."""
+    from tests.support.model_factory import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("draft-llama"), arch="llama", seed=5)
+
+
+@pytest.mark.parametrize("name", ["default", "chunked_prefill", "preemption"])
+def test_draft_model_greedy_matches_plain(tiny_llama, other_llama, plain_greedy, name) -> None:
+    """With the target as its own draft every proposal must hold: any slip in the draft's
+    KV cache (catch-up, rollback, preemption) would show as a rejection."""
+    kw = CONFIGS[name]
+    for draft, all_accepted in ((tiny_llama, True), (other_llama, False)):
+        llm = LLM(
+            str(tiny_llama),
+            speculative_method="draft",
+            speculative_model=str(draft),
+            num_speculative_tokens=3,
+            **kw,
+        )
+        assert [out[0] for out in run(llm, PROMPTS, GREEDY)] == plain_greedy
+        spec = llm.engine.stats().spec
+        assert spec.num_drafts > 0
+        if all_accepted:
+            assert spec.num_accepted_tokens == spec.num_draft_tokens
+        if name == "preemption":
+            assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.block_manager.num_free_blocks == kw["num_kv_blocks"]
+
+
+def test_draft_model_seeded_sampling_is_token_identical(tiny_llama) -> None:
+    params = SamplingParams(max_tokens=20, temperature=0.8, top_k=30, seed=9, n=2, ignore_eos=True)
+    plain = LLM(str(tiny_llama), block_size=4, num_kv_blocks=256)
+    spec = LLM(
+        str(tiny_llama),
+        block_size=4,
+        num_kv_blocks=256,
+        speculative_method="draft",
+        speculative_model=str(tiny_llama),
+    )
+    assert run(spec, PROMPTS, params) == run(plain, PROMPTS, params)
+    assert spec.engine.stats().spec.num_accepted_tokens > 0
+
+
+def test_draft_model_must_share_the_vocabulary(tiny_llama, tmp_path) -> None:
+    import json
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg["vocab_size"] += 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="same tokenizer"):
+        LLM(str(tiny_llama), speculative_method="draft", speculative_model=str(tmp_path))

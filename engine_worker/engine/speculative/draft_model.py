@@ -1,0 +1,134 @@
+"""The draft-model proposer: a smaller checkpoint of the same tokenizer proposes its own
+greedy continuation, run in the engine's process with its own paged KV cache.
+
+The draft's cache has as many blocks as the target's and is indexed by the same block
+tables, so the block manager's accounting (allocation, preemption, prefix caching,
+rollback of rejected tokens) covers both caches at once. It proposes after the
+scheduler has allocated the step's blocks: the scheduler reserves room for the proposals
+(placeholders of the right length), then `fill` computes them into that room. Per
+sequence it remembers how many positions of its own cache hold valid keys and values
+(never more than the target has verified), and catches up on the rest (a new prompt,
+accepted tokens, a re-prefill after preemption) in the step's first draft forward.
+
+Its proposals are point masses (the draft's argmax), so verification is the exact test
+of speculative/verify.py for greedy and sampled requests alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine_worker.engine.attention.backend import select_backend
+from engine_worker.engine.config import ModelConfig, load_model_config
+from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache
+from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.loader import build_model, load_weights
+from engine_worker.engine.sequence import Sequence
+
+
+@dataclass
+class _DraftView:
+    """What the runner reads of a sequence, as the draft model sees it."""
+
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_table: list[int]
+    spec_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    num_preemptions: int  # a preemption freed the blocks: the draft's KV went with them
+    num_computed: int  # positions whose draft KV is valid (if the tokens there still hold)
+
+
+class DraftModelProposer:
+    needs_blocks = True  # proposes into the blocks the scheduler allocated for the step
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        target: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        max_positions: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        backend_name: str,
+    ) -> None:
+        cfg = load_model_config(model_dir)
+        if cfg.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({cfg.vocab_size}) is not the target's "
+                f"({target.vocab_size}): a draft needs the same tokenizer"
+            )
+        if cfg.max_position_embeddings < max_positions:
+            raise ValueError(
+                f"the draft model takes {cfg.max_position_embeddings} positions, fewer "
+                f"than the target's context ({max_positions}); set --max-model-len"
+            )
+        model = build_model(
+            cfg, dtype, device, max_positions=max_positions, ops=layer_ops_for(backend_name)
+        )
+        load_weights(model, Path(model_dir))
+        kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype, device)
+        self.config = cfg
+        self.runner = ModelRunner(
+            model, kv, select_backend(backend_name, device), block_size, device
+        )
+        self._progress: dict[int, _Progress] = {}
+
+    def _valid_prefix(self, seq: Sequence) -> int:
+        p = self._progress.get(seq.seq_id)
+        if p is None or p.num_preemptions != seq.num_preemptions:
+            return 0
+        return min(p.num_computed, seq.num_computed_tokens)
+
+    def fill(self, seqs: list[Sequence]) -> None:
+        """Replace each sequence's placeholder proposals with the draft's greedy tokens."""
+        progress: dict[int, _Progress] = {}
+        drafts: list[list[int]] = [[] for _ in seqs]
+        # First forward: catch up on every position not yet in the draft's cache, ending
+        # at the last real token, whose logits give the first proposal.
+        views = [
+            _DraftView(seq.token_ids, self._valid_prefix(seq), seq.block_table) for seq in seqs
+        ]
+        items = [(v, len(v.token_ids) - v.num_computed_tokens) for v in views]
+        for i, token in enumerate(self._greedy(items)):
+            drafts[i].append(token)
+        # Then one decode per further proposal, for the sequences that want more.
+        for j in range(1, max(len(s.spec_token_ids) for s in seqs)):
+            want = [i for i, s in enumerate(seqs) if len(s.spec_token_ids) > j]
+            items = [
+                (
+                    _DraftView(
+                        [*seqs[i].token_ids, *drafts[i]],
+                        seqs[i].num_tokens + j - 1,
+                        seqs[i].block_table,
+                    ),
+                    1,
+                )
+                for i in want
+            ]
+            for i, token in zip(want, self._greedy(items), strict=True):
+                drafts[i].append(token)
+        for seq, draft in zip(seqs, drafts, strict=True):
+            seq.spec_token_ids = draft[: len(seq.spec_token_ids)]
+            # Its cache now holds the real tokens and every proposal but the last.
+            progress[seq.seq_id] = _Progress(
+                seq.num_preemptions, seq.num_tokens + len(seq.spec_token_ids) - 1
+            )
+        self._progress = progress
+
+    def _greedy(self, items: list[tuple[_DraftView, int]]) -> list[int]:
+        """The draft's argmax after each item's tokens (items in any order)."""
+        order = sorted(range(len(items)), key=lambda i: items[i][1] != 1)  # decodes first
+        logits = self.runner.execute([items[i] for i in order], [True] * len(items))  # type: ignore[misc]
+        tokens = logits.argmax(dim=-1).tolist()
+        out = [0] * len(items)
+        for row, i in enumerate(order):
+            out[i] = tokens[row]
+        return out
