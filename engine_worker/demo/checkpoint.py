@@ -216,7 +216,7 @@ def init_weights(model: LlamaForCausalLM, generator: torch.Generator, std: float
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("o_weight", "down_weight")):
+            elif name.endswith(("o_proj.weight", "down.weight")):
                 p.normal_(0.0, resid_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)

@@ -21,6 +21,7 @@ from engine_worker.engine.model_runner import (
 )
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
+from engine_worker.engine.models.quantization import quantize_model
 from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
@@ -97,6 +98,8 @@ class LLMEngine:
             load_weights(model, self.model_dir)
         else:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
+        if config.quantization != "none":
+            quantize_model(model, config.quantization)
 
         block_size = config.block_size
         num_blocks = self._num_kv_blocks(model, limit, backend_name)
@@ -181,7 +184,9 @@ class LLMEngine:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.runner.model.parameters())
+        model = self.runner.model
+        quantized = sum(b.numel() for n, b in model.named_buffers() if n.endswith("qweight"))
+        return sum(p.numel() for p in model.parameters()) + quantized
 
     # -- requests -----------------------------------------------------------
     def add_request(

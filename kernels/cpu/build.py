@@ -9,6 +9,7 @@ the engine keeps the torch reference ops.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("ops.cpp")
 # -march=native: the extension is built on, and cached for, the machine that runs it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+
+def extension_name() -> str:
+    """Named by the source's digest: checkouts with different kernels (two versions on
+    one host, a downgrade) each keep their own build in the cache instead of rebuilding
+    over one another."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
+    return f"jetserve_cpu_ops_{digest[:12]}"
 
 
 def missing_toolchain() -> str | None:
@@ -46,7 +55,7 @@ def cpu_ops() -> Any:
 
     try:
         load(
-            name="jetserve_cpu_ops",
+            name=extension_name(),
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],

@@ -404,9 +404,86 @@ std::vector<at::Tensor> rotary(const at::Tensor& positions, const at::Tensor& qu
   return {q_out, k_out};
 }
 
+// y = x w^T * scales for int8 weights [N, K] with one fp32 scale per output channel, x
+// [M, K] in fp32/bf16/fp16 (small M: a decode batch). Weights are the bytes that bound a
+// decode step: each is read once per row of x, widened to fp32 in registers. Four output
+// channels and two halves of K make eight independent accumulator chains, enough to hide
+// the FMA latency. Threads split the output channels.
+template <typename T>
+void int8_four_channels(const T* x, const int8_t* w, int64_t K, const float* scale, T* y) {
+  const int8_t *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  const int64_t h = K / 2;
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+  for (int64_t k = 0; k < h; ++k) {
+    const float xa = as_float(x[k]), xb = as_float(x[k + h]);
+    a0 += xa * static_cast<float>(w0[k]);
+    a1 += xa * static_cast<float>(w1[k]);
+    a2 += xa * static_cast<float>(w2[k]);
+    a3 += xa * static_cast<float>(w3[k]);
+    b0 += xb * static_cast<float>(w0[k + h]);
+    b1 += xb * static_cast<float>(w1[k + h]);
+    b2 += xb * static_cast<float>(w2[k + h]);
+    b3 += xb * static_cast<float>(w3[k + h]);
+  }
+  if (K % 2) {
+    const float xl = as_float(x[K - 1]);
+    a0 += xl * w0[K - 1];
+    a1 += xl * w1[K - 1];
+    a2 += xl * w2[K - 1];
+    a3 += xl * w3[K - 1];
+  }
+  y[0] = static_cast<T>((a0 + b0) * scale[0]);
+  y[1] = static_cast<T>((a1 + b1) * scale[1]);
+  y[2] = static_cast<T>((a2 + b2) * scale[2]);
+  y[3] = static_cast<T>((a3 + b3) * scale[3]);
+}
+
+template <typename T>
+void int8_one_channel(const T* x, const int8_t* w, int64_t K, float scale, T* y) {
+  float d0 = 0.0f;
+#pragma omp simd reduction(+ : d0)
+  for (int64_t k = 0; k < K; ++k) d0 += as_float(x[k]) * static_cast<float>(w[k]);
+  *y = static_cast<T>(d0 * scale);
+}
+
+template <typename T>
+void int8_channels(const T* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
+                   const float* scales, T* y, int64_t ldy, int64_t begin, int64_t end) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * ldx;
+    T* yr = y + m * ldy;
+    int64_t n = begin;
+    for (; n + 4 <= end; n += 4) int8_four_channels<T>(xr, w + n * K, K, scales + n, yr + n);
+    for (; n < end; ++n) int8_one_channel<T>(xr, w + n * K, K, scales[n], yr + n);
+  }
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x is [M, K] with contiguous rows");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2,
+              "weight is contiguous int8 [N, K]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales are fp32 [N]");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K && scales.numel() == N, "shapes of x, weight, scales differ");
+  auto y = at::empty({M, N}, x.options());
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_linear", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t ldx = x.stride(0);
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      int8_channels<scalar_t>(xp, ldx, M, w, K, sc, yp, N, begin, end);
+    });
+  });
+  return y;
+}
+
 TORCH_LIBRARY(jetserve_cpu, m) {
   m.def("paged_attention", &paged_attention);
   m.def("write_kv", &write_kv);
   m.def("rms_norm", &rms_norm);
   m.def("rotary", &rotary);
+  m.def("int8_linear", &int8_linear);
 }

@@ -69,6 +69,13 @@ class EngineSettings(Settings):
         "(cpu: built at first use, needs a C++ compiler and ninja) or the torch reference "
         "(torch) where they cannot be built",
     )
+    quantization: Literal["none", "int8", "fp8"] = setting(
+        "none",
+        help="weight-only quantization of every Linear, applied at load from an ordinary "
+        "checkpoint with one scale per output channel: int8 (a quarter of fp32's bytes) or "
+        "fp8 e4m3 (fp8 matmuls on GPUs that have them, dequantized elsewhere); "
+        "none keeps --dtype",
+    )
     cuda_graphs: bool = setting(
         True,
         help="capture decode steps in CUDA graphs (CUDA with the triton backend only); "

@@ -17,6 +17,7 @@ from engine_worker.engine.attention.backend import AttentionBackend
 from engine_worker.engine.attention.metadata import AttentionMetadata
 from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.models.layers import LayerOps
+from engine_worker.engine.models.linear import Linear
 from kernels.rotary import build_cos_sin_cache
 
 
@@ -47,9 +48,8 @@ class Attention(nn.Module):
         )
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_weight = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size)
-        self.qkv_bias = _param(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
-        self.o_weight = _param(cfg.hidden_size, self.q_size)
+        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.rotary = ops.rotary
@@ -59,7 +59,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token q, k, v ([T, heads, head_dim]) after the q/k norms and rotary."""
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale)
-        return F.linear(o.reshape(-1, self.q_size), self.o_weight)
+        return self.o_proj(o.reshape(-1, self.q_size))
 
     def forward_causal(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, batch: int
@@ -96,19 +96,19 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, enable_gqa=True
         )
-        return F.linear(o.transpose(1, 2).reshape(-1, self.q_size), self.o_weight)
+        return self.o_proj(o.transpose(1, 2).reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_weight = _param(2 * cfg.intermediate_size, cfg.hidden_size)
-        self.down_weight = _param(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).split(self.intermediate, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -161,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed = _param(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer(
             "cos_sin",
             build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling),
@@ -199,5 +199,6 @@ class LlamaForCausalLM(nn.Module):
         return self.compute_logits(hidden).view(batch, length, -1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed).float()
+        return self.lm_head(hidden).float()

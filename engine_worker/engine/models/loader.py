@@ -19,25 +19,25 @@ from engine_worker.engine.models.llama import LlamaForCausalLM
 # HF name -> (our parameter, which slice of a fused weight)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
-    "self_attn.q_proj.weight": ("attn.qkv_weight", "q"),
-    "self_attn.k_proj.weight": ("attn.qkv_weight", "k"),
-    "self_attn.v_proj.weight": ("attn.qkv_weight", "v"),
-    "self_attn.q_proj.bias": ("attn.qkv_bias", "q"),
-    "self_attn.k_proj.bias": ("attn.qkv_bias", "k"),
-    "self_attn.v_proj.bias": ("attn.qkv_bias", "v"),
-    "self_attn.o_proj.weight": ("attn.o_weight", None),
+    "self_attn.q_proj.weight": ("attn.qkv.weight", "q"),
+    "self_attn.k_proj.weight": ("attn.qkv.weight", "k"),
+    "self_attn.v_proj.weight": ("attn.qkv.weight", "v"),
+    "self_attn.q_proj.bias": ("attn.qkv.bias", "q"),
+    "self_attn.k_proj.bias": ("attn.qkv.bias", "k"),
+    "self_attn.v_proj.bias": ("attn.qkv.bias", "v"),
+    "self_attn.o_proj.weight": ("attn.o_proj.weight", None),
     "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
     "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
-    "mlp.gate_proj.weight": ("mlp.gate_up_weight", "gate"),
-    "mlp.up_proj.weight": ("mlp.gate_up_weight", "up"),
-    "mlp.down_proj.weight": ("mlp.down_weight", None),
+    "mlp.gate_proj.weight": ("mlp.gate_up.weight", "gate"),
+    "mlp.up_proj.weight": ("mlp.gate_up.weight", "up"),
+    "mlp.down_proj.weight": ("mlp.down.weight", None),
     "input_layernorm.weight": ("input_norm.weight", None),
     "post_attention_layernorm.weight": ("post_attn_norm.weight", None),
 }
 _TOP_MAP = {
     "model.embed_tokens.weight": "embed",
     "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head",
+    "lm_head.weight": "lm_head.weight",
 }
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -117,7 +117,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
         part = None
         if name in _TOP_MAP:
             target = _TOP_MAP[name]
-            if target == "lm_head" and model.lm_head is None:
+            if target == "lm_head.weight" and model.lm_head is None:
                 continue  # tied: some checkpoints still store a copy
         elif m := _LAYER_RE.match(name):
             if m.group(2) not in _LAYER_MAP:
@@ -139,7 +139,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
         filled[target] = filled.get(target, 0) + (1 if sl is None else view.shape[0])
     expected: dict[str, int] = {}
     for n, p in params.items():
-        if n.endswith(("qkv_weight", "qkv_bias", "gate_up_weight")):
+        if n.endswith(("qkv.weight", "qkv.bias", "gate_up.weight")):
             expected[n] = p.shape[0]
         else:
             expected[n] = 1
