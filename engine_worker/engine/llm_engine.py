@@ -23,6 +23,9 @@ from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
 from engine_worker.engine.models.quantization import quantize_model
 from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
+from engine_worker.engine.parallel.group import TensorParallel
+from engine_worker.engine.parallel.launch import RankProcesses, launch_ranks, rank_device
+from engine_worker.engine.parallel.sharding import SHARDED_MODULES, shard_config
 from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
@@ -74,12 +77,32 @@ def _seed_for(seed: int, index: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, load_format: str | None = None) -> None:
+    # Rank 0's view of the other tensor-parallel ranks; None on one rank (and for
+    # subclasses that build no model, like the simulated engine).
+    ranks: RankProcesses | None = None
+    parallel: TensorParallel | None = None
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        load_format: str | None = None,
+        parallel: TensorParallel | None = None,
+    ) -> None:
+        """`parallel`: this process is a tensor-parallel rank other than 0 (rank_main.py).
+        Without it and with --tensor-parallel-size N > 1, this engine is rank 0 and starts
+        the other N - 1 ranks itself (parallel/launch.py); `close()` stops them."""
         load_format = load_format or config.load_format
         self.config = config
         self.model_dir = Path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_dir)
+        # This rank's share of the model: all of it on one rank.
+        self.rank_config = shard_config(self.model_config, config.tensor_parallel_size)
         self.device = config.resolve_device()
+        if parallel is None and config.tensor_parallel_size > 1:
+            self.ranks, parallel = launch_ranks(config, load_format, self.device)
+        self.parallel = parallel
+        if parallel is not None:
+            self.device = rank_device(self.device, parallel.rank)
         self.dtype = config.resolve_dtype(self.model_config, self.device)
         mc = self.model_config
         limit = config.max_model_len or mc.max_position_embeddings
@@ -90,7 +113,12 @@ class LLMEngine:
             )
         backend_name = resolve_backend_name(config.attention_backend, self.device)
         model = build_model(
-            mc, self.dtype, self.device, max_positions=limit, ops=layer_ops_for(backend_name)
+            self.rank_config,
+            self.dtype,
+            self.device,
+            max_positions=limit,
+            ops=layer_ops_for(backend_name),
+            tp=parallel,
         )
         if load_format == "dummy":
             init_random_weights(model, config.seed)
@@ -103,17 +131,22 @@ class LLMEngine:
 
         block_size = config.block_size
         num_blocks = self._num_kv_blocks(model, limit, backend_name)
+        if parallel is not None:  # every rank sized its own share; all must hold as many
+            num_blocks = parallel.min_over_ranks(num_blocks)
         self._init_scheduling(num_blocks, limit)
-        kv = allocate_kv_cache(mc, num_blocks, block_size, self.dtype, self.device)
-        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        kv = allocate_kv_cache(self.rank_config, num_blocks, block_size, self.dtype, self.device)
+        # Decode graphs would have to capture the ranks' collectives: eager under TP.
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and parallel is None
         backend = select_backend(
             backend_name,
             self.device,
             max_decode_seq_len=self.max_model_len if use_graphs else None,
         )
-        self.runner = ModelRunner(model, kv, backend, block_size, self.device)
+        self.runner = ModelRunner(model, kv, backend, block_size, self.device, parallel)
         if use_graphs and backend.name == "triton":
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        if parallel is not None and not parallel.is_leader:
+            return  # proposals and the draft model live on rank 0, which schedules
         if config.speculative_method == "ngram":
             self.proposer = NgramProposer(
                 config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min
@@ -131,8 +164,9 @@ class LLMEngine:
             )
 
     def _num_kv_blocks(self, model: torch.nn.Module, limit: int, backend_name: str) -> int:
-        """--num-kv-blocks, else what the KV cache budget (kv_budget.py) holds."""
-        config, mc = self.config, self.model_config
+        """--num-kv-blocks, else what the KV cache budget (kv_budget.py) holds; under
+        tensor parallelism the budget is per rank, and a rank's block holds its heads only."""
+        config, mc = self.config, self.rank_config
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
 
@@ -184,9 +218,36 @@ class LLMEngine:
 
     @property
     def num_parameters(self) -> int:
+        """The whole model's, also when quantized (int8/fp8 weights are buffers) and under
+        tensor parallelism (a sharded projection counts once per rank)."""
+        size = self.parallel.size if self.parallel is not None else 1
+
+        def count(name: str, t: torch.Tensor) -> int:
+            sharded = name.rsplit(".", 1)[0].endswith(SHARDED_MODULES)
+            return t.numel() * (size if sharded else 1)
+
         model = self.runner.model
-        quantized = sum(b.numel() for n, b in model.named_buffers() if n.endswith("qweight"))
-        return sum(p.numel() for p in model.parameters()) + quantized
+        quantized = sum(count(n, b) for n, b in model.named_buffers() if n.endswith("qweight"))
+        return sum(count(n, p) for n, p in model.named_parameters()) + quantized
+
+    # -- tensor-parallel ranks ------------------------------------------------
+    def check_health(self, wait_s: float = 0.0) -> None:
+        """Raise RankFailed if a tensor-parallel rank has died, or dies within `wait_s`
+        (after a step failed: was a rank the cause?); nothing to check on one rank."""
+        if self.ranks is not None:
+            self.ranks.check(wait_s)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks; the engine cannot step after this."""
+        if self.ranks is None:
+            return
+        ranks, self.ranks = self.ranks, None
+        try:
+            ranks.check()
+            self.runner.stop_followers()
+            ranks.wait(timeout_s=10)
+        except Exception:
+            ranks.kill()
 
     # -- requests -----------------------------------------------------------
     def add_request(

@@ -11,6 +11,8 @@ from engine_worker.engine.attention.metadata import AttentionMetadata
 from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.cuda_graphs import DecodeGraphs
 from engine_worker.engine.models.llama import LlamaForCausalLM
+from engine_worker.engine.parallel.group import TensorParallel
+from engine_worker.engine.parallel.step_sync import receive_step, send_step, send_stop
 from engine_worker.engine.sequence import Sequence
 from shared.sampling_params import SamplingParams
 
@@ -107,7 +109,12 @@ def prepare_inputs(
 
 
 class ModelRunner:
-    """Owns the model, its KV cache and the attention backend."""
+    """Owns the model, its KV cache and the attention backend.
+
+    Under tensor parallelism (`parallel` given) rank 0's runner broadcasts each step's
+    inputs before its forward pass, and every other rank's runner sits in `follow`,
+    running the same forward on its shard: the collectives inside line up step by step.
+    """
 
     def __init__(
         self,
@@ -116,12 +123,14 @@ class ModelRunner:
         backend: AttentionBackend,
         block_size: int,
         device: torch.device,
+        parallel: TensorParallel | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
         self.device = device
+        self.parallel = parallel if parallel is not None and parallel.size > 1 else None
         self.decode_graphs: DecodeGraphs | None = None
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
@@ -142,6 +151,8 @@ class ModelRunner:
         self, items: list[tuple[Sequence, int]], sample_mask: list[bool]
     ) -> tuple[torch.Tensor, StepInputs]:
         inputs = prepare_inputs(items, sample_mask, self.block_size, self.device)
+        if self.parallel is not None:
+            send_step(self.parallel, inputs)
         if self.decode_graphs is not None and self.decode_graphs.fits(inputs.meta):
             hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         else:
@@ -175,6 +186,20 @@ class ModelRunner:
                 pooled.append(None)
             start += n
         return logits, pooled
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks other than 0: run each step rank 0 sends, until it sends the stop."""
+        assert self.parallel is not None and not self.parallel.is_leader
+        while (inputs := receive_step(self.parallel)) is not None:
+            self.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend
+            )
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the other ranks from `follow`."""
+        if self.parallel is not None:
+            send_stop(self.parallel)
 
 
 @torch.inference_mode()

@@ -21,6 +21,8 @@ from engine_worker.engine.llm_engine import EngineStats, LLMEngine
 from engine_worker.engine.outputs import RequestOutput
 from shared.sampling_params import SamplingParams
 
+RANK_REAP_WAIT_S = 2.0  # how long a failed step waits to learn whether a rank died
+
 
 @dataclass
 class AddRequest:
@@ -156,6 +158,7 @@ class EngineThread:
         running = True
         while running:
             try:
+                self.engine.check_health()  # a dead tensor-parallel rank: fatal, even idle
                 commands = self._next_commands()
                 rejected: list[tuple[str, str]] = []
                 running = self._apply(commands, rejected)
@@ -186,7 +189,18 @@ class EngineThread:
                         stats=self.engine.stats(),
                         admit_slots=0,
                         adds_applied=self._adds_applied,
-                        fatal=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+                        fatal=f"{_root_cause(self.engine)}{type(e).__name__}: {e}\n"
+                        f"{traceback.format_exc()}",
                     )
                 )
                 return
+
+
+def _root_cause(engine: LLMEngine) -> str:
+    """A dead tensor-parallel rank behind a failed step, named first ('' if none): the
+    collective's own error only says a peer went away."""
+    try:
+        engine.check_health(wait_s=RANK_REAP_WAIT_S)
+    except Exception as e:
+        return f"{e}; "
+    return ""

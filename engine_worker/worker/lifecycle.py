@@ -305,6 +305,8 @@ class Worker:
                 self.engine_thread.abort(state.request_id)
             self.engine_thread.stop()
             await asyncio.to_thread(self.engine_thread.join, 30)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)  # tensor-parallel ranks exit
         if self.outbox is not None and self._publisher is not None:
             self.outbox.close()
             await asyncio.wait([self._publisher], timeout=10)

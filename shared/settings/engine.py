@@ -81,6 +81,15 @@ class EngineSettings(Settings):
         help="capture decode steps in CUDA graphs (CUDA with the triton backend only); "
         "--no-cuda-graphs runs eagerly, like vLLM's --enforce-eager",
     )
+    tensor_parallel_size: int = setting(
+        1,
+        ge=1,
+        le=64,
+        help="ranks one engine's model is split across (tensor parallelism): rank 0 runs the "
+        "scheduler and this worker, the others are processes it spawns, one GPU each "
+        "(cuda:0..N-1, NCCL) or a share of the CPU cores (gloo); must divide the model's "
+        "attention heads, key/value heads and intermediate size",
+    )
     seed: int = setting(
         0, ge=0, help="seed of the engine's sampler for requests that bring no seed of their own"
     )

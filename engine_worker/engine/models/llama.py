@@ -3,11 +3,15 @@
 One module covers the family: they differ only in qkv bias (Qwen2), per-head q/k
 RMSNorm (Qwen3), tied embeddings and rope scaling. Projections are fused (qkv,
 gate+up) so a layer is four matmuls; the loader splits HF's separate weights in.
+Under tensor parallelism (parallel/sharding.py) `cfg` is one rank's share (its heads, its
+slice of the MLP) and the two row-parallel outputs (o_proj, down) are summed over ranks.
 Inputs are a flattened batch of tokens from many sequences; attention goes through
 the backend with the step's metadata.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,7 @@ from engine_worker.engine.attention.metadata import AttentionMetadata
 from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.models.layers import LayerOps
 from engine_worker.engine.models.linear import Linear
+from engine_worker.engine.parallel.group import TensorParallel
 from kernels.rotary import build_cos_sin_cache
 
 
@@ -38,9 +43,21 @@ class RMSNorm(nn.Module):
         return self.fn(x, self.weight, self.eps, residual)
 
 
+def _row_parallel_reduce(tp: TensorParallel | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sums a row-parallel Linear's partial output over the ranks; identity on one rank."""
+    if tp is None or tp.size == 1:
+        return _identity
+    return tp.all_reduce
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.reduce = _row_parallel_reduce(tp)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -83,7 +100,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
     def forward_causal(
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, batch: int
@@ -96,28 +113,29 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, enable_gqa=True
         )
-        return self.o_proj(o.transpose(1, 2).reshape(-1, self.q_size))
+        return self.reduce(self.o_proj(o.transpose(1, 2).reshape(-1, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.reduce = _row_parallel_reduce(tp)
         self.intermediate = cfg.intermediate_size
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.reduce(self.down(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: LayerOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.attn = Attention(cfg, ops)
+        self.attn = Attention(cfg, ops, tp)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(
         self,
@@ -154,12 +172,20 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, ops: LayerOps | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_positions: int,
+        ops: LayerOps | None = None,
+        tp: TensorParallel | None = None,
+    ) -> None:
+        """`tp` given: `cfg` is this rank's share (parallel/sharding.py `shard_config`)."""
         super().__init__()
         ops = ops or LayerOps()
         self.cfg = cfg
+        self.tp = tp
         self.embed = _param(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer(

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.models.layers import LayerOps
 from engine_worker.engine.models.llama import LlamaForCausalLM
+from engine_worker.engine.parallel.group import TensorParallel
+from engine_worker.engine.parallel.sharding import ROW_PARALLEL
 
 # HF name -> (our parameter, which slice of a fused weight)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -101,20 +103,38 @@ def build_model(
     device: torch.device,
     max_positions: int,
     ops: LayerOps | None = None,
+    tp: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
+    """`tp` given: `cfg` is this rank's share and the model sums its row-parallel outputs."""
     with torch.device(device), _default_dtype(dtype):
-        return LlamaForCausalLM(cfg, max_positions, ops).eval()
+        return LlamaForCausalLM(cfg, max_positions, ops, tp).eval()
+
+
+def _rank_shard(
+    tensor: torch.Tensor, hf_suffix: str | None, part: str | None, tp: TensorParallel | None
+) -> torch.Tensor:
+    """This rank's piece of a checkpoint tensor: rows of a column-parallel weight (q/k/v by
+    whole heads, gate, up, and their biases), columns of a row-parallel one, or all of a
+    replicated one (norms, embedding, lm_head)."""
+    if tp is None or tp.size == 1:
+        return tensor
+    if part is not None:
+        return tp.shard(tensor, 0)
+    if hf_suffix in ROW_PARALLEL:
+        return tp.shard(tensor, 1)
+    return tensor
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
-    """Copy every checkpoint tensor into place; fail on missing or mismatched ones."""
+    """Copy every checkpoint tensor into place (this rank's share of it under tensor
+    parallelism); fail on missing or mismatched ones."""
     cfg = model.cfg
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     for name, tensor in _iter_tensors(_checkpoint_files(model_dir)):
         if _IGNORED.search(name):
             continue
-        part = None
+        part, hf_suffix = None, None
         if name in _TOP_MAP:
             target = _TOP_MAP[name]
             if target == "lm_head.weight" and model.lm_head is None:
@@ -122,13 +142,15 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
         elif m := _LAYER_RE.match(name):
             if m.group(2) not in _LAYER_MAP:
                 raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
-            suffix, part = _LAYER_MAP[m.group(2)]
+            hf_suffix = m.group(2)
+            suffix, part = _LAYER_MAP[hf_suffix]
             target = f"layers.{m.group(1)}.{suffix}"
         else:
             raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
         if target not in params:
             raise ValueError(f"weight {name!r} does not fit a {cfg.architecture} with this config")
         dest = params[target].data
+        tensor = _rank_shard(tensor, hf_suffix, part, model.tp)
         sl = _slice(cfg, part)
         view = dest if sl is None else dest[sl]
         if tuple(view.shape) != tuple(tensor.shape):

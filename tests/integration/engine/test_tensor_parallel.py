@@ -1,0 +1,144 @@
+"""Tensor parallelism with real rank processes (gloo on CPU): greedy tokens identical to
+one rank and to Hugging Face transformers, the KV cache sharded per rank, and a dead rank
+an error rather than a hang; no rank outlives its engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.engine.parallel.launch import RankFailed
+from shared.sampling_params import SamplingParams
+from tests.integration.engine.test_hf_equivalence import hf_greedy
+
+PROMPTS = [
+    [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
+    [0, 20, 21],
+    [0, 30, 31, 32, 33, 34, 35, 36],
+    [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 99],  # a cached prefix
+]
+MAX_NEW = 16
+
+
+def greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """All prompts at once; small step budget so long prompts prefill in chunks."""
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id].extend(t for d in o.deltas for t in d.token_ids)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def make_engine(path: Path, tp: int, **kw) -> LLMEngine:
+    kw.setdefault("num_kv_blocks", 64)
+    return LLMEngine(
+        EngineConfig(
+            model=str(path), tensor_parallel_size=tp, max_num_batched_tokens=12, block_size=4, **kw
+        )
+    )
+
+
+def gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
+def test_two_ranks_decode_what_one_rank_does(fixture: str, request) -> None:
+    path: Path = request.getfixturevalue(fixture)
+    one = make_engine(path, 1)
+    want = greedy(one, PROMPTS)
+    two = make_engine(path, 2)
+    try:
+        assert two.parallel is not None and two.parallel.size == 2
+        assert greedy(two, PROMPTS) == want
+        assert two.block_manager.prefix_hit_rate > 0  # the shared prefix was reused
+        assert two.num_parameters == one.num_parameters
+    finally:
+        two.close()
+    if fixture == "tiny_llama":
+        assert want == [hf_greedy(str(path), tuple(p), MAX_NEW) for p in PROMPTS]
+
+
+def test_kv_cache_is_sharded_and_budgeted_per_rank(tiny_llama: Path) -> None:
+    budget = 1 << 20
+    one = make_engine(tiny_llama, 1, num_kv_blocks=None, kv_cache_memory=budget)
+    two = make_engine(tiny_llama, 2, num_kv_blocks=None, kv_cache_memory=budget)
+    try:
+        k_one, k_two = one.runner.kv_caches[0][0], two.runner.kv_caches[0][0]
+        assert k_two.shape[2] * 2 == k_one.shape[2] == one.model_config.num_kv_heads
+        # Each rank spends the whole budget on half the heads: twice the blocks.
+        assert two.block_manager.num_blocks == 2 * one.block_manager.num_blocks
+    finally:
+        two.close()
+
+
+def test_close_stops_the_ranks(tiny_llama: Path) -> None:
+    engine = make_engine(tiny_llama, 2)
+    pid = engine.ranks.procs[0].pid  # type: ignore[union-attr]
+    engine.close()
+    assert gone(pid)
+    engine.check_health()  # closed: nothing left to fail
+
+
+def test_a_dead_rank_is_an_error_idle_and_mid_step(tiny_llama: Path) -> None:
+    engine = make_engine(tiny_llama, 2)
+    proc = engine.ranks.procs[0]  # type: ignore[union-attr]
+    try:
+        assert greedy(engine, PROMPTS[:1])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        with pytest.raises(RankFailed, match=rf"rank 1 \(pid {proc.pid}\) exited with code -9"):
+            engine.check_health()
+        engine.add_request("late", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0))
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            for _ in range(10):
+                engine.step()
+    finally:
+        engine.close()
+
+
+def test_ranks_leave_with_a_killed_rank_zero(tiny_llama: Path, tmp_path: Path) -> None:
+    """SIGKILL gives rank 0 no chance to clean up; its rank notices it is orphaned."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from engine_worker.engine.config import EngineConfig\n"
+        "from engine_worker.engine.llm_engine import LLMEngine\n"
+        f"e = LLMEngine(EngineConfig(model={str(tiny_llama)!r}, tensor_parallel_size=2,"
+        " num_kv_blocks=16))\n"
+        "print(e.ranks.procs[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        rank_pid = int(leader.stdout.readline())  # type: ignore[union-attr]
+        leader.kill()
+        leader.wait(10)
+        assert gone(rank_pid), "rank 1 outlived its rank 0"
+    finally:
+        leader.kill()
+
+
+def test_sizes_that_do_not_divide_the_heads_fail_before_any_rank_starts(
+    tiny_llama: Path,
+) -> None:
+    with pytest.raises(ValueError, match="does not divide the model's attention heads"):
+        make_engine(tiny_llama, 3)
