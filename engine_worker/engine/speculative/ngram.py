@@ -14,20 +14,27 @@ import numpy as np
 
 def ngram_lookup(tokens: list[int], n_max: int, n_min: int, k: int) -> list[int]:
     """Up to `k` tokens that followed the latest earlier match of the longest suffix n-gram
-    (n_max >= n >= n_min) found in `tokens`; [] when none is."""
-    if k <= 0 or len(tokens) < n_min + 1:
+    (n_max >= n >= n_min) found in `tokens`; [] when none is.
+
+    One vectorised pass finds the earlier occurrences of the last token; each is then
+    extended backwards, latest first, so a step costs microseconds, not a scan per n.
+    """
+    last = len(tokens) - 1
+    if k <= 0 or last < n_min:
         return []
     arr = np.asarray(tokens, dtype=np.int64)
-    length = len(arr)
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        suffix = arr[length - n :]
-        # Windows starting at 0 .. length - n - 1: every occurrence but the suffix itself.
-        windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return arr[start : start + k].tolist()
-    return []
+    best_n, best_end = 0, -1
+    for end in np.flatnonzero(arr[:last] == arr[last])[::-1].tolist():
+        n = 1
+        while n < n_max and end - n >= 0 and tokens[end - n] == tokens[last - n]:
+            n += 1
+        if n > best_n:
+            best_n, best_end = n, end
+            if n == n_max:
+                break
+    if best_n < n_min:
+        return []
+    return tokens[best_end + 1 : best_end + 1 + k]
 
 
 @dataclass(frozen=True)
