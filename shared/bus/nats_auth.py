@@ -1,6 +1,6 @@
 """NATS identities with least-privilege permissions, and the server config that holds them.
 
-Four identities, each allowed only the subjects, streams and buckets its work needs
+Three identities, each allowed only the subjects, streams and buckets its work needs
 (docs/security.md has the table):
 
 - `api`: queues jobs, reads their Deltas, cancels; reads the worker registry and the
@@ -8,8 +8,11 @@ Four identities, each allowed only the subjects, streams and buckets its work ne
   (no impersonating a worker), pull jobs or ack them.
 - `worker`: pulls and acks jobs, writes Deltas and dead letters, its registry entry and
   tokenizers. It cannot read or write API keys, job records or rate limits.
-- `operator`: the CLIs (`jetserve keys`, `jetserve dead`): everything.
-- `exporter`: read-only JetStream state (stream and consumer info), for monitoring.
+- `operator`: the CLIs (`jetserve keys`, `jetserve dead`, `jetserve models`): everything.
+
+No identity for monitoring: what scrapes NATS (prometheus-nats-exporter, KEDA's scaler)
+reads nats-server's HTTP monitoring port, which takes no NATS identity; it is kept off
+the host and, in Kubernetes, behind a NetworkPolicy (docs/security.md).
 
 Every identity gets its own reply-inbox prefix (`_INBOX.<user>.>`), so no client can
 read the replies to another identity's requests. Users live in the global account, where
@@ -48,7 +51,7 @@ from shared.bus.subjects import (
 
 KEYS_BUCKET, RATE_BUCKET = API_KEYS_BUCKET, RATE_LIMITS_BUCKET
 
-ROLES = ("api", "worker", "operator", "exporter")
+ROLES = ("api", "worker", "operator")
 JS = "$JS.API"
 
 
@@ -92,10 +95,6 @@ def permissions(role: str, user: str | None = None) -> dict:
     inbox = [f"{inbox_prefix(user)}.>"]
     if role == "operator":
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
-    if role == "exporter":
-        read_only = [f"{JS}.INFO", f"{JS}.STREAM.INFO.*", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST"]
-        read_only += [f"{JS}.CONSUMER.INFO.*.*", f"{JS}.CONSUMER.NAMES.*", f"{JS}.CONSUMER.LIST.*"]
-        return {"publish": {"allow": read_only}, "subscribe": {"allow": inbox}}
     shared_streams = [
         JOBS_STREAM, EVENTS_STREAM, DEAD_STREAM, _kv(WORKERS_BUCKET), _kv(JOB_RECORDS_BUCKET),
         _obj(MODELS_OBJECT_STORE),
@@ -202,9 +201,13 @@ def cluster_tls_block(tls: TlsFiles) -> str:
     return "tls " + json.dumps(body) + "\n"
 
 
-def write_credentials(directory: Path, roles: tuple[str, ...] = ROLES) -> dict[str, str]:
-    """Random passwords, one file per identity (`<role>.password`, mode 0600), plus
-    `auth.conf`, the block nats-server includes; existing passwords are kept."""
+def write_credentials(
+    directory: Path, roles: tuple[str, ...] = ROLES, password_mode: int = 0o600
+) -> dict[str, str]:
+    """Random passwords, one file per identity (`<role>.password`), plus `auth.conf`, the
+    block nats-server includes (mode 0600); existing passwords are kept. The directory is
+    0700: it keeps the files private on the host even where `password_mode` lets a
+    container's user (another uid) read its bind-mounted password."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     passwords = {}
@@ -212,14 +215,16 @@ def write_credentials(directory: Path, roles: tuple[str, ...] = ROLES) -> dict[s
         path = directory / f"{role}.password"
         if path.exists():
             passwords[role] = path.read_text().strip()
-            continue
-        passwords[role] = new_password()
-        _write_secret(path, passwords[role] + "\n")
+        else:
+            passwords[role] = new_password()
+            _write_secret(path, passwords[role] + "\n", password_mode)
+        path.chmod(password_mode)
     _write_secret(directory / "auth.conf", authorization_block(passwords))
     return passwords
 
 
-def _write_secret(path: Path, text: str) -> None:
+def _write_secret(path: Path, text: str, mode: int = 0o600) -> None:
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
     path.write_text(text)
+    path.chmod(mode)

@@ -30,7 +30,7 @@ class BusSettings(LogSettings):
 
     nats_url: str = setting(DEFAULT_NATS_URL, help="NATS server URL")
     nats_user: str | None = setting(
-        None, help="NATS identity (api, worker, operator, exporter; docs/security.md)"
+        None, help="NATS identity (api, worker, operator; docs/security.md)"
     )
     nats_password: str | None = setting(
         None, flag=None, help="NATS password; env only, so it shows in no process list"

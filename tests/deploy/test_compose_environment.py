@@ -3,8 +3,11 @@
 completion, and export every series the dashboard plots under the labels it filters on.
 With a CUDA device the worker also runs with docker-compose.gpu.yml's environment.
 
-Only what cannot hold outside a container is changed: the NATS URL, free ports instead
-of 8000/8001, a temporary data dir, and a tiny test checkpoint for the demo model.
+NATS is compose's own: deploy/nats/nats.conf with the secrets `jetserve nats-auth
+--tls-hosts` makes (identities, client TLS required against a private CA). Only what
+cannot hold outside a container is changed: the NATS URL, free ports instead of
+8000/8001/4222/8222, temporary directories, where the secret files lie, and a tiny test
+checkpoint for the demo model. tests/deploy/test_compose_up.py runs the same under Docker.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.compose_nats import ComposeNats
 from tests.support.deploy_files import (
     COMPOSE,
     COMPOSE_GPU,
@@ -29,12 +34,12 @@ from tests.support.deploy_files import (
     dashboard_exprs,
     metric_names_in,
 )
-from tests.support.nats_process import NatsServer, free_port
+from tests.support.nats_process import free_port
 
 START_TIMEOUT_S = 120.0
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], env: dict[str, Any], log: Path) -> subprocess.Popen:
     base = {k: v for k, v in os.environ.items() if not k.startswith("JETSERVE_")}
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -79,29 +84,36 @@ VARIANTS = {
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def compose_like_stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path
-) -> Iterator[dict[str, str]]:
+) -> Iterator[dict[str, Any]]:
     files = VARIANTS[request.param]
     if request.param == "gpu" and not torch.cuda.is_available():
         pytest.skip("docker-compose.gpu.yml's worker environment needs a CUDA device")
     root = tmp_path_factory.mktemp(f"compose-env-{request.param}")
-    # Secured as compose's nats: the generated identities; each service keeps the
-    # JETSERVE_NATS_USER compose gives it, its password file is the one made here.
-    nats_server = NatsServer(root / "nats", secured=True)
+    # compose's nats: each service keeps the JETSERVE_NATS_USER compose gives it; its
+    # password file and the CA are the ones made here (compose mounts them as secrets).
+    nats_server = ComposeNats(root / "nats")
     nats_server.start()
     api_port, worker_port = free_port(), free_port()
-    here = {"JETSERVE_NATS_URL": nats_server.url, "JETSERVE_DATA_DIR": str(root / "data")}
+    here = {
+        "JETSERVE_NATS_URL": nats_server.url,
+        "JETSERVE_DATA_DIR": str(root / "data"),
+        "JETSERVE_NATS_TLS_CA": str(nats_server.ca),
+    }
     worker_env = {
         **compose_environment("worker", files),
-        "JETSERVE_NATS_PASSWORD_FILE": str(nats_server.auth_dir / "worker.password"),
         **here,
+        "JETSERVE_NATS_PASSWORD_FILE": str(nats_server.password_file("worker")),
         "JETSERVE_WORKER_METRICS_PORT": str(worker_port),
     }
     api_env = {
         **compose_environment("api", files),
         **here,
         "JETSERVE_API_PORT": str(api_port),
-        "JETSERVE_NATS_PASSWORD_FILE": str(nats_server.auth_dir / "api.password"),
+        "JETSERVE_NATS_PASSWORD_FILE": str(nats_server.password_file("api")),
     }
+    for service in ("api", "worker"):  # compose makes each verify the server's certificate
+        ca = compose_environment(service, files)["JETSERVE_NATS_TLS_CA"]
+        assert ca == "/run/secrets/nats-ca.crt"
     api_env["JETSERVE_API_HOST"] = "127.0.0.1"
     assert api_env["JETSERVE_AUTH"] == "1"  # compose turns API keys on; seed one here
     api_env["JETSERVE_API_KEYS"] = f"deploy-test={API_KEY}"
@@ -112,6 +124,7 @@ def compose_like_stack(
         _wait_ok(f"http://127.0.0.1:{worker_port}/health", worker, root / "worker.log")
         _wait_ok(f"http://127.0.0.1:{api_port}/ready", api, root / "api.log")
         yield {
+            "nats": nats_server,
             "nats_url": nats_server.url,
             "api": f"http://127.0.0.1:{api_port}",
             "worker": f"http://127.0.0.1:{worker_port}",
@@ -119,6 +132,7 @@ def compose_like_stack(
             # The API container's NATS identity (what `docker compose exec api` runs as).
             "nats_user": api_env["JETSERVE_NATS_USER"],
             "nats_password_file": api_env["JETSERVE_NATS_PASSWORD_FILE"],
+            "nats_tls_ca": api_env["JETSERVE_NATS_TLS_CA"],
         }
     finally:
         _stop(api)
@@ -127,7 +141,7 @@ def compose_like_stack(
 
 
 def test_a_key_created_as_deploy_md_says_opens_the_api(
-    compose_like_stack: dict[str, str],
+    compose_like_stack: dict[str, Any],
 ) -> None:
     """docs/deploy.md: compose turns auth on; `docker compose exec api jetserve keys create
     --name me` (the API container's environment reaches NATS) makes a key that works at once."""
@@ -140,6 +154,7 @@ def test_a_key_created_as_deploy_md_says_opens_the_api(
         "JETSERVE_NATS_URL": compose_like_stack["nats_url"],
         "JETSERVE_NATS_USER": compose_like_stack["nats_user"],
         "JETSERVE_NATS_PASSWORD_FILE": compose_like_stack["nats_password_file"],
+        "JETSERVE_NATS_TLS_CA": compose_like_stack["nats_tls_ca"],
     }
     created = subprocess.run(
         [sys.executable, "-m", "services.cli", "keys", "create", "--name", "me", "--json"],
@@ -158,16 +173,16 @@ def test_a_key_created_as_deploy_md_says_opens_the_api(
     assert r.status_code == 200, r.text
 
 
-def _series(url: str) -> dict[str, list[dict[str, str]]]:
+def _series(url: str) -> dict[str, list[dict[str, Any]]]:
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    out: dict[str, list[dict[str, str]]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out.setdefault(sample.name, []).append(dict(sample.labels))
     return out
 
 
-def test_probe_endpoints_answer(compose_like_stack: dict[str, str]) -> None:
+def test_probe_endpoints_answer(compose_like_stack: dict[str, Any]) -> None:
     """The paths compose healthchecks and the k8s probes use."""
     api, worker = compose_like_stack["api"], compose_like_stack["worker"]
     for url in (
@@ -182,7 +197,7 @@ def test_probe_endpoints_answer(compose_like_stack: dict[str, str]) -> None:
     assert compose_like_stack["model"] in ready["models"]
 
 
-def test_dashboard_series_exist_with_model_labels(compose_like_stack: dict[str, str]) -> None:
+def test_dashboard_series_exist_with_model_labels(compose_like_stack: dict[str, Any]) -> None:
     api, model = compose_like_stack["api"], compose_like_stack["model"]
     r = httpx.post(
         f"{api}/v1/completions",
@@ -218,3 +233,101 @@ def _missing_series(api: str, worker: str, model: str) -> list[str]:
             if not any(labels.get("model_name") == model for labels in both.get(name, [])):
                 missing.append(f"{title!r}: no {name} sample with model_name={model!r}")
     return missing
+
+
+def _plaintext_connect(url: str, user: str, password: str) -> tuple[dict, bytes]:
+    """A client that speaks NATS without TLS: the server's INFO, then what it answers to
+    CONNECT with valid credentials."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=5) as sock:
+        info = json.loads(sock.recv(4096).decode().split(" ", 1)[1])
+        connect = {"user": user, "pass": password, "verbose": False, "pedantic": False}
+        sock.sendall(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        answer = b""
+        try:
+            while chunk := sock.recv(4096):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return info, answer
+
+
+async def test_nats_requires_tls_and_an_identity(compose_like_stack: dict[str, Any]) -> None:
+    """Client TLS in compose (docs/security.md): a plaintext client is refused even with
+    the right password, a TLS client without credentials is refused, one that does not
+    trust the CA made at setup cannot connect, and the API's identity over TLS works."""
+    import ssl
+
+    import nats
+
+    server: ComposeNats = compose_like_stack["nats"]
+    api_password = server.password_file("api").read_text().strip()
+    info, answer = _plaintext_connect(server.url, "api", api_password)
+    assert info["tls_required"] is True
+    assert b"PONG" not in answer  # no session without TLS
+    trusted = ssl.create_default_context(cafile=str(server.ca))
+    refusals = {
+        "anonymous over TLS": {"tls": trusted},
+        "a client that does not trust the CA": {
+            "tls": ssl.create_default_context(),
+            "user": "api",
+            "password": api_password,
+        },
+    }
+    for what, options in refusals.items():
+        with pytest.raises(Exception):  # noqa: B017 - auth or certificate errors alike
+            nc = await nats.connect(server.url, allow_reconnect=False, connect_timeout=3, **options)
+            await nc.close()
+            pytest.fail(f"{what} was let in")
+    nc = await nats.connect(
+        server.url, tls=trusted, user="api", password=api_password,
+        inbox_prefix="_INBOX.api", allow_reconnect=False, connect_timeout=3,
+    )  # fmt: skip
+    try:
+        assert nc.connected_url is not None and nc.connected_url.hostname == "localhost"
+        await nc.jetstream().stream_info("LLM_JOBS")
+    finally:
+        await nc.close()
+
+
+def test_monitoring_serves_the_scrapers_and_no_content(compose_like_stack: dict[str, Any]) -> None:
+    """What scrapes NATS (prometheus-nats-exporter `-varz -connz -jsz=all`, KEDA's scaler)
+    reads the HTTP monitoring port, which takes no NATS identity (so there is no exporter
+    identity, docs/security.md): it gets the consumer lag it needs, and no prompt, output
+    or secret is there to read."""
+    server: ComposeNats = compose_like_stack["nats"]
+    api, model = compose_like_stack["api"], compose_like_stack["model"]
+    marker = "Zanzibar quokka telemetry"
+    r = httpx.post(
+        f"{api}/v1/completions",
+        json={"model": model, "prompt": marker, "max_tokens": 8, "temperature": 0},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    output = r.json()["choices"][0]["text"]
+    pages = {
+        path: httpx.get(f"{server.monitor_url}{path}", timeout=5)
+        for path in (
+            "/varz",
+            "/connz?subs=1&auth=1",
+            "/jsz?streams=1&consumers=1&config=1",
+            "/healthz?js-enabled-only=true",
+        )
+    }
+    assert all(page.status_code == 200 for page in pages.values())
+    jsz = pages["/jsz?streams=1&consumers=1&config=1"].json()
+    details = jsz["account_details"][0]["stream_detail"]
+    jobs = next(st for st in details if st["name"] == "LLM_JOBS")
+    consumers = {c["name"]: c for c in jobs["consumer_detail"]}
+    assert "num_pending" in consumers[f"workers-{model}"]  # the lag KEDA and the dashboard use
+    secrets = [marker, API_KEY, *(p.read_text().strip() for p in server.secrets.glob("*.password"))]
+    if output.strip():
+        secrets.append(output)
+    for path, page in pages.items():
+        for secret in secrets:
+            assert secret not in page.text, f"{path} shows {secret[:12]!r}"

@@ -175,7 +175,8 @@ def parse_compose_port(spec: str | int | dict) -> tuple[int | None, int]:
     if isinstance(spec, dict):
         published = spec.get("published")
         return (int(published) if published is not None else None), int(spec["target"])
-    parts = str(spec).split("/")[0].split(":")
+    spec = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(spec))  # `${VAR:-default}`: the default
+    parts = spec.split("/")[0].split(":")
     container = int(parts[-1])
     host = int(parts[-2]) if len(parts) >= 2 else None
     return host, container

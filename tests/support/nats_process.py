@@ -24,7 +24,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> N
 class NatsServer:
     """A real nats-server process with JetStream; restartable on the same port and store.
 
-    `secured`: run it as `jetserve up` does, from the launcher's generated config (four
+    `secured`: run it as `jetserve up` does, from the launcher's generated config (three
     identities with passwords in `auth_dir`, no anonymous access), logging to `log_path`.
     """
 
