@@ -314,6 +314,65 @@ def main() -> int:
 
         batch1: dict[str, list[dict]] = {}
         conc: dict[str, list[dict]] = {}
+
+        def report(rounds_done: int) -> dict:
+            """Medians over the rounds so far, written out (a cut-short run still leaves them)."""
+            b1 = {k: median_of(v) for k, v in batch1.items()}
+            cc = {k: median_of(v) for k, v in conc.items()}
+
+            def ratio(a: dict, b: dict, key: str) -> float:
+                return round(a[key] / b[key], 3)
+
+            goals = {
+                "batch1 fp32 / llama.cpp F32 (goal >= 0.9)": ratio(
+                    b1["jetserve fp32"], b1["llama.cpp F32"], "decode_tok_per_s"
+                ),
+                "64 concurrent fp32 / llama.cpp batched F32 (goal >= 1.5)": ratio(
+                    cc["jetserve fp32"], cc["llama.cpp batched F32"], "e2e_tok_per_s"
+                ),
+            }
+            if "jetserve int8" in b1:
+                goals["batch1 int8 / llama.cpp F16 (goal >= 1.0)"] = ratio(
+                    b1["jetserve int8"], b1["llama.cpp F16"], "decode_tok_per_s"
+                )
+                goals["batch1 int8 / llama.cpp Q8_0 (how far)"] = ratio(
+                    b1["jetserve int8"], b1["llama.cpp Q8_0"], "decode_tok_per_s"
+                )
+            import llama_cpp
+
+            results = {
+                "model": {**info, "dtype": "float32"},
+                "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                "shared_machine": True,
+                "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+                "load_average_note": "1/5/15-minute load before, then after the run",
+                "threads": THREADS,
+                "llama_cpp_python": llama_cpp.__version__,
+                "torch": torch.__version__,
+                "workload": {
+                    "batch1": {
+                        "prompt_tokens": prompt_len,
+                        "new_tokens": new1,
+                        "rounds": rounds_done,
+                    },
+                    "concurrent": {
+                        "requests": n_conc,
+                        "prompt_tokens": prompt_len,
+                        "new_tokens": new_conc,
+                        "rounds": rounds_done,
+                    },
+                    "fresh_prompts_each_round": True,
+                },
+                "greedy_agreement_with_jetserve_fp32": agreement,
+                "batch1": b1,
+                "concurrent": cc,
+                "ratios": goals,
+            }
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+            plot(results, args.out.with_suffix(".png"))
+            return goals
+
         for r in range(args.rounds):
             p1 = prompts(1)
             for t, m in cpp1.items():
@@ -337,56 +396,7 @@ def main() -> int:
                 {k: v[-1]["e2e_tok_per_s"] for k, v in conc.items()},
                 flush=True,
             )
-    b1 = {k: median_of(v) for k, v in batch1.items()}
-    cc = {k: median_of(v) for k, v in conc.items()}
-
-    def ratio(a: dict, b: dict, key: str) -> float:
-        return round(a[key] / b[key], 3)
-
-    goals = {
-        "batch1 fp32 / llama.cpp F32 (goal >= 0.9)": ratio(
-            b1["jetserve fp32"], b1["llama.cpp F32"], "decode_tok_per_s"
-        ),
-        "64 concurrent fp32 / llama.cpp batched F32 (goal >= 1.5)": ratio(
-            cc["jetserve fp32"], cc["llama.cpp batched F32"], "e2e_tok_per_s"
-        ),
-    }
-    if "jetserve int8" in b1:
-        goals["batch1 int8 / llama.cpp F16 (goal >= 1.0)"] = ratio(
-            b1["jetserve int8"], b1["llama.cpp F16"], "decode_tok_per_s"
-        )
-        goals["batch1 int8 / llama.cpp Q8_0 (how far)"] = ratio(
-            b1["jetserve int8"], b1["llama.cpp Q8_0"], "decode_tok_per_s"
-        )
-    import llama_cpp
-
-    results = {
-        "model": {**info, "dtype": "float32"},
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-        "shared_machine": True,
-        "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
-        "load_average_note": "1/5/15-minute load before, then after the run",
-        "threads": THREADS,
-        "llama_cpp_python": llama_cpp.__version__,
-        "torch": torch.__version__,
-        "workload": {
-            "batch1": {"prompt_tokens": prompt_len, "new_tokens": new1, "rounds": args.rounds},
-            "concurrent": {
-                "requests": n_conc,
-                "prompt_tokens": prompt_len,
-                "new_tokens": new_conc,
-                "rounds": args.rounds,
-            },
-            "fresh_prompts_each_round": True,
-        },
-        "greedy_agreement_with_jetserve_fp32": agreement,
-        "batch1": b1,
-        "concurrent": cc,
-        "ratios": goals,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    plot(results, args.out.with_suffix(".png"))
+            goals = report(r + 1)
     print(json.dumps(goals, indent=2))
     return 0
 
