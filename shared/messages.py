@@ -437,9 +437,11 @@ def _fast_delta(m: dict[str, Any]) -> Delta | None:
 
 def decode_delta(data: bytes) -> Delta:
     m = _unpack(data, "delta")
-    fast = _fast_delta(m)
-    if fast is not None:
-        return fast
+    return _fast_delta(m) or _delta_from_map(m)
+
+
+def _delta_from_map(m: dict[str, Any]) -> Delta:
+    """A Delta's map checked field by field (the error names the bad field)."""
     seq = _int(_require(m, "seq", "delta"), "seq")
     if seq < 0:
         raise MessageError(f"delta: seq must be >= 0, got {seq}")
@@ -456,3 +458,40 @@ def decode_delta(data: bytes) -> Delta:
         worker_id=_str(m.get("worker_id", ""), "worker_id"),
         embedding=_optional(m.get("embedding"), unpack_floats, "embedding"),
     )
+
+
+# --- a step's Deltas for one API replica ------------------------------------------------
+
+_VERSION_KEY = msgpack.packb("v")
+_DELTAS_KEY = msgpack.packb("deltas")
+
+
+def encode_step_deltas(deltas: list[bytes]) -> bytes:
+    """Encoded Deltas (each as `encode_delta` wrote it, possibly of many jobs) as one
+    message: what a worker sends an API replica per engine step, after storing them.
+
+    The map {"v": 1, "deltas": [delta, ...]} is spliced from the stored bytes (a msgpack
+    array is its header followed by its items), so nothing is encoded twice and the
+    reader unpacks the whole step at once.
+    """
+    n = len(deltas)
+    if n < 16:
+        header = bytes([0x90 | n])
+    elif n < 1 << 16:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    version = msgpack.packb(SCHEMA_VERSION)
+    return b"".join((b"\x82", _VERSION_KEY, version, _DELTAS_KEY, header, *deltas))
+
+
+def decode_step_deltas(data: bytes) -> list[Delta]:
+    """The Deltas of a step message; MessageError if the message or any Delta is bad."""
+    m = _unpack(data, "step deltas")
+    out = []
+    for i, item in enumerate(_list(_require(m, "deltas", "step deltas"), "deltas")):
+        dm = _map(item, f"deltas[{i}]")
+        if dm.get("v") != SCHEMA_VERSION:
+            raise MessageError(f"deltas[{i}]: unsupported schema version {dm.get('v')!r}")
+        out.append(_fast_delta(dm) or _delta_from_map(dm))
+    return out

@@ -6,6 +6,8 @@ a batch). A step's Deltas are stored with one atomic batch publish and one ack
 (`append_batch`), each on its job's subject and fenced on the job's previous Delta
 (shared/bus/event_log.py): a worker that lost the job to a takeover learns it here and
 drops the job without acking.
+Once stored, the step's Deltas go to the API replicas that follow their jobs, one core
+message per replica (shared/bus/step_delivery.py).
 A job's message is acked (or terminated) only after its final Delta is stored, so a
 crash before that means redelivery, never a lost request.
 """
@@ -23,6 +25,7 @@ from nats.js import JetStreamContext
 from engine_worker.worker.job_state import JobState
 from engine_worker.worker.running import RunningJobs
 from shared.bus.event_log import Appended, append_batch
+from shared.bus.step_delivery import deliver_step
 from shared.messages import Delta, encode_delta
 from shared.metrics import WorkerMetrics
 from shared.retry import RetryPolicy, retry
@@ -88,10 +91,19 @@ class Outbox:
         self.log.warning("publish_retry", attempt=attempt, error=str(error))
 
     async def _store(self, batch: list[Outgoing]) -> list[Appended]:
-        """One atomic batch per step: a job has at most one Delta in it, so seq order holds."""
+        """One atomic batch per step: a job has at most one Delta in it, so seq order holds.
+        What was stored then goes to the API replicas that follow those jobs."""
         live = [o for o in batch if not o.state.lost]
         entries = [(o.state.events, encode_delta(o.delta)) for o in live]
         stored = await append_batch(self.nc, self.js, entries, self.retry_for_s, self._on_retry)  # type: ignore[arg-type]
+        await deliver_step(
+            self.nc,
+            (
+                (o.state.job.reply_to, data)
+                for o, (_, data), r in zip(live, entries, stored, strict=True)
+                if r is Appended.STORED
+            ),
+        )
         by_out = {id(o): r for o, r in zip(live, stored, strict=True)}
         return [by_out.get(id(o), Appended.LOST) for o in batch]
 

@@ -23,6 +23,7 @@ def step_deltas(
     batch: list[Outgoing] = []
     share = result.step_time_s / max(len(result.outputs), 1)
     m = metrics
+    step_tokens = 0  # counted once per step: a labelled child looked up per Delta costs more
     for out in result.outputs:
         state = jobs.state_of(out.request_id)
         if state is None or state.finished:
@@ -32,9 +33,8 @@ def step_deltas(
             state.prompt_counted = True
             m.prompt_tokens.labels(model_name=model_name).inc(out.num_prompt_tokens)
         delta = delta_from_output(state, out, worker_id)
-        new_tokens = sum(len(c.token_ids) for c in delta.chunks)
-        if new_tokens:
-            m.generation_tokens.labels(model_name=model_name).inc(new_tokens)
+        for c in delta.chunks:
+            step_tokens += len(c.token_ids)
         action = None
         if delta.finished:
             action = "ack"
@@ -43,6 +43,8 @@ def step_deltas(
                 model_name=model_name, finished_reason=reasons[0] if reasons else "stop"
             ).inc()
         batch.append(Outgoing(state, delta, action))
+    if step_tokens:
+        m.generation_tokens.labels(model_name=model_name).inc(step_tokens)
     return batch
 
 

@@ -45,6 +45,7 @@ from shared.bus.subjects import (
     MODELS_OBJECT_STORE,
     RATE_LIMITS_BUCKET,
     SHARED_JOBS_WILDCARD,
+    STEPS_WILDCARD,
     TOKENS_WILDCARD,
     WORKERS_BUCKET,
 )
@@ -123,8 +124,9 @@ def permissions(role: str, user: str | None = None) -> dict:
             *_kv_write(KEYS_BUCKET),  # keys seeded from JETSERVE_API_KEYS(_FILE)
             *_kv_write(RATE_BUCKET),
         ]
-        # llm.tokens.<job>: the Deltas LLM_EVENTS re-publishes to the API that asked.
-        subscribe = [*inbox, ATTACH_WILDCARD, HANDOFF_WILDCARD, TOKENS_WILDCARD]
+        # llm.tokens.<job>: the Deltas LLM_EVENTS re-publishes to the API that asked;
+        # llm.steps.<replica>: a worker's stored Deltas of a step, for this replica's jobs.
+        subscribe = [*inbox, ATTACH_WILDCARD, HANDOFF_WILDCARD, TOKENS_WILDCARD, STEPS_WILDCARD]
         subscribe.append(KV_EVENTS_WILDCARD)  # prefix routing: workers' KV block events
         return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
     if role == "worker":
@@ -136,6 +138,7 @@ def permissions(role: str, user: str | None = None) -> dict:
             # A routed job its worker did not run moves to the model's shared queue
             # (`llm.jobs.<model>` only: no worker can route jobs to another).
             SHARED_JOBS_WILDCARD,
+            STEPS_WILDCARD,  # each step's stored Deltas to the API replicas that follow them
             *_manage(shared_streams),
             f"{JS}.CONSUMER.CREATE.{JOBS_STREAM}.>",
             f"{JS}.CONSUMER.DURABLE.CREATE.{JOBS_STREAM}.>",

@@ -22,6 +22,9 @@ ATTACH_PREFIX = "llm.attach"  # core: a client re-attached to a job; pending can
 # core: LLM_EVENTS re-publishes each stored Delta here, so the API that asked for a job
 # follows it with a plain subscription instead of a JetStream consumer per request.
 TOKENS_PREFIX = "llm.tokens"
+# core: a worker sends each API replica the Deltas of one engine step it just stored for
+# the jobs that replica follows live, as one message (the Job's reply_to names it).
+STEPS_PREFIX = "llm.steps"
 HANDOFF_PREFIX = "llm.handoff"  # core: a draining API hands a job's pending cancel to the others
 KV_EVENTS_PREFIX = "llm.kv"  # core: a worker's KV block hashes stored/evicted (kv_events.py)
 KV_SNAPSHOT_PREFIX = "llm.kvsnap"  # core request/reply: every hash a worker holds
@@ -37,6 +40,7 @@ HANDOFF_WILDCARD = f"{HANDOFF_PREFIX}.*"
 KV_EVENTS_WILDCARD = f"{KV_EVENTS_PREFIX}.>"
 KV_SNAPSHOT_WILDCARD = f"{KV_SNAPSHOT_PREFIX}.>"
 SHARED_JOBS_WILDCARD = f"{JOBS_PREFIX}.*"  # the shared queues only, no routed subject
+STEPS_WILDCARD = f"{STEPS_PREFIX}.*"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -95,6 +99,17 @@ def events_subject(job_id: str) -> str:
 
 def tokens_subject(job_id: str) -> str:
     return f"{TOKENS_PREFIX}.{_token(job_id, 'job id')}"
+
+
+def steps_subject(replica_id: str) -> str:
+    return f"{STEPS_PREFIX}.{_token(replica_id, 'replica id')}"
+
+
+def is_steps_subject(subject: str) -> bool:
+    """Whether a Job's reply_to is an API replica's step subject (else nobody follows it
+    live: the jobs API, an older API that reads the re-published Deltas)."""
+    prefix, dot, replica = subject.rpartition(".")
+    return prefix == STEPS_PREFIX and dot == "." and not _UNSAFE.search(replica) and bool(replica)
 
 
 def cancel_subject(job_id: str) -> str:

@@ -1,14 +1,16 @@
 """Submit a Job to JetStream and stream its Deltas back; cancel it when nobody listens.
 
-A new job is followed on `llm.tokens.<id>`, where LLM_EVENTS re-publishes every Delta
-it stores: a plain subscription, made before the job is published, so no JetStream
-consumer is created on a request's hot path. Core delivery is at most once, so the
-stream is the fallback: a Delta whose seq skips one, or a job silent for
-`CATCH_UP_IDLE_S` while the log holds Deltas not yet seen, switches the request to an
-ordered consumer over the job's stored Deltas (duplicates are dropped by seq). A
-reconnecting client is resumed from the deltas persisted in LLM_EVENTS (`attach`, on
-any replica). The job itself is published with `Nats-Msg-Id` = job id: a retried
-submit inside the duplicate window is dropped by the server instead of running twice.
+A new job is followed live without a JetStream consumer or a subscription of its own:
+its Job names this replica's step subject (`reply_to` = `llm.steps.<replica>`), where a
+worker sends, after storing each engine step's Deltas, the ones for this replica's jobs
+as one message (shared/bus/step_delivery.py); one subscription per replica hands them
+to the job's stream. Core delivery is at most once, so the log is the fallback: a
+Delta whose seq skips one, or a job silent for `CATCH_UP_IDLE_S` while the log holds
+Deltas not yet seen, switches the request to an ordered consumer over the job's stored
+Deltas (duplicates are dropped by seq). A reconnecting client is resumed from the
+deltas persisted in LLM_EVENTS (`attach`, on any replica). The job itself is published
+with `Nats-Msg-Id` = job id: a retried submit inside the duplicate window is dropped by
+the server instead of running twice.
 
 A client that goes away cancels its job, after `reattach_grace_s` if set: a re-attach
 to the job within the grace, through any replica, announces itself on `llm.attach.<id>`
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,16 +46,22 @@ from shared.bus.subjects import (
     EVENTS_STREAM,
     HANDOFF_WILDCARD,
     JOBS_STREAM,
-    TOKENS_PREFIX,
     attach_subject,
     cancel_subject,
     events_subject,
     handoff_subject,
     job_id_from_subject,
     jobs_subject,
-    tokens_subject,
+    steps_subject,
 )
-from shared.messages import Delta, Job, MessageError, decode_delta, encode_job
+from shared.messages import (
+    Delta,
+    Job,
+    MessageError,
+    decode_delta,
+    decode_step_deltas,
+    encode_job,
+)
 from shared.periodic import Periodic
 from shared.retry import RetryPolicy, retry
 
@@ -64,6 +74,9 @@ EVENTS_IDLE_HEARTBEAT_S = 1.0
 # the check runs every CATCH_UP_SWEEP_S for all such jobs at once.
 CATCH_UP_IDLE_S = 2.0
 CATCH_UP_SWEEP_S = 1.0
+# A Delta the log holds and this stream has not seen may still be on its way (a worker
+# sends a step's Deltas once the store is acknowledged): looked at again after this.
+CATCH_UP_CONFIRM_S = 1.0
 # A stream that must catch up has nothing else to read: retry until it works or closes.
 CATCH_UP_RETRY = RetryPolicy(deadline_s=math.inf, base_delay_s=0.1, max_delay_s=2.0)
 
@@ -89,16 +102,39 @@ class JobClient:
     _live: dict[str, JobStream] = field(default_factory=dict)  # followed on core subjects
     _sweeper: Periodic | None = None
     _handoff_sub: Any = None
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _steps_sub: Any = None
+
+    @property
+    def steps_subject(self) -> str:
+        """Where workers send this replica the stored Deltas of its live jobs."""
+        return steps_subject(self.replica_id)
 
     async def start(self) -> None:
-        """Listen for re-attaches elsewhere so a pending cancel here is dropped, and for
-        pending cancels handed over by a replica that drains."""
+        """Listen for the Deltas of this replica's jobs, for re-attaches elsewhere (a
+        pending cancel here is dropped) and for pending cancels handed over by a replica
+        that drains."""
+        self._steps_sub = await self.nc.subscribe(self.steps_subject, cb=self._on_step)
         self._attach_sub = await self.nc.subscribe(ATTACH_WILDCARD, cb=self._on_attach)
         self._sweeper = Periodic(
             "catch-up-sweep", self._sweep, CATCH_UP_SWEEP_S, first_now=False, log=log
         )
         self._sweeper.start()
         self._handoff_sub = await self.nc.subscribe(HANDOFF_WILDCARD, cb=self._on_handoff)
+        await self.nc.flush()  # the server knows where this replica's Deltas go
+
+    async def _on_step(self, msg: Msg) -> None:
+        """One worker step's stored Deltas for jobs of this replica: to their streams."""
+        try:
+            deltas = decode_step_deltas(msg.data)
+        except MessageError as e:  # its streams see a gap or silence and read the log
+            log.error("malformed_step_deltas", error=str(e))
+            return
+        live = self._live
+        for delta in deltas:
+            stream = live.get(delta.job_id)
+            if stream is not None:
+                stream.push(delta, True)
 
     async def _on_attach(self, msg: Msg) -> None:
         handle = self._pending_cancels.pop(job_id_from_subject(msg.subject), None)
@@ -123,24 +159,25 @@ class JobClient:
         else:
             self._following.pop(job_id, None)
 
-    async def _subscribe(
-        self, job_id: str, inbox: asyncio.Queue[Msg] | None = None
-    ) -> tuple[Any, asyncio.Queue[Msg]]:
+    async def _subscribe(self, stream: JobStream) -> Any:
         """An ordered consumer over the job's stored Deltas, from the first."""
-        inbox = inbox if inbox is not None else asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
-            inbox.put_nowait(msg)
+            try:
+                delta = decode_delta(msg.data)
+            except MessageError as e:
+                log.error("malformed_delta", job_id=stream.job.id, error=str(e))
+                return
+            stream.push(delta, False)
 
-        sub = await self.js.subscribe(
-            events_subject(job_id),
+        return await self.js.subscribe(
+            events_subject(stream.job.id),
             stream=EVENTS_STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
             idle_heartbeat=EVENTS_IDLE_HEARTBEAT_S,
             cb=on_msg,
         )
-        return sub, inbox
 
     async def publish_job(self, job: Job) -> int:
         """Queue the job; its sequence in LLM_JOBS (what a cancel of a queued job deletes).
@@ -159,21 +196,15 @@ class JobClient:
         return int(ack.seq)
 
     async def submit(self, job: Job) -> JobStream:
-        """Publish the job, following its re-published Deltas (subscribed first)."""
-        inbox: asyncio.Queue[Msg] = asyncio.Queue()
-        stream = JobStream(client=self, job=job, sub=None, inbox=inbox, live=True)
-
-        async def on_msg(msg: Msg) -> None:
-            stream.last_arrival = time.monotonic()
-            inbox.put_nowait(msg)
-
-        stream.sub = await self.nc.subscribe(tokens_subject(job.id), cb=on_msg)
+        """Publish the job, its Deltas to come to this replica (followed before it runs)."""
+        job = dataclasses.replace(job, reply_to=self.steps_subject)
+        stream = JobStream(client=self, job=job, sub=None, live=True)
+        self._live[job.id] = stream
         try:
             await self.publish_job(job)
         except BaseException:
-            self._spawn(stream.sub.unsubscribe())
+            self._live.pop(job.id, None)
             raise
-        self._live[job.id] = stream
         self._follow(job.id, 1)
         return stream
 
@@ -193,16 +224,17 @@ class JobClient:
             log.warning("stream_catch_up_retry", job_id=stream.job.id, error=str(e))
 
         with contextlib.suppress(Exception):  # only raised once the stream closed
-            stream.sub, _ = await retry(
-                lambda: self._subscribe(stream.job.id, stream.inbox),
+            stream.sub = await retry(
+                lambda: self._subscribe(stream),
                 CATCH_UP_RETRY,
                 on_retry,
                 give_up=lambda: stream.closed,
             )
-        if stream.closed and stream.sub is not old:
+        if stream.closed and stream.sub is not old and stream.sub is not None:
             self._spawn(stream.sub.unsubscribe())
-        with contextlib.suppress(Exception):
-            await old.unsubscribe()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
 
     async def _sweep(self) -> None:
         now = time.monotonic()
@@ -219,6 +251,8 @@ class JobClient:
     async def _check_quiet(self, stream: JobStream) -> None:
         """The log holds a Delta this stream has not seen: core lost it, catch up."""
         stored = await last_delta(self.js, stream.job.id)
+        if stored is not None and stored.seq >= stream.next_seq:
+            await asyncio.sleep(CATCH_UP_CONFIRM_S)
         if stored is not None and stored.seq >= stream.next_seq:
             self.catch_up(stream)
         else:
@@ -237,17 +271,17 @@ class JobClient:
         if handle is not None:
             handle.cancel()
         self._spawn(self.nc.publish(attach_subject(job.id), b""))
-        sub, inbox = await self._subscribe(job.id)
-        self._follow(job.id, 1)
-        return JobStream(
+        stream = JobStream(
             client=self,
             job=job,
-            sub=sub,
-            inbox=inbox,
+            sub=None,
             replay_through=replay_through,
             superseded_before=superseded_before,
             cancel_on_close=cancel_on_close,
         )
+        stream.sub = await self._subscribe(stream)
+        self._follow(job.id, 1)
+        return stream
 
     def cancel(self, job_id: str, grace_s: float = 0.0) -> None:
         """Fire-and-forget: safe to call from a cancelled task or a finally block."""
@@ -276,7 +310,7 @@ class JobClient:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()  # not our own handoffs back
-        self._attach_sub = self._handoff_sub = None
+        self._attach_sub = self._handoff_sub = None  # the steps: open streams still finish
         grace = str(self.reattach_grace_s).encode()
         for job_id, handle in list(self._pending_cancels.items()):
             handle.cancel()
@@ -295,8 +329,7 @@ class JobStream:
 
     client: JobClient
     job: Job
-    sub: Any
-    inbox: asyncio.Queue[Msg]
+    sub: Any  # the ordered consumer over the log, once it reads the log (None: live)
     finished: bool = False
     closed: bool = False
     cancel_sent: bool = False
@@ -304,8 +337,22 @@ class JobStream:
     replay_through: int = -1  # attach: Deltas up to this seq were already shown to the client
     superseded_before: int = 0  # attach: error Deltas before this seq were replayed past
     cancel_on_close: bool = True  # False for the jobs API: its jobs outlive any reader
-    live: bool = False  # followed on the core subject (until a gap switches it to the log)
+    live: bool = False  # followed on the replica's step subject (until a gap: the log)
     last_arrival: float = field(default_factory=time.monotonic)
+    # Deltas received and not yet read, each with whether it came live (not from the log):
+    # handed over on the NATS read loop, read by the request's task with no queue between.
+    _pending: list[tuple[Delta, bool]] = field(default_factory=list)
+    _waiter: asyncio.Future[None] | None = None
+
+    def push(self, delta: Delta, live: bool) -> None:
+        """A received Delta (on the NATS read loop); wakes the reader if it waits."""
+        self.last_arrival = time.monotonic()
+        self._pending.append((delta, live))
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def batches(self) -> AsyncIterator[list[Delta]]:
         """Deltas in order, grouped: everything already received comes as one batch.
@@ -315,37 +362,32 @@ class JobStream:
         shrinks exactly when it matters.
         """
         while not self.finished:
-            msgs = [await self.inbox.get()]
-            while not self.inbox.empty():
-                msgs.append(self.inbox.get_nowait())
+            if not self._pending:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+            received, self._pending = self._pending, []
             batch = []
-            for msg in msgs:
-                delta = self._accept(msg)
-                if delta is not None:
+            for delta, live in received:
+                if self._accept(delta, live):
                     batch.append(delta)
                     if delta.finished:
                         break
             if batch:
                 yield batch
 
-    def _accept(self, msg: Msg) -> Delta | None:
-        if not self.live and msg.subject.startswith(TOKENS_PREFIX):
-            return None  # switched to the log, which delivers this one again, in order
-        try:
-            delta = decode_delta(msg.data)
-        except MessageError as e:
-            log.error("malformed_delta", job_id=self.job.id, error=str(e))
-            return None
+    def _accept(self, delta: Delta, live: bool) -> bool:
+        if live and not self.live:
+            return False  # switched to the log, which delivers this one again, in order
         if delta.seq < self.next_seq or self.finished:  # a duplicate from a retried publish
-            return None
+            return False
         if delta.seq > self.next_seq and self.live:
             self.client.catch_up(self)  # core lost one: the log has it
-            return None
+            return False
         self.next_seq = delta.seq + 1
         if delta.error is not None and delta.seq < self.superseded_before:
-            return None  # the job was dead-lettered, then replayed: it went on after this
+            return False  # the job was dead-lettered, then replayed: it went on after this
         self.finished = delta.finished
-        return delta
+        return True
 
     def request_cancel(self) -> None:
         """Ask the worker to abort; its final (abort) delta still arrives on this stream."""

@@ -245,8 +245,13 @@ class Generation:
 
     def _apply_all(self, job_index: int, deltas: list[Delta]) -> list[ChoiceEvent]:
         """Fold several deltas into one event per choice (text and tokens concatenated)."""
-        merged: dict[int, ChoiceEvent] = {}
         shown_through = self.streams[job_index].replay_through
+        if len(deltas) == 1 and deltas[0].seq > shown_through:  # keeping up: one per batch
+            events = self._apply(job_index, deltas[0])
+            if len(events) > 1:
+                events.sort(key=lambda ev: ev.index)
+            return events
+        merged: dict[int, ChoiceEvent] = {}
         for delta in deltas:
             events = self._apply(job_index, delta)
             if delta.seq <= shown_through:
@@ -279,23 +284,26 @@ class Generation:
             self.usage.gpu_time_s += delta.usage.gpu_time_s
         events: list[ChoiceEvent] = []
         eid = f"{delta.job_id}:{delta.seq}"
+        n, timing, usage = self.prepared.sampling.n, self.timing, self.usage
+        stopped = False
         for chunk in delta.chunks:
-            idx = job_index * self.n + chunk.index
+            idx = job_index * n + chunk.index
             st = self.choices.get(idx)
             if st is None or st.finish_reason is not None:
                 continue  # stopped on a stop string; the rest was cancelled
-            if chunk.token_ids and self.timing.first_token is None:
-                self.timing.first_token = time.monotonic()
-            self.usage.completion_tokens += len(chunk.token_ids)
+            if chunk.token_ids and timing.first_token is None:
+                timing.first_token = time.monotonic()
+            usage.completion_tokens += len(chunk.token_ids)
             text, reason = st.feed(chunk.token_ids, chunk.finish_reason)
-            self.timing.max_tokens_in_a_choice = max(
-                self.timing.max_tokens_in_a_choice, st.num_tokens
-            )
+            if st.num_tokens > timing.max_tokens_in_a_choice:
+                timing.max_tokens_in_a_choice = st.num_tokens
+            if reason is not None:
+                stopped = True
             if text or reason is not None or chunk.logprobs:
                 events.append(
                     ChoiceEvent(idx, text, chunk.token_ids, chunk.logprobs, reason, eid, st.part)
                 )
-        if not delta.finished:
+        if stopped and not delta.finished:
             self._cancel_if_all_stopped(job_index)
         return events
 

@@ -1,7 +1,8 @@
-"""A submitted job is followed on its re-published core subject, the log only on a loss.
+"""A submitted job is followed on its replica's step subject, the log only on a loss.
 
 Real nats-server; the test stores Deltas in LLM_EVENTS itself (as a worker would,
-fenced) and reads them through the API's JobClient.
+fenced), sends the stored ones to the Job's reply_to as a worker does after a step
+(`deliver_step`), and reads them through the API's JobClient.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 from services.api.jobs.client import CATCH_UP_IDLE_S, JobClient, JobStream
 from shared.bus.event_log import Appended, EventLog, append
 from shared.bus.jetstream import ensure_streams
-from shared.bus.subjects import EVENTS_STREAM, events_subject, tokens_subject
+from shared.bus.step_delivery import deliver_step
+from shared.bus.subjects import EVENTS_STREAM, events_subject, is_steps_subject
 from shared.messages import CompletionChunk, Delta, Job, encode_delta
 from shared.sampling_params import SamplingParams
 from shared.settings import BusSettings
@@ -41,6 +43,13 @@ def delta(job_id: str, seq: int, finished: bool = False) -> bytes:
     return encode_delta(Delta(job_id=job_id, seq=seq, chunks=[chunk], finished=finished))
 
 
+async def store(js, stream: JobStream, log: EventLog, data: bytes, deliver: bool = True) -> None:
+    """Append as the job's owner would, then (unless lost on the way) send it live."""
+    assert await append(js, log, data, 5.0) is Appended.STORED
+    if deliver:
+        assert await deliver_step(js._nc, [(stream.job.reply_to, data)]) == 1
+
+
 async def collect(stream: JobStream, within_s: float) -> list[int]:
     seqs: list[int] = []
 
@@ -60,9 +69,10 @@ async def test_deltas_arrive_on_the_core_subject_without_a_consumer(nats_server)
     await client.start()
     try:
         stream = await client.submit(make_job("job-live"))
+        assert is_steps_subject(stream.job.reply_to)  # the Job names this replica
         log = EventLog(events_subject("job-live"))
         for seq in range(4):
-            assert await append(js, log, delta("job-live", seq, seq == 3), 5.0) is Appended.STORED
+            await store(js, stream, log, delta("job-live", seq, seq == 3))
         assert await collect(stream, 10) == [0, 1, 2, 3]
         assert stream.live  # never needed the log
         info = await js.stream_info(EVENTS_STREAM)
@@ -83,25 +93,17 @@ async def test_a_lost_delta_is_caught_up_from_the_log(nats_server) -> None:
     try:
         gap = await client.submit(make_job("job-gap"))
         quiet = await client.submit(make_job("job-quiet"))
-        logs = {j: EventLog(events_subject(j)) for j in ("job-gap", "job-quiet")}
-        for j in logs:
-            await append(js, logs[j], delta(j, 0), 5.0)
+        streams = {"job-gap": gap, "job-quiet": quiet}
+        logs = {j: EventLog(events_subject(j)) for j in streams}
+        for j, s in streams.items():
+            await store(js, s, logs[j], delta(j, 0))
         await asyncio.sleep(0.3)
-        # Core delivery is at most once: lose what follows by dropping the subscriptions.
-        for s in (gap, quiet):
-            await s.sub.unsubscribe()
-        for j in logs:
-            await append(js, logs[j], delta(j, 1), 5.0)
-        await gap.client.nc.flush()
-
-        async def to_inbox(msg) -> None:
-            gap.inbox.put_nowait(msg)
-
-        gap.sub = await nc.subscribe(tokens_subject("job-gap"), cb=to_inbox)
-        await nc.flush()
-        await append(js, logs["job-gap"], delta("job-gap", 2), 5.0)
-        await append(js, logs["job-gap"], delta("job-gap", 3, True), 5.0)
-        await append(js, logs["job-quiet"], delta("job-quiet", 2, True), 5.0)
+        # Core delivery is at most once: seq 1 of both is stored but never sent live.
+        for j, s in streams.items():
+            await store(js, s, logs[j], delta(j, 1), deliver=False)
+        await store(js, gap, logs["job-gap"], delta("job-gap", 2))
+        await store(js, gap, logs["job-gap"], delta("job-gap", 3, True))
+        await store(js, quiet, logs["job-quiet"], delta("job-quiet", 2, True), deliver=False)
         started = time.monotonic()
         assert await collect(gap, 10) == [0, 1, 2, 3]
         assert await collect(quiet, 10) == [0, 1, 2]
