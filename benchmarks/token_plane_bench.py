@@ -80,10 +80,20 @@ def engine_point(model: str, profile: str, max_num_seqs: int, wl: sb.Workload, c
 class Stack:
     """nats-server, simulated workers and API replicas as subprocesses."""
 
-    def __init__(self, model: str, served: str, profile: str, workers: int, apis: int, seqs: int):
+    def __init__(
+        self,
+        model: str,
+        served: str,
+        profile: str,
+        workers: int,
+        apis: int,
+        seqs: int,
+        worker_flags: tuple[str, ...] = (),
+    ):
         self.tmp = Path(tempfile.mkdtemp(prefix="jetserve-tokenplane-"))
         self.model, self.served, self.profile = model, served, profile
         self.num_workers, self.num_apis, self.seqs = workers, apis, seqs
+        self.worker_flags = worker_flags
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.api_urls: list[str] = []
@@ -123,7 +133,7 @@ class Stack:
                 [*cli, "worker", "--model", self.model, "--model-name", self.served,
                  "--nats-url", url, "--metrics-port", "0", "--worker-id", f"bench-w{i}",
                  "--load-format", "simulated", "--simulate-profile", self.profile,
-                 "--max-num-seqs", str(self.seqs)],
+                 "--max-num-seqs", str(self.seqs), *self.worker_flags],
                 worker_env,
             )  # fmt: skip
         for i in range(self.num_apis):
@@ -151,7 +161,13 @@ class Stack:
         return [f"worker{i}" for i in range(self.num_workers)]
 
     def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.items()}
+        """Every process of the stack by name; a worker's engine process (--engine-process)
+        as `engine<i>`, so the worker's own CPU is its token plane."""
+        out = {name: p.pid for name, p in self.procs.items()}
+        for name in self.worker_names:
+            for j, child in enumerate(child_pids(self.procs[name].pid)):
+                out[f"engine{name[len('worker') :]}" + (f"-{j}" if j else "")] = child
+        return out
 
     def device_stats(self) -> dict[str, dict]:
         """The latest `simulated_device` line of each worker's log."""
@@ -244,6 +260,16 @@ async def client_run(urls: list[str], model: str, wl: sb.Workload, c: int, kind:
             await (cl.close() if kind == "openai" else cl.aclose())
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc), empty when it has none."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
 def stack_point(stack: Stack, wl: sb.Workload, c: int, kind: str) -> dict:
     pids = stack.pids()
     stats0 = stack.device_stats()
@@ -257,7 +283,7 @@ def stack_point(stack: Stack, wl: sb.Workload, c: int, kind: str) -> dict:
     summary["cpu_us_per_token"] = {k: round(1e6 * v / tokens, 1) for k, v in cpu.items()}
     summary["cpu_us_per_token_by_role"] = {
         role: round(1e6 * sum(v for k, v in cpu.items() if k.startswith(role)) / tokens, 1)
-        for role in ("api", "worker", "nats", "client")
+        for role in ("api", "worker", "engine", "nats", "client")
     }
     summary["step_inflation"] = _inflation(stats0, stack.device_stats())
     return summary
@@ -286,16 +312,20 @@ def _inflation(before: dict[str, dict], after: dict[str, dict]) -> float | None:
 def compare(engine: dict, stack: dict, workers: int) -> dict:
     """Stack vs `workers` simulated engines, each as fast as the in-process one."""
     eng_cpu = engine["engine_host_cpu_us_per_token"]
-    worker_cpu = stack["cpu_us_per_token_by_role"]["worker"]
+    roles = stack["cpu_us_per_token_by_role"]
+    worker_cpu = roles["worker"]
+    # With the engine in its own process the worker process is the token plane (NATS,
+    # Deltas); with the engine in a thread, the engine's own host CPU is taken off.
+    plane = worker_cpu if roles.get("engine") else worker_cpu - eng_cpu
     return {
         "throughput_ratio": round(stack["output_tok_s"] / (engine["output_tok_s"] * workers), 3),
         "added_ttft_ms_p50": round(stack["ttft_ms_p50"] - engine["ttft_ms_p50"], 2),
         "added_ttft_ms_p99": round(stack["ttft_ms_p99"] - engine["ttft_ms_p99"], 2),
         "added_itl_ms_p50": round(stack["itl_ms_p50"] - engine["itl_ms_p50"], 2),
         "added_itl_ms_p99": round(stack["itl_ms_p99"] - engine["itl_ms_p99"], 2),
-        # The worker's CPU beyond what the engine alone spends per token: its token plane
-        # (one Delta per token in decode, so per token ~ per delta).
-        "worker_token_plane_cpu_us_per_token": round(worker_cpu - eng_cpu, 1),
+        # The worker's CPU beyond what the engine spends per token: its token plane (one
+        # Delta per token in decode, so per token ~ per delta).
+        "worker_token_plane_cpu_us_per_token": round(plane, 1),
         "step_inflation_stack": stack["step_inflation"],
         "step_inflation_engine_alone": engine["step_inflation"],
     }
@@ -310,12 +340,12 @@ def plot(report: dict, path: Path, before: dict | None = None) -> None:
 
     runs = [("before", before), ("after", report)] if before else [("this run", report)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    roles = ("worker", "nats", "api", "client")
+    roles = ("engine", "worker", "nats", "api", "client")
     points = [(label, p) for label, r in runs for p in r["points"]]
     xs = range(len(points))
     bottom = [0.0] * len(points)
     for role in roles:
-        vals = [p["stack"]["cpu_us_per_token_by_role"][role] for _, p in points]
+        vals = [p["stack"]["cpu_us_per_token_by_role"].get(role, 0.0) for _, p in points]
         axes[0].bar(xs, vals, bottom=bottom, label=role)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     names = [f"{label}\nc={p['concurrency']} w={p['workers']} a={p['apis']}" for label, p in points]
@@ -349,6 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--client", choices=("httpx", "openai"), default="httpx")
+    p.add_argument(
+        "--worker-flags", default="", help='extra worker flags, e.g. "--engine-process on"'
+    )
     p.add_argument("--quick", action="store_true", help="tiny workload, smoke test")
     p.add_argument("--compare-with", help="a before-JSON to plot beside this run")
     p.add_argument("--out", default=str(RESULTS / "token_plane.json"))
@@ -366,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     engine_cache: dict[int, dict] = {}
     for workers in (int(x) for x in args.workers.split(",")):
         for apis in (int(x) for x in args.apis.split(",")):
-            stack = Stack(model, served, args.profile, workers, apis, args.max_num_seqs)
+            stack = Stack(
+                model, served, args.profile, workers, apis, args.max_num_seqs,
+                tuple(args.worker_flags.split()),
+            )  # fmt: skip
             try:
                 stack.start()
                 for per_worker in (int(x) for x in args.concurrency.split(",")):
@@ -384,10 +420,12 @@ def main(argv: list[str] | None = None) -> int:
                             model, args.profile, args.max_num_seqs, ewl, per_worker
                         )
                     engine = engine_cache[per_worker]
+                    load_before = round(os.getloadavg()[0], 2)
                     st = stack_point(stack, wl, c, args.client)
                     cmp = compare(engine, st, workers)
                     points.append({"workers": workers, "apis": apis, "concurrency": c,
                                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                                   "load_avg_1m_before": load_before,
                                    "engine": engine, "stack": st, "compare": cmp})  # fmt: skip
                     print(
                         f"w={workers} a={apis} c={c:<4} engine {engine['output_tok_s'] * workers:>9.0f}"
@@ -412,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_user": args.requests_per_user,
             "max_num_seqs": args.max_num_seqs,
             "client": args.client,
+            "worker_flags": args.worker_flags,
             "sampling": "greedy, ignore_eos",
         },
         "points": points,
