@@ -380,9 +380,42 @@ def _usage_from_wire(value: Any) -> Usage:
     )
 
 
+# One packer for every Delta (a worker encodes one per job per engine step): msgpack.packb
+# would build a new one per call. It holds no state between calls (autoreset) and packs
+# plain types without releasing the GIL, so sharing it across threads is safe.
+_pack_delta = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode_delta(d: Delta) -> bytes:
     u = d.usage
-    return msgpack.packb(
+    if u is None and d.embedding is None:
+        # The common Delta (tokens, maybe a finish reason): the same map, built inline.
+        chunks = []
+        for c in d.chunks:
+            if c.logprobs is not None:
+                break
+            chunks.append(
+                {
+                    "index": c.index,
+                    "token_ids": list(c.token_ids),
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        else:
+            return _pack_delta(
+                {
+                    "v": d.v,
+                    "job_id": d.job_id,
+                    "seq": d.seq,
+                    "chunks": chunks,
+                    "finished": d.finished,
+                    "usage": None,
+                    "error": d.error,
+                    "worker_id": d.worker_id,
+                }
+            )
+    return _pack_delta(
         {
             "v": d.v,
             "job_id": d.job_id,
@@ -401,8 +434,7 @@ def encode_delta(d: Delta) -> bytes:
             "error": d.error,
             "worker_id": d.worker_id,
             **({} if d.embedding is None else {"embedding": pack_floats(d.embedding)}),
-        },
-        use_bin_type=True,
+        }
     )
 
 
