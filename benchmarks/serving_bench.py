@@ -561,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
 
     def record(mode: str, c: int, summary: dict) -> None:
-        row = {"mode": mode, "concurrency": c, **summary}
+        # The machine may be shared: each point says how loaded it was when it ended.
+        row = {"mode": mode, "concurrency": c, "load_avg_1m": round(os.getloadavg()[0], 2)}
+        row.update(summary)
         results.append(row)
         print(
             f"{mode:>6} c={c:<3} {summary['output_tok_s']:>9.1f} tok/s  "
