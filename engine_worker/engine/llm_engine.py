@@ -22,7 +22,12 @@ from engine_worker.engine.model_runner import (
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
 from engine_worker.engine.models.quantization import quantize_model
-from engine_worker.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
+from engine_worker.engine.outputs import (
+    CompletionDelta,
+    EngineStats,
+    RequestOutput,
+    TokenLogprob,
+)
 from engine_worker.engine.parallel.group import TensorParallel
 from engine_worker.engine.parallel.launch import RankProcesses, launch_ranks, rank_device
 from engine_worker.engine.parallel.sharding import SHARDED_MODULES, shard_config
@@ -37,18 +42,6 @@ from engine_worker.engine.structured.constraint import SequenceConstraint
 from engine_worker.engine.structured.grammars import DEFAULT_CACHE_SIZE, GrammarCache
 from engine_worker.engine.structured.masks import MaskFiller
 from shared.sampling_params import SamplingParams
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    kv_cache_usage: float
-    prefix_cache_hit_rate: float
-    num_preemptions: int
-    spec: SpecCounters = field(default_factory=SpecCounters)  # speculative decoding so far
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""What one engine step hands back: new tokens per request, not per token."""
+"""What one engine step hands back: new tokens per request, not per token, and the
+engine's state after it. Plain data, no torch: the worker reads these without loading a model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from engine_worker.engine.speculative.counters import SpecCounters
 
 
 @dataclass
@@ -35,3 +38,17 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     embedding: list[float] | None = None  # an embedding request's pooled vector, when done
+
+
+@dataclass
+class EngineStats:
+    """The scheduler's and cache's state after a step (gauges, the registry, admission)."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    spec: SpecCounters = field(default_factory=SpecCounters)  # speculative decoding so far

@@ -26,8 +26,9 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from engine_worker.engine_core.handle import EngineHandle
+from engine_worker.engine_core.messages import AddRequest, StepResult
 from engine_worker.worker.cancel_memory import CancelMemory
-from engine_worker.worker.engine_thread import AddRequest, EngineThread, StepResult
 from engine_worker.worker.janitor import dead_reason
 from engine_worker.worker.job_state import (
     JobState,
@@ -89,7 +90,7 @@ class Intake:
     sub: Any  # pull subscription bound to the model's durable consumer
     jobs: RunningJobs
     outbox: Outbox
-    engine: EngineThread
+    engine: EngineHandle  # a thread or a child process (engine_worker/engine_core/)
     snapshot: StepResult  # the engine's latest state: how many jobs it can start now
     stopping: asyncio.Event  # set: pull nothing more
     model_name: str

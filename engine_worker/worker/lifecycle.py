@@ -1,8 +1,9 @@
 """The engine worker process (`jetserve worker`): JetStream jobs in, Deltas out.
 
-One asyncio loop talks to NATS; the engine runs in its own thread (engine_thread.py).
+One asyncio loop talks to NATS; the engine runs in a child process
+(engine_worker/engine_core/client.py, the default) or in a thread (engine_thread.py).
 This module wires the parts together and runs them: intake.py pulls and admits jobs,
-the engine thread steps them, step_results.py turns each step into Deltas, outbox.py
+the engine steps them, step_results.py turns each step into Deltas, outbox.py
 stores them in LLM_EVENTS and settles the jobs' messages; the janitor dead-letters what
 the server stopped delivering (see docs/durability.md). Here: connect, start, the
 periodic work (in-progress acks and deadlines, the registry heartbeat), health, and the
@@ -21,18 +22,17 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 
-from engine_worker.engine.config import EngineConfig
-from engine_worker.engine.factory import build_engine
-from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.engine_core.client import EngineProcess
+from engine_worker.engine_core.handle import EngineHandle
+from engine_worker.engine_core.messages import EngineInfo, StepResult
 from engine_worker.worker.cancel_memory import CancelMemory
-from engine_worker.worker.engine_thread import EngineThread, StepResult, admit_slots
 from engine_worker.worker.intake import FETCH_WAIT_S, Intake
 from engine_worker.worker.janitor import Janitor
-from engine_worker.worker.model_facts import ModelFacts, model_facts
+from engine_worker.worker.model_facts import ModelFacts
 from engine_worker.worker.model_source import resolve_model
 from engine_worker.worker.outbox import APPEND_RETRY_S, Outbox
 from engine_worker.worker.routing.fallback import RoutedSweeper, is_routed, num_delivered
@@ -64,17 +64,26 @@ from shared.periodic import Periodic
 from shared.settings import EngineSettings, WorkerSettings, add_flags
 from shared.tokenizer import load_tokenizer
 
-# The engine thread drops the GIL in every torch op and must win it back from the event
-# loop each time; at the default 5 ms switch interval a busy loop (Deltas for dozens of
+if TYPE_CHECKING:
+    from engine_worker.engine.config import EngineConfig
+
+# An engine thread (--no-engine-process) drops the GIL in every torch op and must win it
+# back from the event loop each time; at the default 5 ms switch interval a busy loop (Deltas for dozens of
 # streams) makes each re-acquire wait up to 5 ms. Process-wide, so set by the process
 # entry point (`run`), never by constructing an engine or a Worker.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
+def engine_fields(settings: WorkerSettings) -> dict[str, Any]:
+    """The worker's engine settings plus its model: EngineConfig's fields."""
+    fields = {name: getattr(settings, name) for name in EngineSettings.model_fields}
+    return {"model": settings.model, **fields}
+
+
 def engine_config(settings: WorkerSettings) -> EngineConfig:
-    """The worker's engine settings plus its model."""
-    engine_fields = {name: getattr(settings, name) for name in EngineSettings.model_fields}
-    return EngineConfig(model=settings.model, **engine_fields)
+    from engine_worker.engine.config import EngineConfig  # torch: only where the engine runs
+
+    return EngineConfig(**engine_fields(settings))
 
 
 class Worker:
@@ -97,11 +106,11 @@ class Worker:
             self.registry, self.health, settings.metrics_host, settings.metrics_port
         )
         # Built by start(), in this order; shutdown() copes with any of them missing.
-        self.engine: LLMEngine | None = None
+        self.engine_thread: EngineHandle | None = None  # a thread or a child process
+        self.info: EngineInfo | None = None
         self.facts: ModelFacts | None = None
         self.snapshot: StepResult | None = None
         self.nc: NATS | None = None
-        self.engine_thread: EngineThread | None = None
         self.outbox: Outbox | None = None
         self.intake: Intake | None = None
         self.janitor: Janitor | None = None
@@ -118,18 +127,21 @@ class Worker:
     # -- start ------------------------------------------------------------------------
     async def start(self) -> None:
         await self._start_status_server()
-        self.log.info("worker_loading", model_dir=self.settings.model)
-        engine = await asyncio.to_thread(build_engine, engine_config(self.settings))
+        self.log.info(
+            "worker_loading",
+            model_dir=self.settings.model,
+            engine_process=self.settings.engine_process,
+        )
         tokenizer_files: dict[str, bytes] = {}
+        eos_token_ids: set[int] = set()
         try:
             tokenizer = load_tokenizer(self.settings.model)
-            engine.eos_token_ids |= tokenizer.eos_token_ids  # as the offline LLM does
+            eos_token_ids = set(tokenizer.eos_token_ids)  # the engine stops on them too
             tokenizer_files = tokenizer.files()
         except ValueError as e:
             self.log.warning("no_tokenizer", error=str(e))
-        self.engine = engine
-        self.facts = await asyncio.to_thread(model_facts, engine)
-        self.snapshot = StepResult([], engine.stats(), admit_slots(engine), 0)
+        info = await self._start_engine(eos_token_ids)
+        self.info, self.facts, self.snapshot = info, info.facts, info.snapshot
 
         self.nc = await self._connect()
         js = self.nc.jetstream()
@@ -148,12 +160,10 @@ class Worker:
         for name, data in tokenizer_files.items():
             await obs.put(model_object_name(self.model_name, name), data)
 
-        engine.block_manager.record_kv_changes()
         self.kv_announcer = KvAnnouncer(
-            self.nc, self.model_name, self.worker_id, engine.block_manager.block_size, self.log
+            self.nc, self.model_name, self.worker_id, info.block_size, self.log
         )
         await self.kv_announcer.start()
-        self.engine_thread = EngineThread(engine, asyncio.get_running_loop(), self._on_step)
         self.outbox = Outbox(
             self.nc,
             js,
@@ -182,7 +192,6 @@ class Worker:
             routed_sub=self._routed_sub,
             ack_wait_s=self.settings.ack_wait_s,
         )
-        self.engine_thread.start()  # started at once: shutdown joins it
         await self.intake.subscribe_cancels()
         self.janitor = Janitor(
             nc=self.nc,
@@ -223,10 +232,49 @@ class Worker:
             "worker_ready",
             subject=jobs_subject(self.model_name),
             metrics_port=self.status_server.port,
-            max_model_len=engine.max_model_len,
-            num_kv_blocks=engine.stats().num_total_blocks,
+            max_model_len=info.max_model_len,
+            num_kv_blocks=info.snapshot.stats.num_total_blocks,
             max_num_seqs=self.settings.max_num_seqs,
         )
+
+    async def _start_engine(self, eos_token_ids: set[int]) -> EngineInfo:
+        """The engine in a child process (the model loads there), or in a thread."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        if settings.engine_process:
+            process = EngineProcess(
+                {
+                    "engine": engine_fields(settings),
+                    "extra_eos_token_ids": sorted(eos_token_ids),
+                    "torch_threads": settings.engine_threads,
+                    "log_level": settings.log_level,
+                    "log_json": settings.log_json,
+                    "log_context": {"worker_id": self.worker_id, "model": self.model_name},
+                    "record_kv_changes": True,  # each step's prefix-cache changes come back
+                },
+                loop,
+                self._on_step,
+            )
+            self.engine_thread = process  # set first: shutdown stops it if launch fails
+            info = await process.launch()
+            self.log.info("engine_process_started", pid=process.pid)
+            return info
+
+        from engine_worker.engine.factory import build_engine
+        from engine_worker.engine_core.core import engine_info
+        from engine_worker.worker.engine_thread import EngineThread
+
+        if settings.engine_threads:
+            import torch
+
+            torch.set_num_threads(settings.engine_threads)
+        engine = await asyncio.to_thread(build_engine, engine_config(settings))
+        engine.eos_token_ids |= eos_token_ids  # as the offline LLM does
+        engine.block_manager.record_kv_changes()  # each step's changes, for the KV announcer
+        thread = EngineThread(engine, loop, self._on_step)
+        thread.start()  # started at once: shutdown joins it
+        self.engine_thread = thread
+        return await asyncio.to_thread(engine_info, engine)
 
     async def _connect(self) -> NATS:
         """Wait for NATS a while, so a worker may start before its nats-server."""
@@ -304,9 +352,9 @@ class Worker:
             for state in handed_back:
                 self.engine_thread.abort(state.request_id)
             self.engine_thread.stop()
-            await asyncio.to_thread(self.engine_thread.join, 30)
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.close)  # tensor-parallel ranks exit
+            stopped = await asyncio.to_thread(self.engine_thread.join, 30)
+            if not stopped and isinstance(self.engine_thread, EngineProcess):
+                self.engine_thread.kill()  # stuck in a step: it must not outlive us
         if self.outbox is not None and self._publisher is not None:
             self.outbox.close()
             await asyncio.wait([self._publisher], timeout=10)
@@ -391,7 +439,7 @@ class Worker:
         connected = self.nc is not None and self.nc.is_connected
         ready = self.engine_thread is not None and self.engine_thread.alive
         ok = connected and ready and self._fatal is None and not self._stopping.is_set()
-        status = "ok" if ok else ("loading" if self.engine is None else "unavailable")
+        status = "ok" if ok else ("loading" if self.info is None else "unavailable")
         return ok, {
             "status": status,
             "worker_id": self.worker_id,
@@ -423,13 +471,13 @@ class Worker:
                 await state.msg.in_progress()
 
     def status(self) -> WorkerStatus:
-        assert self.engine is not None and self.snapshot is not None
+        assert self.info is not None and self.snapshot is not None
         s = self.snapshot.stats
         return WorkerStatus(
             worker_id=self.worker_id,
             model=self.model_name,
             capacity=self.settings.max_num_seqs,
-            max_model_len=self.engine.max_model_len,
+            max_model_len=self.info.max_model_len,
             kv_cache_usage=s.kv_cache_usage,
             num_running=s.num_running,
             num_waiting=s.num_waiting,
@@ -439,7 +487,7 @@ class Worker:
             metrics_port=self.status_server.port,
             started_at=self.started_at,
             updated_at=time.time(),
-            block_size=self.engine.block_manager.block_size,
+            block_size=self.info.block_size,
             routed_subject=routed_jobs_subject(self.model_name, self.worker_id),
             kv_epoch=self.kv_announcer.epoch if self.kv_announcer else 0,
             kv_seq=self.kv_announcer.seq if self.kv_announcer else 0,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine_worker.engine.llm_engine import LLMEngine
+if TYPE_CHECKING:  # the worker process of an engine process never loads torch
+    from engine_worker.engine.llm_engine import LLMEngine
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 

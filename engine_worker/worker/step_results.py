@@ -4,7 +4,7 @@ speculative decoding counters."""
 from __future__ import annotations
 
 from engine_worker.engine.speculative.counters import SpecCounters
-from engine_worker.worker.engine_thread import StepResult
+from engine_worker.engine_core.messages import StepResult
 from engine_worker.worker.job_state import delta_from_output
 from engine_worker.worker.outbox import Outgoing
 from engine_worker.worker.running import RunningJobs

@@ -65,6 +65,19 @@ class WorkerSettings(EngineSettings, BusSettings):
     cancel_memory_s: float = setting(
         600.0, gt=0, help="how long a cancelled job id is remembered, for jobs still queued"
     )
+    engine_process: bool = setting(
+        True,
+        help="run the engine (model, scheduler, KV cache) in a child process of the worker, "
+        "so its Python work and the worker's NATS work do not share one GIL; it sends each "
+        "engine step's outputs as one message. --no-engine-process runs it in a thread",
+    )
+    engine_threads: int | None = setting(
+        None,
+        ge=1,
+        help="torch threads of the engine; unset: torch's default (OMP_NUM_THREADS, else "
+        "the machine's cores). With --engine-process the worker process itself runs no torch",
+        shown_default="torch's default",
+    )
     drain_timeout_s: float = setting(
         5.0,
         ge=0,
