@@ -19,6 +19,7 @@ from engine_worker.engine.outputs import (
     RequestOutput,
     TokenLogprob,
 )
+from engine_worker.engine.speculative.counters import SpecCounters
 from engine_worker.engine_core import codec
 from engine_worker.engine_core.messages import (
     AbortRequest,
@@ -54,7 +55,8 @@ outputs = st.builds(
     num_cached_tokens=small,
     embedding=st.none() | st.lists(floats, max_size=8),
 )
-stats = st.builds(EngineStats, small, small, small, small, floats, floats, small)
+spec = st.builds(SpecCounters, small, small, small, st.lists(small, max_size=4))
+stats = st.builds(EngineStats, small, small, small, small, floats, floats, small, spec)
 steps = st.builds(
     StepResult,
     outputs=st.lists(outputs, max_size=6),
@@ -64,6 +66,8 @@ steps = st.builds(
     step_time_s=floats,
     rejected=st.lists(st.tuples(text, text), max_size=3),
     fatal=st.none() | text,
+    kv_stored=st.lists(st.binary(min_size=16, max_size=16), max_size=4),
+    kv_evicted=st.lists(st.binary(min_size=16, max_size=16), max_size=4),
 )
 sampling = st.builds(
     SamplingParams,
@@ -83,6 +87,7 @@ sampling = st.builds(
     structured=st.none() | st.builds(StructuredOutput, st.sampled_from(KINDS), text),
     pooling=st.sampled_from([None, "last", "mean"]),
     normalize=st.booleans(),
+    speculative=st.booleans(),
 )
 adds = st.builds(
     AddRequest,
@@ -111,7 +116,7 @@ def test_command_batches_round_trip(batch: list) -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 10**6), facts, steps)
 def test_engine_info_round_trips(max_model_len: int, f: ModelFacts, snapshot: StepResult) -> None:
-    info = EngineInfo(max_model_len, f, snapshot)
+    info = EngineInfo(max_model_len, 16, f, snapshot)
     assert codec.decode(codec.encode_info(info)) == info
 
 
@@ -128,6 +133,7 @@ def test_the_codec_carries_every_field() -> None:
     """Extend codec.py (and the strategies above) when one of these lists changes."""
     assert _names(StepResult) == {
         "outputs", "stats", "admit_slots", "adds_applied", "step_time_s", "rejected", "fatal",
+        "kv_stored", "kv_evicted",
     }  # fmt: skip
     assert _names(RequestOutput) == {
         "request_id", "deltas", "finished", "num_prompt_tokens", "num_cached_tokens", "embedding",
@@ -139,7 +145,10 @@ def test_the_codec_carries_every_field() -> None:
     assert _names(AddRequest) == {
         "request_id", "prompt_token_ids", "params", "priority", "resume_token_ids",
     }  # fmt: skip
-    assert _names(EngineInfo) == {"max_model_len", "facts", "snapshot"}
+    assert _names(EngineInfo) == {"max_model_len", "block_size", "facts", "snapshot"}
+    assert _names(SpecCounters) == {
+        "num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos",
+    }  # fmt: skip
     # SamplingParams, EngineStats and ModelFacts travel field by field in declared order;
     # a new field must be msgpack-able (or be special-cased like `structured`).
     assert codec.SAMPLING_FIELDS == tuple(f.name for f in dataclasses.fields(SamplingParams))
