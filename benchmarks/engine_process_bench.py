@@ -297,6 +297,7 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     axes[1].set_yscale("log")
+    axes[1].set_ylim(bottom=5)
     fig.suptitle(
         f"jetserve engine thread vs engine process, simulated {report['profile']}, 1 worker, "
         f"1 API, {report['machine']['cpu_count']}-core CPU (shared, load "
