@@ -150,8 +150,7 @@ class EngineCore:
             stats=stats,
             admit_slots=0,
             adds_applied=self.adds_applied,
-            fatal=f"{_root_cause(self.engine)}{type(e).__name__}: {e}\n"
-            f"{traceback.format_exc()}",
+            fatal=f"{_root_cause(self.engine)}{type(e).__name__}: {e}\n{traceback.format_exc()}",
         )
 
 

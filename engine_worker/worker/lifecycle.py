@@ -1,7 +1,7 @@
 """The engine worker process (`jetserve worker`): JetStream jobs in, Deltas out.
 
-One asyncio loop talks to NATS; the engine runs in a child process
-(engine_worker/engine_core/client.py, the default) or in a thread (engine_thread.py).
+One asyncio loop talks to NATS; the engine runs in a thread (engine_thread.py, the
+default) or in a child process (--engine-process, engine_worker/engine_core/client.py).
 This module wires the parts together and runs them: intake.py pulls and admits jobs,
 the engine steps them, step_results.py turns each step into Deltas, outbox.py
 stores them in LLM_EVENTS and settles the jobs' messages; the janitor dead-letters what

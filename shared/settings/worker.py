@@ -66,10 +66,11 @@ class WorkerSettings(EngineSettings, BusSettings):
         600.0, gt=0, help="how long a cancelled job id is remembered, for jobs still queued"
     )
     engine_process: bool = setting(
-        True,
+        False,
         help="run the engine (model, scheduler, KV cache) in a child process of the worker, "
         "so its Python work and the worker's NATS work do not share one GIL; it sends each "
-        "engine step's outputs as one message. --no-engine-process runs it in a thread",
+        "engine step's outputs as one message. Off: the engine runs in a thread of the "
+        "worker (docs/token_plane.md has both measured)",
     )
     engine_threads: int | None = setting(
         None,

@@ -1,4 +1,4 @@
-"""The engine in its own process (the default): when it dies, its worker fails loudly
+"""The engine in its own process (--engine-process): when it dies, its worker fails loudly
 and another worker finishes the jobs token-exact; when the worker dies, so does it.
 
 kill -9 of the engine process of the worker holding a job mid-stream: that worker logs

@@ -1,5 +1,5 @@
-"""A worker serves the same way with its engine in a child process (the default) or in
-a thread (--no-engine-process): tokens and logprobs equal the in-process engine, a
+"""A worker serves the same way with its engine in a child process (--engine-process)
+or in a thread (the default): tokens and logprobs equal the in-process engine, a
 cancel stops a running job, and SIGTERM stops the engine with the worker (exit 0)."""
 
 from __future__ import annotations
