@@ -186,7 +186,7 @@ class JobClient:
         worker moves it to the shared queue if that one does not pull it in time."""
         subject = jobs_subject(job.model)
         if self.router is not None:
-            subject = self.router.route(job.model, job.prompt_token_ids).subject
+            subject = self.router.route(job.model, job.prompt_token_ids, job.id).subject
         ack = await self.js.publish(
             subject,
             encode_job(job),
@@ -402,6 +402,8 @@ class JobStream:
             return
         self.closed = True
         self.client._follow(self.job.id, -1)
+        if self.client.router is not None:
+            self.client.router.finished(self.job.id)
         if self.cancel_on_close and not self.finished and not self.cancel_sent:
             self.cancel_sent = True
             self.client.cancel(self.job.id, self.client.reattach_grace_s)

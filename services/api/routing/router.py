@@ -3,8 +3,9 @@ that worker is busier than the prefill it saves.
 
 Cost of a live worker = prompt tokens it does not hold (uncached prefill) + a load term
 in the same unit, tokens:
-`load_tokens x (running + routed here since its last heartbeat + 4 x waiting) +
-8 x load_tokens x kv_usage`. The lowest cost wins; equal costs go to the worker that
+`load_tokens x (running + routed here, unfinished and newer than its last heartbeat +
+4 x waiting) + 8 x load_tokens x kv_usage`: the heartbeat's counts lag by up to a
+heartbeat, so a burst would otherwise all go to one worker. The lowest cost wins; equal costs go to the worker that
 rendezvous hashing of the prompt's first block names, so every replica with the same
 view (index and registry) picks the same worker. A prompt no worker holds any block of
 ("cold") goes to the shared queue, where the first free worker takes it: with nothing
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,9 +48,13 @@ class Router:
     registry: ModelRegistry
     metrics: ApiMetrics | None = None
     load_tokens: float = 64.0
-    _recent: dict[str, deque[float]] = field(default_factory=dict)  # worker -> route times
+    # Jobs this replica routed and has not seen finish: worker -> {job id: route time}.
+    _inflight: dict[str, dict[str, float]] = field(default_factory=dict)
+    _worker_of: dict[str, str] = field(default_factory=dict)  # job id -> worker
 
-    def choose(self, model: str, prompt_token_ids: Sequence[int]) -> RouteDecision:
+    def choose(
+        self, model: str, prompt_token_ids: Sequence[int], job_id: str = ""
+    ) -> RouteDecision:
         n = len(prompt_token_ids)
         shared = jobs_subject(model)
         candidates = [
@@ -80,32 +84,44 @@ class Router:
         assert best_status is not None
         if best_cached == 0:
             return RouteDecision(shared, "cold", prompt_tokens=n)
-        self._note(best_status.worker_id)
+        self._note(best_status.worker_id, job_id)
         return RouteDecision(
             best_status.routed_subject, "routed", best_status.worker_id, best_cached, n
         )
 
-    def route(self, model: str, prompt_token_ids: Sequence[int]) -> RouteDecision:
+    def route(self, model: str, prompt_token_ids: Sequence[int], job_id: str = "") -> RouteDecision:
         """`choose`, counted in /metrics."""
-        decision = self.choose(model, prompt_token_ids)
+        decision = self.choose(model, prompt_token_ids, job_id)
         if self.metrics is not None:
             self.metrics.routing_decisions.labels(model, decision.decision).inc()
             self.metrics.routing_prompt_tokens.labels(model).inc(decision.prompt_tokens)
             self.metrics.routing_cached_tokens.labels(model).inc(decision.cached_tokens)
         return decision
 
+    def finished(self, job_id: str) -> None:
+        """The job's stream closed here: it no longer adds to its worker's load."""
+        worker = self._worker_of.pop(job_id, None)
+        if worker is not None:
+            self._inflight.get(worker, {}).pop(job_id, None)
+
     def _load(self, s: WorkerStatus) -> float:
-        recent = self._recent.get(s.worker_id)
-        since = sum(1 for t in recent if t > s.updated_at) if recent else 0
+        jobs = self._inflight.get(s.worker_id)
+        since = sum(1 for t in jobs.values() if t > s.updated_at) if jobs else 0
         queued = s.num_running + since + WAITING_WEIGHT * s.num_waiting
         return self.load_tokens * (queued + KV_WEIGHT * s.kv_cache_usage)
 
-    def _note(self, worker_id: str) -> None:
+    def _note(self, worker_id: str, job_id: str) -> None:
         now = time.time()
-        recent = self._recent.setdefault(worker_id, deque())
-        recent.append(now)
-        while recent and recent[0] < now - RECENT_HORIZON_S:
-            recent.popleft()
+        jobs = self._inflight.setdefault(worker_id, {})
+        key = job_id or f"anon-{now}"
+        jobs[key] = now
+        self._worker_of[key] = worker_id
+        if len(jobs) > 64 and next(iter(jobs.values())) < now - RECENT_HORIZON_S:
+            # Jobs never followed here (POST /v1/jobs): their heartbeat counts them long
+            # since; forget them.
+            for old in [j for j, t in jobs.items() if t < now - RECENT_HORIZON_S]:
+                jobs.pop(old, None)
+                self._worker_of.pop(old, None)
 
 
 def _rendezvous(key: bytes, worker_id: str) -> int:
