@@ -10,15 +10,19 @@ if they ever differed, routing would silently stop finding cached prefixes.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
 
 
 def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
-    """Chained content hash of one full block; collisions would corrupt outputs, so no `hash()`."""
+    """Chained content hash of one full block; collisions would corrupt outputs, so no `hash()`.
+
+    Token ids as little-endian int64s: the same bytes on every machine (an API replica and
+    a worker may differ in architecture), and packed in C, not formatted in Python."""
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
-    h.update(b",".join(str(t).encode() for t in token_ids))
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return h.digest()
 
 

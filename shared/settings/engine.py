@@ -124,7 +124,7 @@ class EngineSettings(Settings):
     simulate_profile: str = setting(
         "",
         help="model and GPU the simulated engine stands in for (h100-llama3-8b, "
-        "h200-llama3-8b); only with --load-format simulated",
+        "h200-llama3-8b, l4-llama3-8b); only with --load-format simulated",
     )
 
     @model_validator(mode="after")

@@ -3,9 +3,11 @@ that worker is busier than the prefill it saves.
 
 Cost of a live worker = prompt tokens it does not hold (uncached prefill) + a load term
 in the same unit, tokens:
-`load_tokens x (running + routed here, unfinished and newer than its last heartbeat +
-4 x waiting) + 8 x load_tokens x kv_usage`: the heartbeat's counts lag by up to a
-heartbeat, so a burst would otherwise all go to one worker. The lowest cost wins; equal costs go to the worker that
+`load_tokens x (running + 4 x waiting) + 8 x load_tokens x kv_usage`, where running and
+waiting come from the worker's heartbeat, raised by what this replica knows better: the
+jobs it routed there and has not seen finish (newer than the heartbeat: not in it yet;
+more than the worker's capacity: waiting, in its routed subject or its engine). The
+heartbeat lags by up to a second, so a burst would otherwise all go to one worker. The lowest cost wins; equal costs go to the worker that
 rendezvous hashing of the prompt's first block names, so every replica with the same
 view (index and registry) picks the same worker. A prompt no worker holds any block of
 ("cold") goes to the shared queue, where the first free worker takes it: with nothing
@@ -105,10 +107,16 @@ class Router:
             self._inflight.get(worker, {}).pop(job_id, None)
 
     def _load(self, s: WorkerStatus) -> float:
-        jobs = self._inflight.get(s.worker_id)
-        since = sum(1 for t in jobs.values() if t > s.updated_at) if jobs else 0
-        queued = s.num_running + since + WAITING_WEIGHT * s.num_waiting
-        return self.load_tokens * (queued + KV_WEIGHT * s.kv_cache_usage)
+        jobs = self._inflight.get(s.worker_id) or {}
+        since = sum(1 for t in jobs.values() if t > s.updated_at)
+        # Jobs routed here and unfinished beyond what the worker can run are waiting, in
+        # its routed subject (which no heartbeat counts) or in its engine.
+        beyond = max(len(jobs) - max(s.capacity, 1), 0)
+        running = max(s.num_running + since, min(len(jobs), s.capacity))
+        waiting = max(s.num_waiting, beyond)
+        return self.load_tokens * (
+            running + WAITING_WEIGHT * waiting + KV_WEIGHT * s.kv_cache_usage
+        )
 
     def _note(self, worker_id: str, job_id: str) -> None:
         now = time.time()

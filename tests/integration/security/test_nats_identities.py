@@ -26,6 +26,7 @@ from shared.bus.subjects import (
     consumer_name,
     events_subject,
     jobs_subject,
+    routed_jobs_subject,
 )
 from shared.messages import CompletionChunk, Delta, encode_delta
 from tests.support.gateway import auth, gateway_env, secret, write_keys_file
@@ -189,3 +190,17 @@ async def test_there_is_no_monitoring_identity(secured: Stack) -> None:
             nc = await _connect(secured, "exporter", password)
             await nc.close()
         assert "uthorization" in repr(caught.value) or "NoServers" in repr(caught.value)
+
+
+async def test_a_worker_moves_jobs_only_to_a_shared_queue(secured: Stack) -> None:
+    """Prefix routing lets a worker publish to `llm.jobs.<model>` (a fallback move), never
+    to another worker's routed subject."""
+    nc = await _connect(secured, "worker")
+    try:
+        js = nc.jetstream(timeout=DENIED_S)
+        model = secured.model_dir.name
+        assert await _refused(js.publish(routed_jobs_subject(model, "someone"), b"x"))
+        # (Publishing to the shared queue is allowed: tests/integration/routing checks
+        # the moves work under these identities with no permission violation.)
+    finally:
+        await nc.close()

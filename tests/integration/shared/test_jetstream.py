@@ -8,7 +8,13 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy
 
-from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams, queue_depth
+from shared.bus.jetstream import (
+    ensure_jobs_consumer,
+    ensure_routed_consumer,
+    ensure_streams,
+    queue_depth,
+    routed_backlog,
+)
 from shared.bus.subjects import (
     DEAD_STREAM,
     EVENTS_STREAM,
@@ -16,6 +22,8 @@ from shared.bus.subjects import (
     MODELS_OBJECT_STORE,
     WORKERS_BUCKET,
     jobs_subject,
+    routed_consumer_name,
+    routed_jobs_subject,
 )
 from shared.settings import BusSettings
 from tests.support.nats_process import NatsServer
@@ -72,5 +80,34 @@ async def test_queue_depth_counts_backlog_before_and_after_consumer(
         # Work-queue retention: acked and terminated jobs leave the stream.
         state = (await js.stream_info(JOBS_STREAM, subjects_filter=jobs_subject("m"))).state
         assert state.subjects == {jobs_subject("m"): 1}
+    finally:
+        await nc.close()
+
+
+async def test_queue_depth_counts_jobs_routed_to_workers_until_pulled(
+    nats_server: NatsServer,
+) -> None:
+    """Prefix routing: a job on a worker's routed subject is backlog until that worker (or a
+    mover) pulls it, with or without the worker's consumer in place."""
+    settings = BusSettings(ack_wait_s=5.0)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        await ensure_jobs_consumer(js, "m", settings)
+        await js.publish(jobs_subject("m"), b"x")
+        for _ in range(2):
+            await js.publish(routed_jobs_subject("m", "w1"), b"x")
+        await js.publish(routed_jobs_subject("m", "w2"), b"x")  # w2 has no consumer yet
+        assert await routed_backlog(js, "m") == 3
+        assert await queue_depth(js, "m") == 4
+        await ensure_routed_consumer(js, "m", "w1", settings)
+        sub = await js.pull_subscribe_bind(
+            durable=routed_consumer_name("m", "w1"), stream=JOBS_STREAM
+        )
+        (msg,) = await sub.fetch(1, timeout=2)
+        assert await queue_depth(js, "m") == 3  # pulled: running, not waiting
+        await msg.ack()
+        assert await routed_backlog(js, "other") == 0
     finally:
         await nc.close()
