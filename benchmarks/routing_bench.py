@@ -12,8 +12,9 @@ its turns back to back; all users at once (closed loop), started a few ms apart.
 
 Workers run the simulated device (`--load-format simulated`: Llama-3.1-8B on an H100 by
 default, the real scheduler and block manager with a roofline clock), with the KV cache
-cut to `--blocks-per-worker` blocks so that the conversations do not all fit: where a
-prefix is cached then matters. Arms, each on a fresh stack (nats-server, workers, one
+cut so that all workers together hold the workload's distinct blocks once
+(`--blocks-per-worker` sets another size): a prefix cached on two workers then pushes
+another out, so where a prefix is cached matters. Arms, each on a fresh stack (nats-server, workers, one
 API), same workload:
 - `queue`  (`--routing queue`): the shared queue, the first free worker takes each job;
 - `prefix` (`--routing prefix`): the API routes to the worker holding the prefix;
@@ -423,7 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="runs of each routing arm, alternated")
     p.add_argument("--blocks-per-worker", type=int, default=0,
-                   help="KV blocks of 16 tokens per worker; 0: 1/3 of the workload's distinct blocks")  # fmt: skip
+                   help="KV blocks of 16 tokens per worker; 0: the workload's distinct blocks / "
+                   "workers (the cluster holds the workload once, without duplicates)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--load-tokens", type=float, default=64.0)
     p.add_argument("--route-fallback", type=float, default=1.0)
@@ -465,9 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = json.loads((Path(model) / "config.json").read_text())
     chats = make_chats(args, int(cfg["vocab_size"]), reserved=8)
     working_set = distinct_blocks(chats, args)
-    blocks = args.blocks_per_worker or max(working_set // 3, 64)
-    print(f"workload: {len(chats)} users x {args.turns} turns, {working_set} distinct blocks; "
-          f"{blocks} blocks per worker", flush=True)  # fmt: skip
+    print(f"workload: {len(chats)} users x {args.turns} turns, {working_set} distinct blocks",
+          flush=True)  # fmt: skip
     report = {
         "benchmark": "routing",
         "profile": args.profile,
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "points": [],
     }
     for workers in [int(w) for w in args.workers.split(",")]:
+        blocks = args.blocks_per_worker or max(working_set // workers, 64)
         runs: dict[str, list[dict]] = {"queue": [], "prefix": [], "single": []}
         for r in range(args.rounds):
             # Alternate the order, so neither arm always runs while the machine is busier.
@@ -501,7 +503,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs[routing].append(run_arm(model, chats, args, workers, blocks, routing))
         runs["single"].append(run_arm(model, chats, args, 1, workers * blocks, "queue"))
         arms = {arm: mean_of(results) for arm, results in runs.items()}
-        point = {"workers": workers, "arms": arms, "goals": goals(arms), "runs": runs}
+        point = {
+            "workers": workers,
+            "blocks_per_worker": blocks,
+            "arms": arms,
+            "goals": goals(arms),
+            "runs": runs,
+        }
         print(f"  goals: {point['goals']}", flush=True)
         report["points"].append(point)
         report["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
