@@ -24,12 +24,15 @@ import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.issue16_model import DIMS, QUICK_DIMS
 from engine_worker.engine.config import EngineConfig, load_model_config
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.models.loader import build_model, load_weights
@@ -38,22 +41,6 @@ from shared.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_CPP_F32_ISSUE = 141.0  # tok/s, issue 16's side-by-side measurement on this box
-MODEL = dict(
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=32000,
-)
-QUICK_MODEL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-)
 
 
 def load_average() -> list[float]:
@@ -302,7 +289,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_engine.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dims = QUICK_MODEL if args.quick else MODEL
+    dims = QUICK_DIMS if args.quick else DIMS
     wl = dict(
         n=8 if args.quick else 64, prompt_len=16 if args.quick else 64, new=8 if args.quick else 64
     )
