@@ -401,7 +401,11 @@ class Worker:
 
     # -- engine results (on the loop, posted by the engine thread) --------------------
     def _on_step(self, result: StepResult) -> None:
-        assert self.intake is not None and self.outbox is not None
+        if self.intake is None or self.outbox is None:
+            # A result before NATS is connected (or after a failed connect): the engine
+            # holds no job yet, so there is nothing to deliver.
+            self.snapshot = result
+            return
         before = self.snapshot.stats.spec if self.snapshot is not None else None
         count_speculation(before, result.stats.spec, self.metrics, self.model_name)
         self.snapshot = result

@@ -47,7 +47,10 @@ async def test_engine_process_killed_mid_stream(
         await bus.submit(job)
 
     first = collectors[0]
-    await wait_for(lambda: first.num_tokens >= 20, timeout_s=60)
+    # Kill at the first token seen: the engine runs ahead of the token plane, and a
+    # worker delivers the frames it already read, so on a loaded box a later kill can
+    # find every job already computed (the tiny model makes 400 tokens in a second).
+    await wait_for(lambda: first.num_tokens >= 1, timeout_s=60)
     holder = first.deltas[-1].worker_id
     doomed = next(w for w in workers if holder.startswith(w.name + "-"))
     survivor = next(w for w in workers if w is not doomed)
