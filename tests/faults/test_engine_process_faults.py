@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tests.support.engine_process import engine_pid, process_gone, wait_gone
-from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.faults import Collector, reference_outputs, report, takeover, wait_for
 from tests.support.stack import BusClient, Stack
 
 ACK_WAIT = "2.5"
@@ -61,15 +61,8 @@ async def test_engine_process_killed_mid_stream(
     exited_after = time.monotonic() - killed_at
 
     await asyncio.gather(*(c.wait() for c in collectors))
-    unfinished = [
-        c
-        for c in collectors
-        if c.deltas[0].worker_id == holder and c.deltas[-1].worker_id != holder
-    ]
-    tally = Tally()
-    for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
-    recovery = [c.first_time_from(survivor.name + "-", killed_at) - killed_at for c in unfinished]
+    after = takeover(collectors, expected, holder, survivor.name + "-", killed_at)
+    unfinished, tally, recovery = after.unfinished, after.tally, after.recovery
     report(
         "engine_process_kill9",
         f"{tally.line()}; worker exited {code} {exited_after:.2f}s after its engine process "

@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.faults import Collector, reference_outputs, report, takeover, wait_for
 from tests.support.stack import BusClient, Stack
 
 ACK_WAIT = "2.5"
@@ -58,15 +58,8 @@ async def test_kill_worker_mid_stream(bus_stack: Stack, bus: BusClient, tiny_lla
 
     await asyncio.gather(*(c.wait() for c in collectors))
     # Interrupted: started on the killed worker, finished on the survivor.
-    unfinished = [
-        c
-        for c in collectors
-        if c.deltas[0].worker_id == holder and c.deltas[-1].worker_id != holder
-    ]
-    tally = Tally()
-    for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
-    recovery = [c.first_time_from(survivor.name + "-", killed_at) - killed_at for c in unfinished]
+    after = takeover(collectors, expected, holder, survivor.name + "-", killed_at)
+    unfinished, tally, recovery = after.unfinished, after.tally, after.recovery
     report(
         "worker_kill9",
         f"{tally.line()}; {len(unfinished)} jobs interrupted mid-stream; recovery "

@@ -142,6 +142,36 @@ async def wait_for(predicate, timeout_s: float = 30.0, interval: float = 0.02):
         await asyncio.sleep(interval)
 
 
+@dataclass
+class Takeover:
+    """What a kill left behind: the jobs that started on the killed worker and finished
+    on the survivor, the token tally of every job, and how long each taken-over job
+    waited for the survivor's first token."""
+
+    unfinished: list[Collector]
+    tally: Tally
+    recovery: list[float]
+
+
+def takeover(
+    collectors: list[Collector],
+    expected: dict[str, dict[int, list[int]]],
+    holder: str,
+    survivor_prefix: str,
+    killed_at: float,
+) -> Takeover:
+    unfinished = [
+        c
+        for c in collectors
+        if c.deltas[0].worker_id == holder and c.deltas[-1].worker_id != holder
+    ]
+    tally = Tally()
+    for c in collectors:
+        tally.add(c.deltas, expected[c.job.id], c.job.id)
+    recovery = [c.first_time_from(survivor_prefix, killed_at) - killed_at for c in unfinished]
+    return Takeover(unfinished, tally, recovery)
+
+
 def report(name: str, text: str) -> None:
     """Counts and recovery times, for the closing note (visible with pytest -s)."""
     print(f"[fault] {name}: {text}")
