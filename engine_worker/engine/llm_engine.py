@@ -30,7 +30,11 @@ from engine_worker.engine.outputs import (
 )
 from engine_worker.engine.parallel.group import TensorParallel
 from engine_worker.engine.parallel.launch import RankProcesses, launch_ranks, rank_device
-from engine_worker.engine.parallel.sharding import SHARDED_MODULES, shard_config
+from engine_worker.engine.parallel.sharding import (
+    SHARDED_MODULES,
+    shard_config,
+    whole_row_amax,
+)
 from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
@@ -120,7 +124,7 @@ class LLMEngine:
         else:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         if config.quantization != "none":
-            quantize_model(model, config.quantization)
+            quantize_model(model, config.quantization, whole_row_amax(parallel))
 
         block_size = config.block_size
         num_blocks = self._num_kv_blocks(model, limit, backend_name)

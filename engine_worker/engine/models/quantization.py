@@ -2,7 +2,10 @@
 
 Each output channel (row of W) gets one scale: int8 stores round(W / s) with
 s = max|row| / 127; fp8 stores W / s as float8 e4m3 with s = max|row| / 448. Activations
-stay in the model's dtype. A decode step streams every weight once, so a quarter of the
+stay in the model's dtype. Under tensor parallelism a row-parallel Linear holds a slice of
+each row's columns: its row maxima are taken over all ranks (an all-reduce of max), so
+every rank stores its slice of the very weight one rank would, and TP=N decodes what
+TP=1 decodes. A decode step streams every weight once, so a quarter of the
 bytes (int8 against fp32) is what makes batch-1 decoding faster.
 
 Kernels: int8 on the CPU goes through the C++ kernel of kernels/cpu/ (a decode batch) or
@@ -28,22 +31,37 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 CPU_KERNEL_MAX_ROWS = 16
 
 
-def _row_scales(weight: torch.Tensor, limit: float) -> torch.Tensor:
+# Turns a Linear's local row maxima into the whole weight's (under tensor parallelism).
+RowMax = Callable[[torch.Tensor], torch.Tensor]
+
+
+def row_amax(weight: torch.Tensor) -> torch.Tensor:
+    """max |W| of each output channel, fp32 [out]."""
+    return weight.detach().float().abs().amax(dim=1)
+
+
+def _row_scales(weight: torch.Tensor, limit: float, amax: torch.Tensor | None) -> torch.Tensor:
     """One fp32 scale per output channel; an all-zero row gets scale 1."""
-    amax = weight.detach().float().abs().amax(dim=1)
+    if amax is None:
+        amax = row_amax(weight)
     return torch.where(amax > 0, amax / limit, torch.ones_like(amax))
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [out, in], fp32 scales [out]) with W ~= q * s[:, None]."""
-    scales = _row_scales(weight, INT8_MAX)
+def quantize_int8(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], fp32 scales [out]) with W ~= q * s[:, None]; `amax` overrides the
+    row maxima (a row-parallel slice's are those of the whole row)."""
+    scales = _row_scales(weight, INT8_MAX, amax)
     q = torch.round(weight.float() / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8).contiguous(), scales
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn [out, in], fp32 scales [out]) with W ~= q * s[:, None]."""
-    scales = _row_scales(weight, FP8_MAX)
+    scales = _row_scales(weight, FP8_MAX, amax)
     q = (weight.float() / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX)
     return q.to(torch.float8_e4m3fn).contiguous(), scales
 
@@ -53,10 +71,12 @@ class QuantizedLinear(nn.Module):
 
     method: str = ""
 
-    def __init__(self, linear: Linear, quantize: Callable) -> None:
+    def __init__(
+        self, linear: Linear, quantize: Callable, amax: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, scales = quantize(linear.weight.data)
+        qweight, scales = quantize(linear.weight.data, amax)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = linear.bias
@@ -75,8 +95,8 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     method = "int8"
 
-    def __init__(self, linear: Linear) -> None:
-        super().__init__(linear, quantize_int8)
+    def __init__(self, linear: Linear, amax: torch.Tensor | None = None) -> None:
+        super().__init__(linear, quantize_int8, amax)
         self._cpu_kernel = None
         if self.qweight.device.type == "cpu":
             from kernels.cpu.build import cpu_ops
@@ -105,8 +125,8 @@ def _has_fp8_matmul(device: torch.device) -> bool:
 class Fp8Linear(QuantizedLinear):
     method = "fp8"
 
-    def __init__(self, linear: Linear) -> None:
-        super().__init__(linear, quantize_fp8)
+    def __init__(self, linear: Linear, amax: torch.Tensor | None = None) -> None:
+        super().__init__(linear, quantize_fp8, amax)
         self._scaled_mm = _has_fp8_matmul(self.qweight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,15 +155,27 @@ class Fp8Linear(QuantizedLinear):
 QUANTIZED: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "fp8": Fp8Linear}
 
 
-def quantize_model(model: nn.Module, method: str) -> int:
-    """Swap every ``Linear`` under `model` for its `method` form, in place; returns how many."""
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    whole_row_amax: Callable[[str], RowMax | None] | None = None,
+) -> int:
+    """Swap every ``Linear`` under `model` for its `method` form, in place; returns how many.
+
+    `whole_row_amax(name)` gives, for a Linear that holds only part of each row (a
+    tensor-parallel row-parallel slice), what turns its row maxima into the whole row's;
+    None for the others. Every rank visits the Linears in the same order, so collectives
+    it makes line up."""
     if method not in QUANTIZED:
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     cls = QUANTIZED[method]
     swapped = 0
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, name, cls(child))
+                full = f"{prefix}.{name}" if prefix else name
+                reduce = whole_row_amax(full) if whole_row_amax is not None else None
+                amax = None if reduce is None else reduce(row_amax(child.weight.data))
+                setattr(parent, name, cls(child, amax))
                 swapped += 1
     return swapped

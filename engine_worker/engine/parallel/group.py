@@ -65,6 +65,13 @@ class TensorParallel:
         self.data.allreduce([tensor]).wait()
         return tensor
 
+    def max_over_ranks_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over the ranks, in place (a row-parallel weight's row maxima)."""
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.data.allreduce([tensor], opts).wait()
+        return tensor
+
     def min_over_ranks(self, value: int) -> int:
         """The smallest of every rank's `value` (KV blocks: each rank sized its own cache)."""
         t = torch.tensor([value], dtype=torch.int64, device=self.device)

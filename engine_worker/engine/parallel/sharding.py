@@ -15,14 +15,35 @@ gather of [batch, vocab / N] logits every step, worth it for large vocabularies 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
+import torch
 
 from engine_worker.engine.config import ModelConfig
+from engine_worker.engine.parallel.group import TensorParallel
 
 # Checkpoint tensors (HF name suffixes) cut along dim 1: the row-parallel Linears.
 ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 # The projections (models/linear.py Linears, or their quantized stand-ins) each rank
 # holds a 1/N slice of; everything else is replicated.
 SHARDED_MODULES = ("attn.qkv", "attn.o_proj", "mlp.gate_up", "mlp.down")
+# Of those, the ones holding a slice of every row (the row-parallel ones).
+ROW_PARALLEL_MODULES = ("attn.o_proj", "mlp.down")
+
+
+def whole_row_amax(
+    tp: TensorParallel | None,
+) -> Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None]:
+    """For weight quantization: per module name, what turns a rank's row maxima into the
+    whole row's (a max over the ranks) for the row-parallel Linears, None for the others
+    (a column-parallel rank holds whole rows; a replicated Linear is whole)."""
+
+    def for_module(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if tp is None or tp.size == 1 or not name.endswith(ROW_PARALLEL_MODULES):
+            return None
+        return tp.max_over_ranks_
+
+    return for_module
 
 
 def shard_config(cfg: ModelConfig, size: int) -> ModelConfig:

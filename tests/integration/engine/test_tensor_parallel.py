@@ -75,6 +75,20 @@ def test_two_ranks_decode_what_one_rank_does(fixture: str, request) -> None:
         assert want == [hf_greedy(str(path), tuple(p), MAX_NEW) for p in PROMPTS]
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_two_int8_ranks_decode_what_one_int8_rank_does(fixture: str, request) -> None:
+    """Quantization scales are the whole weight's on every rank (row-parallel row maxima
+    reduced over the ranks), so sharding changes nothing but the summation order."""
+    path: Path = request.getfixturevalue(fixture)
+    want = greedy(make_engine(path, 1, quantization="int8"), PROMPTS)
+    two = make_engine(path, 2, quantization="int8")
+    try:
+        assert two.runner.model.layers[0].mlp.down.method == "int8"
+        assert greedy(two, PROMPTS) == want
+    finally:
+        two.close()
+
+
 def test_kv_cache_is_sharded_and_budgeted_per_rank(tiny_llama: Path) -> None:
     budget = 1 << 20
     one = make_engine(tiny_llama, 1, num_kv_blocks=None, kv_cache_memory=budget)

@@ -17,8 +17,9 @@ import torch.distributed as dist
 from engine_worker.engine.config import load_model_config
 from engine_worker.engine.model_runner import prepare_inputs
 from engine_worker.engine.models.loader import build_model, load_weights
+from engine_worker.engine.models.quantization import QuantizedLinear, quantize_model
 from engine_worker.engine.parallel.group import TensorParallel
-from engine_worker.engine.parallel.sharding import shard_config
+from engine_worker.engine.parallel.sharding import shard_config, whole_row_amax
 from engine_worker.engine.parallel.step_sync import receive_step, send_step, send_stop
 from engine_worker.engine.sequence import Sequence
 from shared.sampling_params import SamplingParams
@@ -91,6 +92,55 @@ def test_two_shards_compute_what_one_model_does(fixture: str, request) -> None:
     assert torch.Size([heads // 2 + cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size]) in shapes0
     assert torch.Size([cfg.hidden_size, cfg.intermediate_size // 2]) in shapes0  # down
     assert torch.Size([cfg.vocab_size, cfg.hidden_size]) in shapes0  # replicated embedding
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_quantized_shards_are_slices_of_the_quantized_whole(tiny_qwen2: Path, method) -> None:
+    """Scales are the whole weight's: each rank's quantized codes and scales are exactly its
+    slice of what one rank stores (row-parallel: columns, same scales; column-parallel:
+    rows), so the two ranks compute what one quantized model does."""
+    cfg = load_model_config(tiny_qwen2)
+    ids = torch.tensor([[3, 17, 29, 41, 5, 77, 12, 9]])
+    whole = build_model(cfg, torch.float32, CPU, max_positions=64)
+    load_weights(whole, tiny_qwen2)
+    quantize_model(whole, method)
+    want_modules = dict(whole.named_modules())
+    with torch.inference_mode():
+        want = whole.forward_causal(ids)
+
+    def shard(tp: TensorParallel) -> tuple[torch.Tensor, dict[str, QuantizedLinear]]:
+        model = build_model(shard_config(cfg, tp.size), torch.float32, CPU, 64, tp=tp)
+        load_weights(model, tiny_qwen2)
+        quantize_model(model, method, whole_row_amax(tp))
+        with torch.inference_mode():
+            logits = model.forward_causal(ids)
+        return logits, {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+    results = run_ranks(2, shard)
+    row_parallel = 0
+    for rank, (_, modules) in enumerate(results):
+        for name, mod in modules.items():
+            ref = want_modules[name]
+            assert isinstance(ref, QuantizedLinear)
+            rows = torch.arange(ref.qweight.shape[0])
+            if name.endswith(("o_proj", "down")):
+                cols = ref.qweight.shape[1] // 2
+                codes = ref.qweight[:, rank * cols : (rank + 1) * cols]
+                row_parallel += 1
+            else:
+                if name.endswith(("qkv", "gate_up")):  # q, k, v (gate, up) split one by one
+                    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+                    inter = cfg.intermediate_size
+                    parts = [q, kv, kv] if name.endswith("qkv") else [inter, inter]
+                    rows = torch.cat([p.chunk(2)[rank] for p in rows.split(parts)])
+                codes = ref.qweight[rows]
+            assert torch.equal(mod.scales, ref.scales[rows]), name
+            assert torch.equal(mod.qweight.view(torch.int8), codes.view(torch.int8)), name
+    assert row_parallel == 2 * 2 * cfg.num_layers
+    (logits0, _), (logits1, _) = results
+    assert torch.equal(logits0, logits1)
+    torch.testing.assert_close(logits0, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits0.argmax(-1), want.argmax(-1))
 
 
 def test_step_inputs_reach_the_other_ranks_intact() -> None:
