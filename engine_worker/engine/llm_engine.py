@@ -158,6 +158,7 @@ class LLMEngine:
                 self.dtype,
                 self.device,
                 backend_name,
+                config.quantization,
             )
 
     def _num_kv_blocks(self, model: torch.nn.Module, limit: int, backend_name: str) -> int:

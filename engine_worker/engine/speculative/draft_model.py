@@ -26,6 +26,7 @@ from engine_worker.engine.config import ModelConfig, load_model_config
 from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.loader import build_model, load_weights
+from engine_worker.engine.models.quantization import quantize_model
 from engine_worker.engine.sequence import Sequence
 
 
@@ -58,7 +59,10 @@ class DraftModelProposer:
         dtype: torch.dtype,
         device: torch.device,
         backend_name: str,
+        quantization: str = "none",
     ) -> None:
+        """`quantization`: the target's --quantization, applied to the draft's weights too
+        (a draft forward is bound by its weight bytes as much as the target's)."""
         cfg = load_model_config(model_dir)
         if cfg.vocab_size != target.vocab_size:
             raise ValueError(
@@ -74,6 +78,8 @@ class DraftModelProposer:
             cfg, dtype, device, max_positions=max_positions, ops=layer_ops_for(backend_name)
         )
         load_weights(model, Path(model_dir))
+        if quantization != "none":
+            quantize_model(model, quantization)
         kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype, device)
         self.config = cfg
         self.runner = ModelRunner(

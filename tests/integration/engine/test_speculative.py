@@ -248,3 +248,28 @@ def test_draft_model_must_share_the_vocabulary(tiny_llama, tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="same tokenizer"):
         LLM(str(tiny_llama), speculative_method="draft", speculative_model=str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("k", [3, 8])  # 4 x 9 verification rows: past the int8 kernel's 16
+def test_int8_greedy_speculation_matches_plain_int8(tiny_llama, method, k) -> None:
+    """Under --quantization int8 (the draft quantized too) verification rows go through
+    the same int8 matmuls as plain decode rows: tokens identical to plain int8 decoding."""
+    kw = dict(block_size=4, num_kv_blocks=256, quantization="int8")
+    want = [out[0] for out in run(LLM(str(tiny_llama), **kw), PROMPTS, GREEDY)]
+    llm = LLM(
+        str(tiny_llama),
+        speculative_method=method,
+        speculative_model=str(tiny_llama) if method == "draft" else "",
+        num_speculative_tokens=k,
+        **kw,
+    )
+    if method == "ngram":
+        truths = [p + o for p, o in zip(PROMPTS, want, strict=True)]
+        llm.engine.proposer = OracleProposer(truths)
+    else:
+        draft = llm.engine.proposer.runner.model  # type: ignore[union-attr]
+        assert draft.layers[0].mlp.down.method == "int8"
+    assert [out[0] for out in run(llm, PROMPTS, GREEDY)] == want
+    spec = llm.engine.stats().spec
+    assert spec.num_drafts > 0 and spec.num_accepted_tokens > 0

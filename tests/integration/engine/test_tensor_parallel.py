@@ -16,6 +16,7 @@ from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.parallel.launch import RankFailed
 from shared.sampling_params import SamplingParams
 from tests.integration.engine.test_hf_equivalence import hf_greedy
+from tests.integration.engine.test_speculative import OracleProposer
 
 PROMPTS = [
     [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
@@ -85,6 +86,34 @@ def test_two_int8_ranks_decode_what_one_int8_rank_does(fixture: str, request) ->
     try:
         assert two.runner.model.layers[0].mlp.down.method == "int8"
         assert greedy(two, PROMPTS) == want
+    finally:
+        two.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "quantization"), [("ngram", "none"), ("draft", "none"), ("draft", "int8")]
+)
+def test_two_ranks_speculating_decode_what_one_plain_rank_does(
+    tiny_llama: Path, method: str, quantization: str
+) -> None:
+    """Proposals (and the draft model) live on rank 0; every rank verifies them in the
+    same forward on its shard: greedy tokens as plain decoding on one rank gives."""
+    want = greedy(make_engine(tiny_llama, 1, quantization=quantization), PROMPTS)
+    two = make_engine(
+        tiny_llama,
+        2,
+        quantization=quantization,
+        speculative_method=method,
+        speculative_model=str(tiny_llama) if method == "draft" else "",
+        num_speculative_tokens=3,
+    )
+    try:
+        if method == "ngram":  # a random model rarely repeats itself: propose near-truths
+            truths = [p + o for p, o in zip(PROMPTS, want, strict=True)]
+            two.proposer = OracleProposer(truths)
+        assert greedy(two, PROMPTS) == want
+        spec = two.stats().spec
+        assert spec.num_drafts > 0 and spec.num_accepted_tokens > 0
     finally:
         two.close()
 
