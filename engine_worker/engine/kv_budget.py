@@ -1,5 +1,8 @@
 """How many bytes the KV cache gets, and what context length that leaves.
 
+The budget pays for every cache a block lives in: the target's, and a draft model's
+(speculative decoding) whose cache has as many blocks, indexed by the same block tables.
+
 `--kv-cache-memory` given: exactly that. Not given, on CUDA: vLLM's rule, the
 `--gpu-memory-utilization` fraction of the GPU's total memory minus what this process
 uses without a KV cache (the weights, plus the activation peak of one full step measured
@@ -71,6 +74,13 @@ def cuda_kv_cache_bytes(
             "it or set --kv-cache-memory"
         )
     return budget
+
+
+def blocks_in_budget(budget: int, bytes_per_block: list[int]) -> int:
+    """How many blocks `budget` bytes hold when each block exists once in every cache
+    (`bytes_per_block`: one entry per cache, the target's and the draft's): the caches
+    together stay within the budget. At least one."""
+    return max(budget // sum(bytes_per_block), 1)
 
 
 def fit_context(limit: int, explicit: bool, num_blocks: int, block_size: int) -> int:

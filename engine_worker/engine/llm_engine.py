@@ -12,7 +12,7 @@ import torch
 from engine_worker.engine.attention.backend import resolve_backend_name, select_backend
 from engine_worker.engine.block_manager import BlockManager
 from engine_worker.engine.config import EngineConfig, ModelConfig, load_model_config
-from engine_worker.engine.kv_budget import fit_context, kv_cache_bytes
+from engine_worker.engine.kv_budget import blocks_in_budget, fit_context, kv_cache_bytes
 from engine_worker.engine.model_runner import (
     ModelRunner,
     allocate_kv_cache,
@@ -20,6 +20,7 @@ from engine_worker.engine.model_runner import (
     profile_step,
 )
 from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
 from engine_worker.engine.models.quantization import quantize_model
 from engine_worker.engine.outputs import (
@@ -39,7 +40,7 @@ from engine_worker.engine.sampler import sample
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
 from engine_worker.engine.speculative.counters import SpecCounters
-from engine_worker.engine.speculative.draft_model import DraftModelProposer
+from engine_worker.engine.speculative.draft_model import DraftModelProposer, load_draft_model
 from engine_worker.engine.speculative.ngram import NgramProposer
 from engine_worker.engine.speculative.verify import verify
 from engine_worker.engine.structured.constraint import SequenceConstraint
@@ -125,9 +126,23 @@ class LLMEngine:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         if config.quantization != "none":
             quantize_model(model, config.quantization, whole_row_amax(parallel))
+        # The draft model lives on rank 0, which schedules; loaded before the KV cache is
+        # sized, since its cache comes out of the same budget.
+        leader = parallel is None or parallel.is_leader
+        draft = None
+        if leader and config.speculative_method == "draft":
+            draft = load_draft_model(
+                config.speculative_model,
+                mc,
+                limit,
+                self.dtype,
+                self.device,
+                backend_name,
+                config.quantization,
+            )
 
         block_size = config.block_size
-        num_blocks = self._num_kv_blocks(model, limit, backend_name)
+        num_blocks = self._num_kv_blocks(model, limit, backend_name, draft)
         if parallel is not None:  # every rank sized its own share; all must hold as many
             num_blocks = parallel.min_over_ranks(num_blocks)
         self._init_scheduling(num_blocks, limit)
@@ -142,28 +157,27 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv, backend, block_size, self.device, parallel)
         if use_graphs and backend.name == "triton":
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
-        if parallel is not None and not parallel.is_leader:
+        if not leader:
             return  # proposals and the draft model live on rank 0, which schedules
         if config.speculative_method == "ngram":
             self.proposer = NgramProposer(
                 config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min
             )
-        elif config.speculative_method == "draft":
+        elif draft is not None:
             self.proposer = DraftModelProposer(
-                config.speculative_model,
-                mc,
-                num_blocks,
-                block_size,
-                limit,
-                self.dtype,
-                self.device,
-                backend_name,
-                config.quantization,
+                draft, num_blocks, block_size, self.dtype, self.device, backend_name
             )
 
-    def _num_kv_blocks(self, model: torch.nn.Module, limit: int, backend_name: str) -> int:
+    def _num_kv_blocks(
+        self,
+        model: torch.nn.Module,
+        limit: int,
+        backend_name: str,
+        draft: LlamaForCausalLM | None = None,
+    ) -> int:
         """--num-kv-blocks, else what the KV cache budget (kv_budget.py) holds; under
-        tensor parallelism the budget is per rank, and a rank's block holds its heads only."""
+        tensor parallelism the budget is per rank, and a rank's block holds its heads only.
+        A draft model's cache (rank 0's) has as many blocks, paid from the same budget."""
         config, mc = self.config, self.rank_config
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
@@ -183,7 +197,10 @@ class LLMEngine:
             )
 
         budget = kv_cache_bytes(config, self.device, profile)
-        return max(budget // kv_bytes_per_block(mc, config.block_size, self.dtype), 1)
+        per_block = [kv_bytes_per_block(mc, config.block_size, self.dtype)]
+        if draft is not None:
+            per_block.append(kv_bytes_per_block(draft.cfg, config.block_size, self.dtype))
+        return blocks_in_budget(budget, per_block)
 
     def _init_scheduling(self, num_blocks: int, limit: int) -> None:
         """Everything but the model: cache blocks, scheduler, request table, generator."""

@@ -113,7 +113,7 @@ class EngineSettings(Settings):
         "",
         help="draft model folder for --speculative-method draft: a smaller checkpoint with "
         "the target's tokenizer, run in the same worker with its own paged KV cache (as "
-        "many blocks as the target's, not counted in --kv-cache-memory)",
+        "many blocks as the target's; the KV cache budget pays for both caches)",
     )
     load_format: Literal["safetensors", "dummy", "simulated"] = setting(
         "safetensors",

@@ -25,6 +25,7 @@ from engine_worker.engine.attention.backend import select_backend
 from engine_worker.engine.config import ModelConfig, load_model_config
 from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache
 from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.models.loader import build_model, load_weights
 from engine_worker.engine.models.quantization import quantize_model
 from engine_worker.engine.sequence import Sequence
@@ -46,42 +47,54 @@ class _Progress:
     num_computed: int  # positions whose draft KV is valid (if the tokens there still hold)
 
 
+def load_draft_model(
+    model_dir: str | Path,
+    target: ModelConfig,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend_name: str,
+    quantization: str = "none",
+) -> LlamaForCausalLM:
+    """The draft's weights, loaded before the KV cache is sized (on CUDA the budget is
+    what the weights leave). `quantization`: the target's --quantization, applied to the
+    draft too (a draft forward is bound by its weight bytes as much as the target's)."""
+    cfg = load_model_config(model_dir)
+    if cfg.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary ({cfg.vocab_size}) is not the target's "
+            f"({target.vocab_size}): a draft needs the same tokenizer"
+        )
+    if cfg.max_position_embeddings < max_positions:
+        raise ValueError(
+            f"the draft model takes {cfg.max_position_embeddings} positions, fewer "
+            f"than the target's context ({max_positions}); set --max-model-len"
+        )
+    model = build_model(
+        cfg, dtype, device, max_positions=max_positions, ops=layer_ops_for(backend_name)
+    )
+    load_weights(model, Path(model_dir))
+    if quantization != "none":
+        quantize_model(model, quantization)
+    return model
+
+
 class DraftModelProposer:
     needs_blocks = True  # proposes into the blocks the scheduler allocated for the step
 
     def __init__(
         self,
-        model_dir: str | Path,
-        target: ModelConfig,
+        model: LlamaForCausalLM,
         num_blocks: int,
         block_size: int,
-        max_positions: int,
         dtype: torch.dtype,
         device: torch.device,
         backend_name: str,
-        quantization: str = "none",
     ) -> None:
-        """`quantization`: the target's --quantization, applied to the draft's weights too
-        (a draft forward is bound by its weight bytes as much as the target's)."""
-        cfg = load_model_config(model_dir)
-        if cfg.vocab_size != target.vocab_size:
-            raise ValueError(
-                f"the draft model's vocabulary ({cfg.vocab_size}) is not the target's "
-                f"({target.vocab_size}): a draft needs the same tokenizer"
-            )
-        if cfg.max_position_embeddings < max_positions:
-            raise ValueError(
-                f"the draft model takes {cfg.max_position_embeddings} positions, fewer "
-                f"than the target's context ({max_positions}); set --max-model-len"
-            )
-        model = build_model(
-            cfg, dtype, device, max_positions=max_positions, ops=layer_ops_for(backend_name)
-        )
-        load_weights(model, Path(model_dir))
-        if quantization != "none":
-            quantize_model(model, quantization)
-        kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype, device)
-        self.config = cfg
+        """`model` from `load_draft_model`; its cache gets `num_blocks` blocks, as many as
+        the target's (the KV budget paid for both: kv_budget.py `blocks_in_budget`)."""
+        kv = allocate_kv_cache(model.cfg, num_blocks, block_size, dtype, device)
+        self.config = model.cfg
         self.runner = ModelRunner(
             model, kv, select_backend(backend_name, device), block_size, device
         )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine_worker.engine.config import EngineConfig
-from engine_worker.engine.kv_budget import fit_context, kv_cache_bytes
+from engine_worker.engine.kv_budget import blocks_in_budget, fit_context, kv_cache_bytes
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.model_runner import kv_bytes_per_block
 from shared.settings import CPU_KV_CACHE_MEMORY
@@ -57,6 +57,49 @@ def test_the_engine_sizes_its_cache_from_the_bytes(tiny_llama: Path) -> None:
     assert engine.stats().num_total_blocks == (1024 * 1024) // per_block
     with pytest.raises(ValueError, match="--max-model-len 512 does not fit"):
         LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=4, max_model_len=512))
+
+
+def test_blocks_in_budget_pays_for_every_cache() -> None:
+    assert blocks_in_budget(1000, [100]) == 10
+    assert blocks_in_budget(1000, [100, 30]) == 7  # 7 x 130 = 910 <= 1000 < 8 x 130
+    assert blocks_in_budget(10, [100, 30]) == 1  # never zero: fit_context then cuts
+
+
+def _cache_bytes(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for layer in kv_caches for t in layer)
+
+
+def test_a_draft_models_cache_comes_out_of_the_same_budget(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """--kv-cache-memory covers the target's and the draft's caches together: each has
+    the engine's block count, and their bytes add up to at most the budget."""
+    from tests.support.model_factory import build_tiny_checkpoint
+
+    draft_dir = build_tiny_checkpoint(
+        tmp_path / "draft", num_hidden_layers=1, num_key_value_heads=1
+    )
+    budget = 1024 * 1024
+    plain = LLMEngine(EngineConfig(model=str(tiny_llama), kv_cache_memory=budget))
+    spec = LLMEngine(
+        EngineConfig(
+            model=str(tiny_llama),
+            kv_cache_memory=budget,
+            speculative_method="draft",
+            speculative_model=str(draft_dir),
+        )
+    )
+    draft = spec.proposer
+    assert draft is not None and hasattr(draft, "runner")
+    target_block = kv_bytes_per_block(spec.model_config, 16, spec.dtype)
+    draft_block = kv_bytes_per_block(draft.config, 16, spec.dtype)
+    assert 0 < draft_block < target_block  # a smaller model: fewer layers and heads
+    blocks = spec.stats().num_total_blocks
+    assert blocks == budget // (target_block + draft_block)
+    assert blocks < plain.stats().num_total_blocks == budget // target_block
+    used = _cache_bytes(spec.runner.kv_caches) + _cache_bytes(draft.runner.kv_caches)
+    assert used == blocks * (target_block + draft_block)
+    assert budget - (target_block + draft_block) < used <= budget
 
 
 def test_the_profile_step_runs_the_largest_step(tiny_llama: Path) -> None:
