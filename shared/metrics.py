@@ -305,8 +305,9 @@ def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
         ),
         routing_decisions=Counter(
             f"{PREFIX}routing_decisions",
-            "Where jobs were published: `routed` (a worker's own subject), `cold` (no worker "
-            "holds a prefix: shared queue), `no_worker` (none routable: shared queue); none with "
+            "Where jobs were published: `routed` (a worker's own subject), `placed` (no worker "
+            "holds a prefix, --routing-cold place: the least loaded worker's subject), `cold` "
+            "(no worker holds a prefix: shared queue), `no_worker` (none routable: shared queue); none with "
             "--routing queue",
             ["model_name", "decision"],
             registry=registry,

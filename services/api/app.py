@@ -97,7 +97,9 @@ def create_app(
             index = PrefixIndex()
             kv_listener = KvListener(nc, index, registry, metrics)
             await kv_listener.start()
-            job_router = Router(index, registry, metrics, settings.routing_load_tokens)
+            job_router = Router(
+                index, registry, metrics, settings.routing_load_tokens, settings.routing_cold
+            )
         jobs = JobClient(nc, js, reattach_grace_s=settings.reattach_grace_s, router=job_router)
         await jobs.start()
         records = await job_records_bucket(js, settings)

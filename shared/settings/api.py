@@ -31,6 +31,13 @@ class ApiSettings(BusSettings):
         help="prefix routing: the prefill tokens one more running sequence on a worker is "
         "worth (the load term of a worker's cost; waiting ones count 4x)",
     )
+    routing_cold: Literal["queue", "place"] = setting(
+        "queue",
+        help="prefix routing: where a prompt goes that no worker holds any block of: `queue`, "
+        "the shared queue; `place`, the least loaded worker (ties: rendezvous hash of its "
+        "first block), and the router counts what it sent a worker as cached there until "
+        "the job ends, so a burst on one system prompt converges (docs/routing.md)",
+    )
     reattach_grace_s: float = setting(
         0.0,
         ge=0,

@@ -100,6 +100,10 @@ class PrefixIndex:
             n += 1
         return n
 
+    def holds(self, worker_id: str, block_hash: bytes) -> bool:
+        w = self.workers.get(worker_id)
+        return w is not None and block_hash in w.hashes
+
     def hashes_of(self, worker_id: str) -> set[bytes]:
         w = self.workers.get(worker_id)
         return set(w.hashes) if w is not None else set()

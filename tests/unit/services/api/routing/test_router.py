@@ -1,11 +1,14 @@
 """The router's choice: most cached prefix unless the load term outweighs it; cold
-prompts to the shared queue; the same view gives the same choice on every replica."""
+prompts to the shared queue, or with cold="place" to the least loaded worker, counting
+what it sent there as cached; the same view gives the same choice on every replica."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.api.model_registry import ModelRegistry, WorkerEntry
 from services.api.routing.prefix_index import PrefixIndex
@@ -84,3 +87,102 @@ def test_a_burst_spreads_once_routed_jobs_add_up_and_finish_releases_them() -> N
     for i in range(4):
         router.finished(f"j{i}")
     assert router.choose(MODEL, PROMPT, job_id="k").worker_id == "a"
+
+
+def chat(system: int, user: int, turns: int = 1) -> list[int]:
+    """A prompt: 64 tokens of system prompt `system`, then 48 per turn of user `user`."""
+    out = [1000 + system * 100 + i for i in range(64)]
+    for t in range(turns):
+        out += [5000 + user * 400 + t * 48 + i for i in range(48)]
+    return out
+
+
+def test_place_sends_a_cold_prompt_to_the_least_loaded_worker() -> None:
+    reg = registry(a={"num_running": 2}, b={}, c={"num_waiting": 1})
+    d = Router(index_with(), reg, cold="place").choose(MODEL, PROMPT, job_id="j")
+    assert (d.decision, d.worker_id, d.cached_tokens) == ("placed", "b", 0)
+    assert d.subject == routed_jobs_subject(MODEL, "b")
+    # Equal loads: the rendezvous order of the first block, the same on every replica.
+    idle = registry(a={}, b={}, c={})
+    picks = {Router(index_with(), idle, cold="place").choose(MODEL, PROMPT).worker_id for _ in "xy"}
+    assert len(picks) == 1
+    with pytest.raises(ValueError):
+        Router(index_with(), idle, cold="nearest")
+
+
+def test_place_converges_a_burst_on_one_system_prompt_until_load_outweighs_it() -> None:
+    router = Router(PrefixIndex(), registry(a={}, b={}, c={}), load_tokens=64, cold="place")
+    first = router.choose(MODEL, chat(0, 0), job_id="u0")
+    assert first.decision == "placed"
+    # Nobody announced a block yet, but the router knows where it sent the system prompt.
+    second = router.choose(MODEL, chat(0, 1), job_id="u1")
+    assert (second.decision, second.worker_id, second.cached_tokens) == (
+        "routed",
+        first.worker_id,
+        64,
+    )
+    assert router.pending_blocks(first.worker_id) == 8  # 4 system blocks + 2 per user
+    # Another system prompt goes where the load is lowest, not after the first one.
+    other = router.choose(MODEL, chat(1, 2), job_id="u2")
+    assert other.worker_id != first.worker_id
+    # 64 tokens saved weigh less than a worker with one more running job than another idle
+    # one: the load term still spreads.
+    third = router.choose(MODEL, chat(0, 3), job_id="u3")
+    assert third.worker_id not in (first.worker_id, other.worker_id)
+    for job in ("u0", "u1", "u2", "u3"):
+        router.finished(job)
+    assert all(router.pending_blocks(w) == 0 for w in "abc")
+
+
+def test_pending_blocks_expire_for_jobs_never_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.api.routing.router as router_module
+
+    router = Router(PrefixIndex(), registry(a={}, b={}), cold="place")
+    worker = router.choose(MODEL, chat(0, 0), job_id="never-followed").worker_id
+    assert router.pending_blocks(worker) == 6  # 112 tokens: 6 reusable blocks
+    later = time.time() + router_module.PENDING_TTL_S + 1
+    monkeypatch.setattr(router_module.time, "time", lambda: later)
+    router.choose(MODEL, chat(1, 1), job_id="next")
+    assert sum(router.pending_blocks(w) for w in "ab") == 6  # only "next"'s blocks
+
+
+def test_announced_and_pending_blocks_chain_into_one_prefix() -> None:
+    """The index holds the first blocks, the router sent the rest: the match spans both."""
+    prompt = chat(0, 0, turns=3)  # 64 + 144 tokens: 12 reusable blocks
+    hashes = full_block_hashes(prompt, BS, 12)
+    index = PrefixIndex()
+    index.apply_events(KvEvents("a", 1, 1, hashes[:4], [], BS))
+    router = Router(index, registry(a={}, b={}), cold="place")
+    assert router.choose(MODEL, chat(0, 0, turns=2), job_id="t1").worker_id == "a"
+    d = router.choose(MODEL, prompt, job_id="t2")
+    assert (d.worker_id, d.cached_tokens) == ("a", 9 * BS)  # 4 announced + 5 sent with t1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 5), st.integers(1, 3)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_place_never_goes_cold_and_leaks_no_pending_blocks(ops) -> None:
+    """Any mix of jobs and finishes: every job goes to a live worker's subject, the
+    predicted hit never exceeds what the prompt can reuse, and once every job finished no
+    block counts as pending anywhere."""
+    router = Router(PrefixIndex(), registry(a={}, b={}, c={}), cold="place")
+    open_jobs: list[str] = []
+    for n, (finish, system, user, turns) in enumerate(ops):
+        if finish and open_jobs:
+            router.finished(open_jobs.pop(system % len(open_jobs)))
+            continue
+        prompt = chat(system, user, turns)
+        d = router.choose(MODEL, prompt, job_id=f"j{n}")
+        assert d.decision in ("routed", "placed")
+        assert d.subject == routed_jobs_subject(MODEL, d.worker_id)
+        assert 0 <= d.cached_tokens <= (len(prompt) - 1) // BS * BS
+        assert (d.decision == "placed") == (d.cached_tokens == 0)
+        open_jobs.append(f"j{n}")
+    for job in open_jobs:
+        router.finished(job)
+    assert all(router.pending_blocks(w) == 0 for w in "abc")
