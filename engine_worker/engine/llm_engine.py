@@ -413,7 +413,7 @@ class LLMEngine:
         if isinstance(self.proposer, DraftModelProposer):
             speculating = [seq for seq, _ in batch.items if seq.spec_token_ids]
             if speculating:
-                self.proposer.fill(speculating)
+                self.proposer.fill(speculating, self.generator)
         # Embedding sequences never sample: their prefill ends in a pooled vector instead.
         sample_mask = [
             seq.num_computed_tokens + n - len(seq.spec_token_ids) == seq.num_tokens
@@ -493,7 +493,7 @@ class LLMEngine:
         seqs, limits = [], []
         k = self.config.num_speculative_tokens
         for seq in self.scheduler.running:
-            seq.spec_token_ids = []
+            seq.spec_token_ids, seq.spec_draft_probs = [], None
             if not self._speculates(seq):
                 continue
             room = min(

@@ -53,6 +53,9 @@ class Sequence:
     # step that schedules them computes their KV after the last real token's and checks
     # them; they never reach `token_ids` (nor a delta) unless the model agrees.
     spec_token_ids: list[int] = field(default_factory=list)
+    # [proposals, vocab]: the distribution each proposal was drawn from (a draft model
+    # sampling for an unseeded request), for rejection sampling; None: point masses.
+    spec_draft_probs: torch.Tensor | None = None
     # Embedding sequences (params.pooling): fp32 sum of the hidden states computed so far
     # (reset when a preemption restarts the prefill), then the pooled vector.
     pooled_sum: torch.Tensor | None = None

@@ -10,8 +10,16 @@ sequence it remembers how many positions of its own cache hold valid keys and va
 (never more than the target has verified), and catches up on the rest (a new prompt,
 accepted tokens, a re-prefill after preemption) in the step's first draft forward.
 
-Its proposals are point masses (the draft's argmax), so verification is the exact test
-of speculative/verify.py for greedy and sampled requests alike.
+What it proposes, per request:
+- greedy: its argmax, verified by the target's argmax;
+- unseeded sampling: a draw from its own distribution q (its logits under the request's
+  temperature, top-k, top-p and min-p), with q kept for verify.py's rejection sampler
+  (Leviathan et al.: keep with probability min(1, p/q), else draw from max(0, p - q));
+- seeded sampling: the exponential race over q run with the very noise vectors the
+  verifier will draw from the request's generator (peeked, not consumed), as a point
+  mass: verification then emits exactly what plain sampling emits (same seed, same
+  tokens, and a takeover's generator replay holds), while the shared noise makes the
+  draft's pick agree with the target's whenever q is close to p.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.models.loader import build_model, load_weights
 from engine_worker.engine.models.quantization import quantize_model
+from engine_worker.engine.sampler import sampling_probs
 from engine_worker.engine.sequence import Sequence
 
 
@@ -81,6 +90,9 @@ def load_draft_model(
 
 class DraftModelProposer:
     needs_blocks = True  # proposes into the blocks the scheduler allocated for the step
+    # False: propose the draft's argmax for every request (point masses), as before the
+    # rejection sampler; benchmarks compare the two side by side.
+    samples_proposals = True
 
     def __init__(
         self,
@@ -106,48 +118,105 @@ class DraftModelProposer:
             return 0
         return min(p.num_computed, seq.num_computed_tokens)
 
-    def fill(self, seqs: list[Sequence]) -> None:
-        """Replace each sequence's placeholder proposals with the draft's greedy tokens."""
+    def fill(self, seqs: list[Sequence], generator: torch.Generator | None = None) -> None:
+        """Replace each sequence's placeholder proposals with the draft's: its argmax for
+        greedy requests, a draw from its own sampling distribution q otherwise (see the
+        module's docstring); `generator` is the engine's, for unseeded requests."""
         progress: dict[int, _Progress] = {}
         drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        noise = {
+            i: peek_noise(s.generator, len(s.spec_token_ids), self.config.vocab_size)
+            for i, s in enumerate(seqs)
+            if s.generator is not None and not s.params.greedy
+        }
         # First forward: catch up on every position not yet in the draft's cache, ending
         # at the last real token, whose logits give the first proposal.
         views = [
             _DraftView(seq.token_ids, self._valid_prefix(seq), seq.block_table) for seq in seqs
         ]
         items = [(v, len(v.token_ids) - v.num_computed_tokens) for v in views]
-        for i, token in enumerate(self._greedy(items)):
-            drafts[i].append(token)
-        # Then one decode per further proposal, for the sequences that want more.
-        for j in range(1, max(len(s.spec_token_ids) for s in seqs)):
-            want = [i for i, s in enumerate(seqs) if len(s.spec_token_ids) > j]
-            items = [
-                (
-                    _DraftView(
-                        [*seqs[i].token_ids, *drafts[i]],
-                        seqs[i].num_tokens + j - 1,
-                        seqs[i].block_table,
-                    ),
-                    1,
-                )
-                for i in want
-            ]
-            for i, token in zip(want, self._greedy(items), strict=True):
+        want = list(range(len(seqs)))
+        for j in range(max(len(s.spec_token_ids) for s in seqs)):
+            if j:  # then one decode per further proposal, for the sequences that want more
+                want = [i for i, s in enumerate(seqs) if len(s.spec_token_ids) > j]
+                items = [
+                    (
+                        _DraftView(
+                            [*seqs[i].token_ids, *drafts[i]],
+                            seqs[i].num_tokens + j - 1,
+                            seqs[i].block_table,
+                        ),
+                        1,
+                    )
+                    for i in want
+                ]
+            logits = self._logits(items)
+            rows = [noise[i][j] if i in noise else None for i in want]
+            chosen = [seqs[i] for i in want]
+            if self.samples_proposals:
+                tokens, qs = propose_from(logits, chosen, rows, generator)
+            else:
+                tokens, qs = logits.argmax(dim=-1).tolist(), [None] * len(want)
+            for i, token, q in zip(want, tokens, qs, strict=True):
                 drafts[i].append(token)
-        for seq, draft in zip(seqs, drafts, strict=True):
+                if q is not None:
+                    probs[i].append(q)
+        for i, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
             seq.spec_token_ids = draft[: len(seq.spec_token_ids)]
+            seq.spec_draft_probs = torch.stack(probs[i]) if probs[i] else None
             # Its cache now holds the real tokens and every proposal but the last.
             progress[seq.seq_id] = _Progress(
                 seq.num_preemptions, seq.num_tokens + len(seq.spec_token_ids) - 1
             )
         self._progress = progress
 
-    def _greedy(self, items: list[tuple[_DraftView, int]]) -> list[int]:
-        """The draft's argmax after each item's tokens (items in any order)."""
-        order = sorted(range(len(items)), key=lambda i: items[i][1] != 1)  # decodes first
+    def _logits(self, items: list[tuple[_DraftView, int]]) -> torch.Tensor:
+        """The draft's next-token logits after each item's tokens, one row per item in
+        the items' order (the runner takes decodes first)."""
+        order = sorted(range(len(items)), key=lambda i: items[i][1] != 1)
         logits = self.runner.execute([items[i] for i in order], [True] * len(items))  # type: ignore[misc]
-        tokens = logits.argmax(dim=-1).tolist()
-        out = [0] * len(items)
-        for row, i in enumerate(order):
-            out[i] = tokens[row]
-        return out
+        if order == sorted(order):
+            return logits
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return logits[inverse.to(logits.device)]
+
+
+def peek_noise(gen: torch.Generator, n: int, vocab: int) -> torch.Tensor:
+    """The next `n` Exp(1) noise vectors `gen` will give the verifier (one per emitted
+    token, drawn the way verify.py draws them), leaving `gen` where it was."""
+    state = gen.get_state()
+    out = torch.empty(n, vocab, dtype=torch.float32, device=gen.device)
+    for row in out:
+        row.exponential_(generator=gen)
+    gen.set_state(state)
+    return out
+
+
+def propose_from(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    noise: list[torch.Tensor | None],
+    generator: torch.Generator | None,
+) -> tuple[list[int], list[torch.Tensor | None]]:
+    """One proposal per row and the distribution it was drawn from (None: a point mass).
+
+    Greedy: the argmax. Seeded: the exponential race over q with the noise the verifier
+    will draw (`noise[row]`), a point mass to verification. Unseeded: a draw from q with
+    the engine's generator, and q itself, for the rejection sampler."""
+    tokens = logits.argmax(dim=-1)
+    qs: list[torch.Tensor | None] = [None] * len(seqs)
+    rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
+    if rows:
+        q = sampling_probs(logits[rows].float(), [seqs[r] for r in rows])
+        race = torch.empty_like(q)
+        for k, r in enumerate(rows):
+            given = noise[r]
+            if given is not None:
+                race[k] = given
+            else:
+                race[k].exponential_(generator=generator)
+                qs[r] = q[k]
+        tokens[rows] = (q / race).argmax(dim=-1).to(tokens.dtype)
+    return tokens.tolist(), qs

@@ -6,14 +6,21 @@ the first row that disagrees (or the row after the last proposal) adds the model
 token, so the output is exactly what plain greedy decoding gives.
 
 Sampled: Leviathan et al.'s rejection sampling keeps proposal d drawn from q with
-probability min(1, p(d) / q(d)) and, on rejection, draws from norm(max(0, p - q)). The
-proposals here are point masses (prompt lookup is deterministic), so that is: keep d with
-probability p(d), else draw from p with d removed. Drawing t from p and keeping d exactly
-when t == d realises both at once: P(keep) = p(d), and a rejected t is distributed as p
-given t != d. It is done with the sampler's own exponential race, one noise vector per
-emitted token from the sequence's generator, the noise plain sampling draws: so the
-tokens are the ones plain sampling would have produced, a seeded request gets the same
-tokens with or without speculation, and a takeover's generator replay stays valid.
+probability min(1, p(d) / q(d)) and, on rejection, draws from norm(max(0, p - q)); when
+every proposal holds, the bonus token is drawn from p. The emitted tokens are distributed
+exactly as plain sampling's, whatever q is. Two cases:
+
+- q given (`seq.spec_draft_probs`: a draft model sampled its proposals for an unseeded
+  request): exactly that, with the engine's generator. The closer q is to p, the more
+  proposals hold (1 - TV(p, q) per position).
+- point masses (prompt lookup, greedy-drafted or seeded proposals): the rule becomes keep
+  d with probability p(d), else draw from p with d removed. Drawing t from p and keeping
+  d exactly when t == d realises both at once: P(keep) = p(d), and a rejected t is
+  distributed as p given t != d. It is done with the sampler's own exponential race, one
+  noise vector per emitted token from the sequence's generator, the noise plain sampling
+  draws: so the tokens are the ones plain sampling would have produced, a seeded request
+  gets the same tokens with or without speculation, and a takeover's generator replay
+  stays valid.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ def verify(
         targets = logits.argmax(dim=-1).tolist()
         n = accepted_prefix(proposals, targets)
         tokens = [*proposals[:n], targets[n]]
+    elif seq.spec_draft_probs is not None:
+        tokens = _rejection_sample(logits, seq, proposals, seq.spec_draft_probs, generator)
     else:
         tokens = _sample_until_rejected(logits, seq, proposals, generator)
     k = seq.params.logprobs
@@ -71,3 +80,32 @@ def _sample_until_rejected(
         if i == len(proposals) or token != proposals[i]:
             break
     return tokens
+
+
+def _rejection_sample(
+    logits: torch.Tensor,
+    seq: Sequence,
+    proposals: list[int],
+    q: torch.Tensor,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Leviathan et al. against the draft's distributions `q` [proposals, vocab]."""
+    assert q.shape[0] == len(proposals)
+    p = sampling_probs(logits, [seq] * logits.shape[0])
+    k = len(proposals)
+    gen = seq.generator or generator
+    ids = torch.tensor(proposals, device=p.device)
+    rows = torch.arange(k, device=p.device)
+    p_d, q_d = p[rows, ids], q[rows, ids].to(p.dtype)
+    u = torch.rand(k, dtype=p.dtype, device=p.device, generator=gen)
+    held = (u * q_d <= p_d).tolist()  # P(u <= p/q) = min(1, p/q); q(d) > 0 as d ~ q
+    n = held.index(False) if False in held else k
+    if n < k:
+        residual = (p[n] - q[n].to(p.dtype)).clamp_(min=0)
+        if not bool(residual.sum() > 0):  # p == q up to rounding: nothing to correct
+            residual = p[n]
+        last = residual
+    else:
+        last = p[k]  # every proposal held: the bonus token from the model itself
+    noise = torch.empty_like(last).exponential_(generator=gen)
+    return [*proposals[:n], int((last / noise).argmax())]
