@@ -1,4 +1,4 @@
-"""Compile ops.cpp into a torch extension on first use, or say why it cannot be had.
+"""Compile ops.cpp and its sibling kernels into a torch extension on first use, or say why it cannot be had.
 
 The build takes about 20 s of CPU (minutes on a busy two-core box) and is kept under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), named by the source's
@@ -21,7 +21,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ops.cpp")
+# One library: ops.cpp defines the op namespace, the others add fragments to it.
+SOURCES = [Path(__file__).with_name(n) for n in ("ops.cpp", "decode_linear.cpp")]
 # -march=native: the extension is built on, and cached for, the machine that runs it.
 CFLAGS = [
     "-O3",
@@ -50,7 +51,8 @@ def extension_name() -> str:
     one host, a downgrade) each keep their own build in the cache instead of rebuilding
     over one another."""
     built_for = " ".join(CFLAGS) + _cpu_flags()  # -march=native code runs where it was built
-    digest = hashlib.sha256(SOURCE.read_bytes() + built_for.encode()).hexdigest()
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(code + built_for.encode()).hexdigest()
     return f"jetserve_cpu_ops_{digest[:12]}"
 
 
@@ -83,7 +85,7 @@ def _build(name: str, target: Path) -> None:
     try:
         load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(staging),

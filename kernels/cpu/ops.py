@@ -79,3 +79,35 @@ def rotary_cpu(
     """Rotated (query, key) as new contiguous tensors; the inputs are left untouched."""
     q, k = _ops().rotary(positions, query, key, cos_sin_cache)
     return q, k
+
+
+# Rows of x up to which decode_linear beats torch's matmul (1 thread, issue-16 shapes:
+# 1.9x at one row, 1.3x at eight, a tie at sixteen where the matmul's blocking pays).
+DECODE_LINEAR_MAX_ROWS = 8
+
+
+def decode_linear_cpu(
+    x: torch.Tensor,  # fp32 [M, K], M a decode batch
+    weight: torch.Tensor,  # fp32 [N, K], contiguous
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear`` for a few rows: one in-order pass over the weight (decode_linear.cpp)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _ops().decode_linear(x, weight, bias)
+
+
+def linear_cpu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear``, through ``decode_linear_cpu`` when x has a decode step's few rows."""
+    if (
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() <= DECODE_LINEAR_MAX_ROWS * x.shape[-1]
+        and weight.is_contiguous()
+        and not (x.requires_grad or weight.requires_grad)
+    ):
+        y = decode_linear_cpu(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)

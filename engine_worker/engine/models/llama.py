@@ -65,8 +65,10 @@ class Attention(nn.Module):
         )
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.qkv = Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias, matmul=ops.linear
+        )
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, matmul=ops.linear)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.rotary = ops.rotary
@@ -117,12 +119,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.reduce = _row_parallel_reduce(tp)
         self.intermediate = cfg.intermediate_size
-        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, matmul=ops.linear)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, matmul=ops.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
@@ -135,7 +137,7 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.attn = Attention(cfg, ops, tp)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MLP(cfg, ops, tp)
 
     def forward(
         self,
@@ -187,7 +189,12 @@ class LlamaForCausalLM(nn.Module):
         self.embed = _param(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, matmul=ops.linear)
+        )
+        self.matmul = ops.linear
         self.register_buffer(
             "cos_sin",
             build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling),
@@ -226,5 +233,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.embed).float()
+            return self.matmul(hidden, self.embed).float()
         return self.lm_head(hidden).float()

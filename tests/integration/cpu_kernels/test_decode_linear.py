@@ -1,0 +1,74 @@
+"""The fp32 decode-batch matmul (kernels/cpu/decode_linear.cpp) against F.linear, and the
+CPU backend's Linear choosing it only for a decode step's few rows."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.linear import Linear
+from kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, decode_linear_cpu, linear_cpu
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 2 * DECODE_LINEAR_MAX_ROWS + 1),
+    # K around the 16- and 32-float vector steps, N around the thread split
+    cols=st.sampled_from([1, 15, 16, 17, 31, 32, 48, 64, 100, 512]),
+    out=st.integers(1, 300),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_f_linear(rows: int, cols: int, out: int, bias: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g)
+    w = torch.randn(out, cols, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    torch.testing.assert_close(
+        decode_linear_cpu(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5
+    )
+
+
+def test_strided_rows_and_threads() -> None:
+    wide = torch.randn(5, 700)
+    x = wide[:, :512]  # rows not contiguous with each other, columns contiguous
+    w = torch.randn(3000, 512)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(decode_linear_cpu(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_linear_cpu_takes_the_kernel_for_decode_rows_only() -> None:
+    w = torch.randn(40, 24)
+    for shape in [
+        (1, 24),
+        (2, 3, 24),
+        (DECODE_LINEAR_MAX_ROWS, 24),
+        (3 * DECODE_LINEAR_MAX_ROWS, 24),
+    ]:
+        x = torch.randn(*shape)
+        y = linear_cpu(x, w)
+        assert y.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    # what the kernel does not handle goes to F.linear unchanged
+    half = torch.randn(2, 24).to(torch.bfloat16)
+    assert linear_cpu(half, w.to(torch.bfloat16)).dtype == torch.bfloat16
+    xg = torch.randn(1, 24, requires_grad=True)
+    linear_cpu(xg, w).sum().backward()
+    assert xg.grad is not None
+
+
+def test_cpu_backend_linears_use_it() -> None:
+    ops = layer_ops_for("cpu")
+    assert ops.linear is linear_cpu
+    linear = Linear(24, 40, matmul=ops.linear)
+    linear.weight.data = torch.randn(40, 24)
+    x = torch.randn(1, 24)
+    torch.testing.assert_close(linear(x), x @ linear.weight.t(), atol=1e-5, rtol=1e-5)
+    assert layer_ops_for("torch").linear is torch.nn.functional.linear
