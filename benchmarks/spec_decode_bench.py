@@ -18,6 +18,12 @@ never the warm-up's (no prefix-cache reuse across them).
 
     python benchmarks/spec_decode_bench.py          # writes benchmarks/results/spec_decode.{json,png}
     python benchmarks/spec_decode_bench.py --quick  # 2 prompts, few tokens: checks the script
+
+`--sampled` measures the draft model at temperature 1.0 instead (the large model, the
+small one as its draft): proposals drawn from the draft's own distribution q and checked
+by the rejection sampler, against the draft's argmax (point masses, what the draft
+proposed before), unseeded and seeded, interleaved prompt by prompt in one run. Writes
+benchmarks/results/spec_decode_sampled.{json,png}.
 """
 
 from __future__ import annotations
@@ -117,7 +123,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--k", type=int, default=8, help="--num-speculative-tokens")
-    ap.add_argument("--out", default=str(RESULTS / "spec_decode.json"))
+    ap.add_argument("--out", default=None, help="default: results/spec_decode[_sampled].json")
+    ap.add_argument(
+        "--sampled", action="store_true", help="draft acceptance at temperature 1.0 (see above)"
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -128,6 +137,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n_prompts, max_tokens = (2, 24) if args.quick else (args.prompts, args.max_tokens)
     small, large = ensure_model(*SMALL), ensure_model(*LARGE)
+    if args.sampled:
+        sampled_main(args, small, large, n_prompts, max_tokens)
+        return
+    args.out = args.out or str(RESULTS / "spec_decode.json")
     load_before = os.getloadavg()
     common = dict(num_kv_blocks=512, block_size=16, max_model_len=1024)
     spec = dict(num_speculative_tokens=args.k)
@@ -211,7 +224,74 @@ def main() -> None:
     print(json.dumps(result["speedup"]), json.dumps(rows, indent=1))
 
 
-def plot(result: dict, path: Path) -> None:
+def sampled_main(
+    args: argparse.Namespace, small: Path, large: Path, n_prompts: int, max_tokens: int
+) -> None:
+    """Draft acceptance at temperature 1.0: proposals sampled from q vs the draft's argmax."""
+    common = dict(num_kv_blocks=512, block_size=16, max_model_len=1024, seed=0)
+    spec = dict(
+        num_speculative_tokens=args.k, speculative_method="draft", speculative_model=str(small)
+    )
+    arms = []
+    for seeded in (False, True):
+        for proposes in ("q", "argmax"):
+            llm = LLM(str(large), **spec, **common)
+            llm.engine.proposer.samples_proposals = proposes == "q"  # type: ignore[union-attr]
+            arm = Arm(f"draft {proposes}", "seeded" if seeded else "unseeded", llm)
+            arms.append(arm)
+    plain = Arm("plain", "unseeded", LLM(str(large), **common))
+    prompts = copy_prompts(plain.llm, n_prompts + 1)
+    warm, timed = prompts[0], prompts[1:]
+
+    def params(arm: Arm, i: int) -> SamplingParams:
+        seed = 1000 + i if arm.model == "seeded" else None
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed)
+
+    load_before = os.getloadavg()
+    for arm in [plain, *arms]:
+        arm.llm.generate([warm], params(arm, 0))
+        arm.llm.engine.spec_counters = type(arm.llm.engine.spec_counters)()
+    for i, prompt in enumerate(timed):
+        for arm in [plain, *arms]:
+            arm.run(prompt, params(arm, i + 1))
+        print(f"prompt {i + 1}/{len(timed)} done", flush=True)
+    load_after = os.getloadavg()
+    # Seeded: the draft's proposals change nothing but how many hold.
+    seeded_outputs = [a.outputs for a in arms if a.model == "seeded"]
+    assert seeded_outputs[0] == seeded_outputs[1], "seeded outputs differ between proposers"
+    rows = [a.summary() for a in [plain, *arms]]
+    by = {(r["model"], r["arm"]): r for r in rows}
+    result = {
+        "benchmark": "spec_decode_sampled",
+        "what": "batch-1 decode at temperature 1.0 on CPU, copy/edit prompts from the demo "
+        "corpus; the large model with the small one as its draft",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs",
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "prompts": len(timed),
+        "mean_prompt_tokens": round(sum(map(len, timed)) / len(timed), 1),
+        "max_tokens": max_tokens,
+        "num_speculative_tokens": args.k,
+        "seeded_outputs_identical_across_proposers": True,
+        "arms": rows,
+        "acceptance": {
+            kind: {
+                "q (after)": by[(kind, "draft q")]["acceptance_rate"],
+                "argmax (before)": by[(kind, "draft argmax")]["acceptance_rate"],
+            }
+            for kind in ("unseeded", "seeded")
+        },
+    }
+    out = Path(args.out or RESULTS / "spec_decode_sampled.json")
+    if not args.quick:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, out.with_suffix(".png"), "output tokens/s (batch 1, temperature 1.0)")
+    print(json.dumps(result["acceptance"]), json.dumps(rows, indent=1))
+
+
+def plot(result: dict, path: Path, ylabel: str = "output tokens/s (batch 1, greedy)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +316,7 @@ def plot(result: dict, path: Path) -> None:
             fontsize=8,
         )
     load = result["load_average_before"][0]
-    ax.set_ylabel("output tokens/s (batch 1, greedy)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"Speculative decoding on copy/edit prompts (CPU, load avg {load})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,5 +1,5 @@
 """The draft-model proposer: a smaller checkpoint of the same tokenizer proposes its own
-greedy continuation, run in the engine's process with its own paged KV cache.
+continuation, run in the engine's process with its own paged KV cache.
 
 The draft's cache has as many blocks as the target's and is indexed by the same block
 tables, so the block manager's accounting (allocation, preemption, prefix caching,
@@ -128,7 +128,7 @@ class DraftModelProposer:
         noise = {
             i: peek_noise(s.generator, len(s.spec_token_ids), self.config.vocab_size)
             for i, s in enumerate(seqs)
-            if s.generator is not None and not s.params.greedy
+            if s.generator is not None and not s.params.greedy and self.samples_proposals
         }
         # First forward: catch up on every position not yet in the draft's cache, ending
         # at the last real token, whose logits give the first proposal.
