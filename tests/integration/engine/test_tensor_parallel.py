@@ -131,6 +131,32 @@ def test_kv_cache_is_sharded_and_budgeted_per_rank(tiny_llama: Path) -> None:
         two.close()
 
 
+def test_rank_zero_pays_for_the_draft_cache_and_every_rank_takes_its_count(
+    tiny_llama: Path,
+) -> None:
+    """The draft lives on rank 0: its share of the budget holds the target's half-width
+    blocks plus the draft's whole ones, the fewest of any rank, so all take that many."""
+    from engine_worker.engine.model_runner import kv_bytes_per_block
+
+    budget = 1 << 20
+    two = make_engine(
+        tiny_llama,
+        2,
+        num_kv_blocks=None,
+        kv_cache_memory=budget,
+        speculative_method="draft",
+        speculative_model=str(tiny_llama),
+    )
+    try:
+        half = kv_bytes_per_block(two.rank_config, 4, two.dtype)
+        whole = kv_bytes_per_block(two.model_config, 4, two.dtype)
+        assert half * 2 == whole
+        assert two.block_manager.num_blocks == budget // (half + whole)
+        assert greedy(two, PROMPTS[:2])  # and decodes in them
+    finally:
+        two.close()
+
+
 def test_close_stops_the_ranks(tiny_llama: Path) -> None:
     engine = make_engine(tiny_llama, 2)
     pid = engine.ranks.procs[0].pid  # type: ignore[union-attr]
