@@ -1,7 +1,9 @@
 """Serving benchmark: the full stack over the OpenAI HTTP API vs the in-process engine.
 
-The client speaks plain OpenAI HTTP (httpx, async, streaming /v1/completions), so it can
-measure any compatible server. Prompts are token-id lists of fixed or random length;
+The client speaks plain OpenAI HTTP (streaming /v1/completions), so it can measure any
+compatible server: by default the lean client of benchmarks/sse_client.py (its CPU per
+token is a fraction of httpx's, whose pool grows costly with hundreds of streams),
+`--client httpx` for the general one. Prompts are token-id lists of fixed or random length;
 output lengths are fixed by sending `max_tokens` with the `ignore_eos` extension. Load is
 a closed-loop concurrency sweep (each of C clients sends its next request when the last
 one ends) or an open-loop Poisson request rate.
@@ -38,6 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sse_client import EventTally, SseClient  # a sibling script, not a package
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -123,11 +128,8 @@ def summarize(results: list[RequestResult], wall: float) -> dict:
 # ---- the HTTP client -----------------------------------------------------------------------
 
 
-async def stream_completion(
-    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
-) -> RequestResult:
-    """One streamed /v1/completions request; token times are SSE chunk arrival times."""
-    body = {
+def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict:
+    return {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -136,58 +138,50 @@ async def stream_completion(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def stream_completion(
+    client: httpx.AsyncClient | SseClient, model: str, prompt: list[int], max_tokens: int
+) -> RequestResult:
+    """One streamed /v1/completions request; token times are SSE chunk arrival times."""
+    body = completion_body(model, prompt, max_tokens)
     res = RequestResult(ok=False, start=time.perf_counter())
-    last = res.start
-    chunks = 0
+    if isinstance(client, SseClient):
+        return await client.stream("/v1/completions", body, res)
+    tally = EventTally(res)
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 await resp.aread()
                 res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 return res
-            buf = b""
             async for data in resp.aiter_bytes():
-                now = time.perf_counter()
-                buf += data
-                *events, buf = buf.split(b"\n\n")
-                for event in events:
-                    payload = next(
-                        (ln[6:] for ln in event.split(b"\n") if ln.startswith(b"data: ")), None
-                    )
-                    if payload is None or payload == b"[DONE]":
-                        continue
-                    # Only the rare chunks (usage, error) are parsed: the client should
-                    # cost as little CPU as possible next to the stack it measures.
-                    if payload.startswith(b'{"error"'):
-                        res.error = str(json.loads(payload)["error"].get("message"))
-                        return res
-                    if b'"choices":[]' in payload or b'"choices": []' in payload:
-                        usage = json.loads(payload).get("usage") or {}
-                        res.output_tokens = int(usage.get("completion_tokens", 0))
-                        continue
-                    if chunks == 0:
-                        res.ttft = now - res.start
-                    else:
-                        res.itl.append(now - last)
-                    chunks += 1
-                    last = now
+                if not tally.feed(data, time.perf_counter()):
+                    return res
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
         return res
-    res.e2e = time.perf_counter() - res.start
-    res.output_tokens = res.output_tokens or chunks
-    res.ok = chunks > 0
-    if not res.ok:
-        res.error = "no tokens streamed"
-    return res
+    return tally.finish()
 
 
 async def run_http(
-    base_url: str, model: str, wl: Workload, concurrency: int, request_rate: float | None
+    base_url: str,
+    model: str,
+    wl: Workload,
+    concurrency: int,
+    request_rate: float | None,
+    client_kind: str = "lean",
 ) -> dict:
-    limits = httpx.Limits(max_connections=max(concurrency, 1) + 4, max_keepalive_connections=256)
-    timeout = httpx.Timeout(600.0, connect=10.0)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    if client_kind == "lean":
+        client: httpx.AsyncClient | SseClient = SseClient(base_url)
+    else:
+        limits = httpx.Limits(
+            max_connections=max(concurrency, 1) + 4, max_keepalive_connections=256
+        )
+        client = httpx.AsyncClient(
+            base_url=base_url, limits=limits, timeout=httpx.Timeout(600.0, connect=10.0)
+        )
+    try:
         # warm-up: connections, tokenizer load, first engine steps
         await asyncio.gather(
             *(
@@ -214,6 +208,8 @@ async def run_http(
 
             await asyncio.gather(*(user() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+    finally:
+        await client.aclose()
     return summarize(results, wall)
 
 
@@ -223,8 +219,11 @@ async def run_http(
 def make_engine(model_path: str, engine_kwargs: dict):
     from engine_worker.engine.config import EngineConfig
     from engine_worker.engine.llm_engine import LLMEngine
+    from shared.gc_tuning import tune_gc
 
-    return LLMEngine(EngineConfig(model=model_path, **engine_kwargs))
+    engine = LLMEngine(EngineConfig(model=model_path, **engine_kwargs))
+    tune_gc()  # as a worker does once started (shared/gc_tuning.py)
+    return engine
 
 
 def run_engine(engine, wl: Workload, concurrency: int) -> dict:
@@ -522,6 +521,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--worker-threads", type=int, help="torch threads of the worker (OMP_NUM_THREADS)"
     )
     p.add_argument("--engine-threads", type=int, help="torch threads of the engine mode")
+    p.add_argument(
+        "--client",
+        choices=("lean", "httpx"),
+        default="lean",
+        help="lean: benchmarks/sse_client.py (O(1) pool, little CPU); httpx: general client",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, short sweep (smoke test)")
     p.add_argument("--out", default=str(RESULTS / "serving.json"))
     return p.parse_args(argv)
@@ -577,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     def run_stack(base: str, c: int, pids: dict[str, int | None]) -> None:
         """One stack point; with launched processes, also where the CPU went per token."""
         before = {name: process_cpu_s(pid) for name, pid in pids.items()}
-        summary = asyncio.run(run_http(base, served, workload(c), c, args.request_rate))
+        summary = asyncio.run(
+            run_http(base, served, workload(c), c, args.request_rate, args.client)
+        )
         if pids and summary["output_tokens"]:
             summary["cpu_us_per_token"] = {
                 name: round(1e6 * (process_cpu_s(pid) - before[name]) / summary["output_tokens"])

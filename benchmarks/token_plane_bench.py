@@ -9,8 +9,10 @@ nats-server, API (decode, detokenize, stop strings, SSE) and the client.
 For each point it runs the same closed loop twice: through the simulated engine in
 this process (the engine's own tok/s, TTFT, ITL, host overhead), then through 1-2 API
 replicas, nats-server and 1-4 simulated workers, with an OpenAI streaming client
-(`/v1/completions`, stream=True; `--client openai` uses the OpenAI SDK itself, the
-default a lean httpx reader so the client's own CPU disturbs the stack less). It
+(`/v1/completions`, stream=True; `--client openai` uses the OpenAI SDK itself,
+`--client httpx` httpx, the default the lean client of benchmarks/sse_client.py so the
+client's own CPU disturbs the stack less: httpx's pool checks every connection on each
+request, which at 256 streams delayed a burst of requests by seconds). It
 reports per process the CPU microseconds per output token (/proc), stack tok/s vs the
 engine's, TTFT and ITL p50/p99 added by the stack, and the workers' step-period
 inflation (wall time between engine steps vs the simulated device time of the steps,
@@ -53,6 +55,7 @@ def engine_point(model: str, profile: str, max_num_seqs: int, wl: sb.Workload, c
     """The closed loop through the simulated engine in this process (its own thread)."""
     from engine_worker.engine.config import EngineConfig
     from engine_worker.engine.factory import build_engine
+    from shared.gc_tuning import tune_gc
     from shared.tokenizer import load_tokenizer
 
     engine = build_engine(
@@ -65,6 +68,7 @@ def engine_point(model: str, profile: str, max_num_seqs: int, wl: sb.Workload, c
     )
     with contextlib.suppress(ValueError):
         engine.eos_token_ids |= load_tokenizer(model).eos_token_ids  # as the worker does
+    tune_gc()  # as the worker tunes its collector once started (shared/gc_tuning.py)
     cpu0 = sb.process_cpu_s(None)
     summary = sb.run_engine(engine, wl, c)
     cpu = sb.process_cpu_s(None) - cpu0
@@ -236,8 +240,13 @@ async def client_run(urls: list[str], model: str, wl: sb.Workload, c: int, kind:
 
         def one(i: int, p: list[int], n: int):
             return openai_sdk_completion(clients[i % len(clients)], model, p, n)
-    else:
+    elif kind == "httpx":
         clients = [httpx.AsyncClient(base_url=u, limits=limits, timeout=timeout) for u in urls]
+
+        def one(i: int, p: list[int], n: int):
+            return sb.stream_completion(clients[i % len(clients)], model, p, n)
+    else:
+        clients = [sb.SseClient(u) for u in urls]
 
         def one(i: int, p: list[int], n: int):
             return sb.stream_completion(clients[i % len(clients)], model, p, n)
@@ -378,7 +387,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--client", choices=("httpx", "openai"), default="httpx")
+    p.add_argument(
+        "--client",
+        choices=("lean", "httpx", "openai"),
+        default="lean",
+        help="lean: benchmarks/sse_client.py; httpx: its pool costs O(streams) a request",
+    )
     p.add_argument(
         "--worker-flags", default="", help='extra worker flags, e.g. "--engine-process on"'
     )
