@@ -28,6 +28,7 @@ from engine_worker.engine_core import codec
 from engine_worker.engine_core.core import EngineCore, engine_info
 from engine_worker.engine_core.frames import FrameDecoder, frame, read_frames, read_ready
 from engine_worker.engine_core.messages import Command, StepResult, Stop
+from shared.gc_tuning import tune_gc
 from shared.logging import configure_logging, get_logger
 
 PR_SET_PDEATHSIG = 1
@@ -137,6 +138,7 @@ def serve(sock: socket.socket) -> int:
         return 1
     if not _send(sock, codec.encode_info(info)):
         return 1
+    tune_gc()
     log.info("engine_process_ready", pid=os.getpid())
     sender = Sender(sock)
     core = EngineCore(

@@ -57,6 +57,7 @@ from shared.bus.subjects import (
     routed_jobs_subject,
 )
 from shared.bus.worker_registry import WorkerStatus, delete_status, put_status
+from shared.gc_tuning import tune_gc
 from shared.logging import configure_logging, get_logger
 from shared.messages import JOB_READERS, JobReader
 from shared.metrics import new_registry, worker_metrics
@@ -228,6 +229,7 @@ class Worker:
         ]  # fmt: skip
         for periodic in self._periodic:
             periodic.start()
+        tune_gc()
         self.log.info(
             "worker_ready",
             subject=jobs_subject(self.model_name),

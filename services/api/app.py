@@ -38,6 +38,7 @@ from services.api.routing.router import Router
 from services.api.state import ApiState
 from shared.bus.jetstream import ensure_streams, job_records_bucket
 from shared.bus.nats_connect import connect_nats
+from shared.gc_tuning import tune_gc
 from shared.metrics import api_metrics, new_registry
 from shared.settings import ApiSettings, GatewaySettings
 
@@ -115,6 +116,7 @@ def create_app(
             drain=drain,
             gateway=gateway,
         )
+        tune_gc()
         log.info("api_started", nats_url=settings.nats_url, models=registry.models())
         try:
             yield
