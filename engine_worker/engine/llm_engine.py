@@ -57,7 +57,11 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        # Asked twice per request per step: a plain loop, no generator.
+        for s in self.seqs:
+            if s.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 def pool(seq: Sequence, last: torch.Tensor) -> list[float]:
@@ -443,8 +447,9 @@ class LLMEngine:
                 for s in state.seqs
                 if s.num_emitted < s.num_output_tokens or s in embedded
             ]
-            outputs.append(self._output(state, deltas))
-            if state.finished:
+            finished = state.finished
+            outputs.append(self._output(state, deltas, finished))
+            if finished:
                 del self.requests[state.request_id]
         return outputs
 
@@ -632,7 +637,8 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
 
     def _delta(self, seq: Sequence) -> CompletionDelta:
-        new = seq.output_token_ids[seq.num_emitted :]
+        # One slice of the new tokens (slicing all outputs first made each step O(length)).
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted :]
         seq.num_emitted += len(new)
         logprobs = None
         if seq.params.logprobs is not None:
@@ -645,12 +651,19 @@ class LLMEngine:
             stop_token_id=seq.stop_token_id,
         )
 
-    def _output(self, state: RequestState, deltas: list[CompletionDelta]) -> RequestOutput:
+    def _output(
+        self, state: RequestState, deltas: list[CompletionDelta], finished: bool | None = None
+    ) -> RequestOutput:
+        seqs = state.seqs
         return RequestOutput(
             request_id=state.request_id,
             deltas=deltas,
-            finished=state.finished,
+            finished=state.finished if finished is None else finished,
             num_prompt_tokens=state.num_prompt_tokens,
-            num_cached_tokens=max(s.num_cached_tokens for s in state.seqs),
-            embedding=state.seqs[0].embedding,
+            num_cached_tokens=(
+                seqs[0].num_cached_tokens
+                if len(seqs) == 1
+                else max(s.num_cached_tokens for s in seqs)
+            ),
+            embedding=seqs[0].embedding,
         )
