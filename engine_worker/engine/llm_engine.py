@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from engine_worker.engine.parallel.sharding import (
     shard_config,
     whole_row_amax,
 )
-from engine_worker.engine.sampler import sample
+from engine_worker.engine.sampler import sample, torch_argmax
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
 from engine_worker.engine.speculative.counters import SpecCounters
@@ -83,6 +84,8 @@ class LLMEngine:
     # subclasses that build no model, like the simulated engine).
     ranks: RankProcesses | None = None
     parallel: TensorParallel | None = None
+    # Greedy token choice of the backend's ops (the CPU kernels bring a vectorised one).
+    argmax: Callable[[torch.Tensor], torch.Tensor] = staticmethod(torch_argmax)
 
     def __init__(
         self,
@@ -114,12 +117,14 @@ class LLMEngine:
                 f"max_position_embeddings {mc.max_position_embeddings}"
             )
         backend_name = resolve_backend_name(config.attention_backend, self.device)
+        ops = layer_ops_for(backend_name)
+        self.argmax = ops.argmax
         model = build_model(
             self.rank_config,
             self.dtype,
             self.device,
             max_positions=limit,
-            ops=layer_ops_for(backend_name),
+            ops=ops,
             tp=parallel,
         )
         if load_format == "dummy":
@@ -551,7 +556,9 @@ class LLMEngine:
         plain_tokens: list[int] = []
         plain_lps: list[TokenLogprob | None] = []
         if plain:
-            plain_tokens, plain_lps = sample(logits[plain_rows], plain, self.generator, apply_mask)
+            plain_tokens, plain_lps = sample(
+                logits[plain_rows], plain, self.generator, apply_mask, self.argmax
+            )
         plain_out = iter(zip(plain_tokens, plain_lps, strict=True))
         emitted: list[list[int]] = []
         lps: list[list[TokenLogprob | None]] = []
@@ -594,7 +601,7 @@ class LLMEngine:
         apply_mask = None
         if pending is not None and self.masks is not None:
             apply_mask = functools.partial(self.masks.apply, pending)
-        tokens, logprobs = sample(logits, samplers, self.generator, apply_mask)
+        tokens, logprobs = sample(logits, samplers, self.generator, apply_mask, self.argmax)
         return samplers, tokens, logprobs, embedded
 
     def _forward_and_sample(
@@ -616,7 +623,7 @@ class LLMEngine:
         apply_mask = None
         if pending is not None and self.masks is not None:
             apply_mask = functools.partial(self.masks.apply, pending)
-        tokens, logprobs = sample(logits, samplers, self.generator, apply_mask)
+        tokens, logprobs = sample(logits, samplers, self.generator, apply_mask, self.argmax)
         return samplers, tokens, logprobs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:

@@ -22,7 +22,10 @@ import torch
 log = logging.getLogger(__name__)
 
 # One library: ops.cpp defines the op namespace, the others add fragments to it.
-SOURCES = [Path(__file__).with_name(n) for n in ("ops.cpp", "decode_linear.cpp")]
+SOURCES = [
+    Path(__file__).with_name(n)
+    for n in ("ops.cpp", "decode_linear.cpp", "activation.cpp", "sampling.cpp")
+]
 # -march=native: the extension is built on, and cached for, the machine that runs it.
 CFLAGS = [
     "-O3",

@@ -111,3 +111,29 @@ def linear_cpu(
         y = decode_linear_cpu(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [T, 2I] gate_up output in one pass (activation.cpp); other
+    dtypes or a tensor that needs gradients take the torch ops."""
+    if gate_up.dtype != torch.float32 or gate_up.requires_grad:
+        return silu_and_mul_ref(gate_up)
+    flat = gate_up.reshape(-1, gate_up.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return _ops().silu_and_mul(flat).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def greedy_argmax_cpu(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` (first index on ties, NaN largest) for fp32 [rows, vocab]
+    logits, vectorised (sampling.cpp); torch's argmax is 17x slower than its amax here."""
+    if logits.dtype != torch.float32 or logits.dim() != 2:
+        return logits.argmax(dim=-1)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return _ops().greedy_argmax(logits)

@@ -122,13 +122,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: LayerOps, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.reduce = _row_parallel_reduce(tp)
-        self.intermediate = cfg.intermediate_size
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, matmul=ops.linear)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, matmul=ops.linear)
+        self.act = ops.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.reduce(self.down(F.silu(gate) * up))
+        return self.reduce(self.down(self.act(self.gate_up(x))))
 
 
 class DecoderLayer(nn.Module):
