@@ -63,6 +63,26 @@ LARGE = (
 )
 
 
+def run_facts(
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
+    timed: list[list[int]],
+    max_tokens: int,
+    k: int,
+) -> dict:
+    """What every result of this benchmark records about the machine and the workload."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs",
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "prompts": len(timed),
+        "mean_prompt_tokens": round(sum(map(len, timed)) / len(timed), 1),
+        "max_tokens": max_tokens,
+        "num_speculative_tokens": k,
+    }
+
+
 def ensure_model(name: str, shape: DemoModelShape, plan: TrainingPlan) -> Path:
     path = MODELS / name
     if not is_complete_checkpoint(path):
@@ -191,14 +211,7 @@ def main() -> None:
     result = {
         "benchmark": "spec_decode",
         "what": "batch-1 greedy decode on CPU, copy/edit prompts from the demo corpus",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs",
-        "torch_threads": torch.get_num_threads(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "prompts": len(timed),
-        "mean_prompt_tokens": round(sum(map(len, timed)) / len(timed), 1),
-        "max_tokens": max_tokens,
-        "num_speculative_tokens": args.k,
+        **run_facts(load_before, load_after, timed, max_tokens, args.k),
         "models": {
             "small": {"path": str(small.relative_to(ROOT)), "shape": vars(SMALL[1])},
             "large": {"path": str(large.relative_to(ROOT)), "shape": vars(LARGE[1])},
@@ -265,14 +278,7 @@ def sampled_main(
         "benchmark": "spec_decode_sampled",
         "what": "batch-1 decode at temperature 1.0 on CPU, copy/edit prompts from the demo "
         "corpus; the large model with the small one as its draft",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs",
-        "torch_threads": torch.get_num_threads(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "prompts": len(timed),
-        "mean_prompt_tokens": round(sum(map(len, timed)) / len(timed), 1),
-        "max_tokens": max_tokens,
-        "num_speculative_tokens": args.k,
+        **run_facts(load_before, load_after, timed, max_tokens, args.k),
         "seeded_outputs_identical_across_proposers": True,
         "arms": rows,
         "acceptance": {
