@@ -7,26 +7,37 @@ conversation so far (each earlier user message and a fixed stand-in for the assi
 reply) and a new user message, so a turn's prompt extends the previous turn's: a worker
 that ran turn k-1 holds all of turn k's prefix but the last messages. (The reply in the
 history is fixed tokens, not the generated ones, so a turn reuses the previous prompt,
-never the previous reply: a lower bound on the hit rate real chats get.) Every user runs
-its turns back to back; all users at once (closed loop), started a few ms apart.
+never the previous reply: a lower bound on the hit rate real chats get.) Users start a
+few ms apart. By default each runs its turns back to back (closed loop: a faster arm
+also sends more turns per second, so part of what it saves shows as throughput, not as
+TTFT); with `--think-s` each turn is sent at a fixed instant (the previous turn's instant
++ think-s, later only if the previous turn is still running), the same in every arm.
 
-Workers run the simulated device (`--load-format simulated`: Llama-3.1-8B on an H100 by
-default, the real scheduler and block manager with a roofline clock), with the KV cache
-cut so that all workers together hold the workload's distinct blocks once
-(`--blocks-per-worker` sets another size): a prefix cached on two workers then pushes
-another out, so where a prefix is cached matters. Arms, each on a fresh stack (nats-server, workers, one
-API), same workload:
+Workers run the simulated device (`--load-format simulated`: Llama-3.1-8B on an L4 by
+default, the real scheduler and block manager with a roofline clock). `--cells` lists
+the cluster shapes, `WxB` (W workers of B KV blocks) or `W` (the KV cache cut so that all
+workers together hold the workload's distinct blocks once): a prefix cached on two
+workers then pushes another out, so where a prefix is cached matters. Arms, each on a
+fresh stack (nats-server, workers, one API), same workload, each warmed up first with
+2 x W short unrelated requests (first-request costs of every process stay out of the
+figures):
 - `queue`  (`--routing queue`): the shared queue, the first free worker takes each job;
-- `prefix` (`--routing prefix`): the API routes to the worker holding the prefix;
+- `prefix` (`--routing prefix`): the API routes to the worker holding the prefix, and
+  cold prompts (no worker holds any block) go to the shared queue;
+- `place` (`--routing prefix --routing-cold place`): cold prompts go to the least loaded
+  worker, and the router counts what it sent as cached there until the job ends;
 - `single`: one worker with the memory of all of them (`W x --blocks-per-worker`), the
   hit rate to reach (its TTFT is not comparable: it has 1/W of the compute).
 
 Reported per arm: prefix-cache hit rate (cached prompt tokens / prompt tokens, from the
-usage the engine returns), TTFT p50/p99, output tok/s, the router's decisions and the
-workers' fallbacks; and the ratios the issue sets goals for. The machine's load average
-goes into the JSON: this is meant for a shared CPU box, where both arms see the same load.
+usage the engine returns), TTFT p50/p99 (from the request's send to its first token),
+output tok/s, the router's decisions, the workers' fallbacks and the step inflation (wall
+time between engine steps over the simulated device time of those steps, minus one: how
+much the host added); and the ratios the issue sets goals for, for each routing arm. The
+machine's load average goes into the JSON: this is meant for a shared CPU box, where the
+arms of one run see the same load (rounds alternate their order).
 
-    python benchmarks/routing_bench.py                 # 2 and 4 workers
+    python benchmarks/routing_bench.py                 # the four cells of docs/routing.md
     python benchmarks/routing_bench.py --quick         # a smoke run, seconds
 Writes benchmarks/results/routing.json (`--out`) and a PNG beside it.
 """
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -156,16 +168,47 @@ async def stream_turn(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return res
 
 
+async def warm_up(url: str, model: str, requests: int, vocab: int) -> float:
+    """Short prompts that share nothing with the workload, all at once: every process's
+    first-request costs (connections, imports, caches) are paid before the clock runs.
+    Then one alone on the idle stack: its TTFT (ms) is the path's floor (HTTP, NATS, a
+    pull, one device step of ~90 ms on an L4, the token back), which routing cannot cut."""
+    rng = random.Random(-1)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0)) as client:
+        await asyncio.gather(
+            *(
+                stream_turn(client, model, [rng.randrange(8, vocab) for _ in range(40)], 2)
+                for _ in range(requests)
+            )
+        )
+        await asyncio.sleep(0.5)
+        alone = [
+            await stream_turn(client, model, [rng.randrange(8, vocab) for _ in range(40)], 2)
+            for _ in range(3)
+        ]
+    return round(sorted(t.ttft for t in alone)[1] * 1000, 2)
+
+
 async def run_chats(url: str, model: str, chats: list[Chat], args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=len(chats) + 8, max_keepalive_connections=len(chats) + 8)
     timeout = httpx.Timeout(600.0, connect=10.0)
     turns: list[Turn] = []
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        late = 0
 
         async def user(u: int, chat: Chat) -> None:
-            await asyncio.sleep(u * args.stagger_ms / 1000)
+            nonlocal late
+            due = t0 + u * args.stagger_ms / 1000
             for t in range(args.turns):
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                elif t > 0 and args.think_s > 0 and wait < -0.005:
+                    late += 1  # the previous turn outlasted the think time
                 turns.append(await stream_turn(client, model, chat.prompt(t), args.max_tokens))
+                # Closed loop (think 0): the next turn at once. Scheduled: at a fixed time
+                # after the previous one was due, the same instants in every arm.
+                due = due + args.think_s if args.think_s > 0 else time.perf_counter()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(user(u, c) for u, c in enumerate(chats)))
@@ -186,6 +229,7 @@ async def run_chats(url: str, model: str, chats: list[Chat], args: argparse.Name
         "ttft_ms_p50": round(sb.percentile([t.ttft for t in ok], 50) * ms, 2),
         "ttft_ms_p99": round(sb.percentile([t.ttft for t in ok], 99) * ms, 2),
         "e2e_ms_p50": round(sb.percentile([t.e2e for t in ok], 50) * ms, 2),
+        "late_turns": late,
     }
 
 
@@ -201,6 +245,7 @@ class Stack:
     workers: int
     blocks: int
     routing: str
+    cold: str = "queue"
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="jetserve-route-")))
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
@@ -229,6 +274,7 @@ class Stack:
             "OMP_NUM_THREADS": "1",
         }
         cli = [sys.executable, "-m", "services.cli"]
+        worker_env = {**env, "JETSERVE_LOG_LEVEL": "info"}  # the device's stats lines
         for i in range(self.workers):
             port = sb.free_port()
             self.metrics_ports[f"worker{i}"] = port
@@ -241,13 +287,14 @@ class Stack:
                  "--max-num-seqs", str(self.args.max_num_seqs),
                  "--block-size", str(BLOCK_SIZE), "--num-kv-blocks", str(self.blocks),
                  "--route-fallback", str(self.args.route_fallback)],
-                env,
+                worker_env,
             )  # fmt: skip
         port = sb.free_port()
         self._spawn(
             "api",
             [*cli, "api", "--nats-url", nats_url, "--host", "127.0.0.1", "--port", str(port),
-             "--routing", self.routing, "--routing-load-tokens", str(self.args.load_tokens)],
+             "--routing", self.routing, "--routing-load-tokens", str(self.args.load_tokens),
+             "--routing-cold", self.cold],
             env,
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
@@ -275,6 +322,20 @@ class Stack:
     def worker_metrics_of(self, port: int) -> list[tuple[str, dict, float]]:
         return sb_parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
 
+    def device_stats(self) -> dict[str, dict]:
+        """The latest `simulated_device` line of each worker's log (one every 2 s of steps)."""
+        out = {}
+        for name in self.procs:
+            if not name.startswith("worker"):
+                continue
+            last: dict = {}
+            for line in (self.tmp / f"{name}.log").read_text(errors="replace").splitlines():
+                if '"simulated_device"' in line:
+                    with contextlib.suppress(ValueError):
+                        last = json.loads(line)
+            out[name] = last
+        return out
+
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "nats"] + ["nats"]:
             self.procs[name].terminate()
@@ -283,6 +344,18 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.procs[name].kill()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def step_inflation(before: dict[str, dict], after: dict[str, dict]) -> float | None:
+    """Wall time between busy steps over their simulated device time, minus one, summed
+    over workers for the measured run: 0 means the host added nothing to the device."""
+    period = sum(
+        a.get("busy_period_s", 0) - before[n].get("busy_period_s", 0) for n, a in after.items()
+    )
+    device = sum(
+        a.get("busy_device_s", 0) - before[n].get("busy_device_s", 0) for n, a in after.items()
+    )
+    return round(period / device - 1, 4) if device > 0 else None
 
 
 def sb_parse(text: str) -> list[tuple[str, dict, float]]:
@@ -301,27 +374,42 @@ def metric_sum(samples, name: str, **labels: str) -> float:
     )
 
 
-def run_arm(model: str, chats: list[Chat], args, workers: int, blocks: int, routing: str) -> dict:
-    print(f"  {workers} worker(s) x {blocks} blocks, --routing {routing} ...", flush=True)
-    stack = Stack(model, args, workers, blocks, routing)
-    load_before = os.getloadavg()
+ARMS = {"queue": ("queue", "queue"), "prefix": ("prefix", "queue"), "place": ("prefix", "place")}
+
+
+def run_arm(model: str, chats: list[Chat], args, workers: int, blocks: int, arm: str) -> dict:
+    routing, cold = ARMS[arm]
+    print(f"  {workers} worker(s) x {blocks} blocks, {arm} ...", flush=True)
+    stack = Stack(model, args, workers, blocks, routing, cold)
     try:
         stack.start()
+        idle_ttft = asyncio.run(warm_up(stack.url, "chat", 2 * workers, args.vocab))
+        time.sleep(1.5)  # a heartbeat: the router sees idle workers again
+        api0 = stack.api_metrics()
+        wk0 = {port: stack.worker_metrics_of(port) for port in stack.metrics_ports.values()}
+        dev0 = stack.device_stats()
+        load_before = os.getloadavg()
         result = asyncio.run(run_chats(stack.url, "chat", chats, args))
-        api, wk = stack.api_metrics(), stack.worker_metrics()
-        per_worker = [
-            metric_sum(stack.worker_metrics_of(port), "jetserve:jobs_pulled_total")
-            for port in stack.metrics_ports.values()
-        ]
+        load_after = os.getloadavg()
+        time.sleep(2.5)  # the workers' next device-stats line covers the run's last steps
+        dev1 = stack.device_stats()
+        api = delta(stack.api_metrics(), api0)
+        wk_each = [delta(stack.worker_metrics_of(p), before) for p, before in wk0.items()]
+        wk = [sample for samples in wk_each for sample in samples]
+        per_worker = [metric_sum(samples, "jetserve:jobs_pulled_total") for samples in wk_each]
     finally:
         stack.stop()
     result.update(
         workers=workers,
         blocks_per_worker=blocks,
         routing=routing,
+        routing_cold=cold,
+        arm=arm,
+        idle_ttft_ms=idle_ttft,
+        step_inflation=step_inflation(dev0, dev1),
         decisions={
             d: metric_sum(api, "jetserve:routing_decisions_total", decision=d)
-            for d in ("routed", "cold", "no_worker")
+            for d in ("routed", "placed", "cold", "no_worker")
         },
         predicted_hit_rate=round(
             metric_sum(api, "jetserve:routing_cached_tokens_total")
@@ -335,14 +423,29 @@ def run_arm(model: str, chats: list[Chat], args, workers: int, blocks: int, rout
         # Jobs each worker ran (routed + shared pulls): how even the placement was.
         per_worker=per_worker,
         load_avg_before=[round(x, 2) for x in load_before],
-        load_avg_after=[round(x, 2) for x in os.getloadavg()],
+        load_avg_after=[round(x, 2) for x in load_after],
     )
     print(
         f"    hit rate {result['hit_rate']:.3f}, TTFT p50 {result['ttft_ms_p50']} ms p99 "
-        f"{result['ttft_ms_p99']} ms, {result['output_tok_s']} tok/s, failed {result['failed']}",
+        f"{result['ttft_ms_p99']} ms, {result['output_tok_s']} tok/s, failed {result['failed']}, "
+        f"step inflation {result['step_inflation']}, load {load_after[0]:.1f}",
         flush=True,
     )
     return result
+
+
+def delta(after: list, before: list) -> list[tuple[str, dict, float]]:
+    """Counters over the measured run only (the warm-up's requests taken out)."""
+    base: dict = {}
+    for name, labels, value in before:
+        key = (name, tuple(sorted(labels.items())))
+        base[key] = base.get(key, 0.0) + value
+    return [
+        (n, lab, v - base.get((n, tuple(sorted(lab.items()))), 0.0))
+        if n.endswith("_total")
+        else (n, lab, v)
+        for n, lab, v in after
+    ]
 
 
 def mean_of(results: list[dict]) -> dict:
@@ -350,20 +453,28 @@ def mean_of(results: list[dict]) -> dict:
     out = dict(results[0])
     for key, value in results[0].items():
         if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = round(sum(r[key] for r in results) / len(results), 4)
+            values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+            out[key] = round(sum(values) / len(values), 4)
     out["rounds"] = len(results)
     return out
 
 
-def goals(by: dict) -> dict:
-    queue, prefix, single = by["queue"], by["prefix"], by["single"]
+def goals(by: dict, arm: str) -> dict:
+    queue, routed, single = by["queue"], by[arm], by["single"]
+    uncached = 1 - queue["hit_rate"]
     return {
-        "hit_rate_vs_single": round(prefix["hit_rate"] / single["hit_rate"], 4)
+        # Prefill tokens saved against the shared queue, and the most any placement could
+        # save: what one worker with all the memory leaves uncached.
+        "prefill_cut": round(1 - (1 - routed["hit_rate"]) / uncached, 4) if uncached else None,
+        "prefill_cut_bound": round(1 - (1 - single["hit_rate"]) / uncached, 4)
+        if uncached
+        else None,
+        "hit_rate_vs_single": round(routed["hit_rate"] / single["hit_rate"], 4)
         if single["hit_rate"]
         else None,
-        "ttft_p50_cut": round(1 - prefix["ttft_ms_p50"] / queue["ttft_ms_p50"], 4),
-        "ttft_p99_cut": round(1 - prefix["ttft_ms_p99"] / queue["ttft_ms_p99"], 4),
-        "throughput_ratio": round(prefix["output_tok_s"] / queue["output_tok_s"], 4),
+        "ttft_p50_cut": round(1 - routed["ttft_ms_p50"] / queue["ttft_ms_p50"], 4),
+        "ttft_p99_cut": round(1 - routed["ttft_ms_p99"] / queue["ttft_ms_p99"], 4),
+        "throughput_ratio": round(routed["output_tok_s"] / queue["output_tok_s"], 4),
     }
 
 
@@ -374,34 +485,41 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = report["points"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    labels = [f"{p['workers']} workers" for p in points]
+    arms = [a for a in report["arms"] if a != "single"]
+    colors = {"queue": "#999", "prefix": "#7b5", "place": "#2a7", "single": "#37c"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    labels = [f"{p['workers']} x {p['blocks_per_worker']}" for p in points]
     x = range(len(points))
-    width = 0.27
-    for k, (arm, color) in enumerate((("queue", "#999"), ("prefix", "#2a7"), ("single", "#37c"))):
-        xs = [i + (k - 1) * width for i in x]
-        axes[0].bar(xs, [p["arms"][arm]["hit_rate"] for p in points], width, label=arm, color=color)
+    width = 0.8 / (len(arms) + 1)
+    for k, arm in enumerate([*arms, "single"]):
+        xs = [i + (k - len(arms) / 2) * width for i in x]
+        axes[0].bar(xs, [p["arms"][arm]["hit_rate"] for p in points], width, label=arm,
+                    color=colors.get(arm))  # fmt: skip
     axes[0].set_title("prefix-cache hit rate")
-    for k, (arm, color) in enumerate((("queue", "#999"), ("prefix", "#2a7"))):
-        xs = [i + (k - 0.5) * width for i in x]
+    width = 0.8 / len(arms)
+    for k, arm in enumerate(arms):
+        xs = [i + (k - (len(arms) - 1) / 2) * width for i in x]
         p50 = [p["arms"][arm]["ttft_ms_p50"] for p in points]
         p99 = [p["arms"][arm]["ttft_ms_p99"] for p in points]
-        axes[1].bar(xs, p50, width, label=f"{arm} p50", color=color)
-        axes[1].scatter(xs, p99, marker="_", s=400, color="k", label="p99" if k == 0 else None)
+        axes[1].bar(xs, p50, width, label=f"{arm} p50", color=colors.get(arm))
+        axes[1].scatter(xs, p99, marker="_", s=300, color="k", label="p99" if k == 0 else None)
         axes[2].bar(
-            xs, [p["arms"][arm]["output_tok_s"] for p in points], width, label=arm, color=color
-        )
+            xs, [p["arms"][arm]["output_tok_s"] for p in points], width, label=arm,
+            color=colors.get(arm),
+        )  # fmt: skip
     axes[1].set_title("TTFT (ms): bars p50, dashes p99")
-    axes[1].set_yscale("log")
     axes[2].set_title("output tokens/s")
     for ax in axes:
         ax.set_xticks(list(x), labels)
+        ax.set_xlabel("workers x KV blocks each")
         ax.legend(fontsize=8)
     wl = report["workload"]
+    load = report["load_avg_start"][0], report.get("load_avg_end", [0.0])[0]
     fig.suptitle(
         f"prefix routing, simulated {report['profile']}: {wl['users']} users x {wl['turns']} turns,"
-        f" {wl['system_prompts']} system prompts of {wl['system_len']} tokens "
-        f"(load avg {report['load_avg_start'][0]:.1f}, shared 2-core CPU)",
+        f" {wl['system_prompts']} system prompts of {wl['system_len']} tokens, "
+        + (f"a turn every {wl['think_s']} s " if wl.get("think_s") else "closed loop ")
+        + f"(shared 2-core CPU, load avg {load[0]:.1f} at start, {load[1]:.1f} at end)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -410,7 +528,11 @@ def plot(report: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workers", default="2,4", help="comma-separated worker counts")
+    p.add_argument("--cells", default="4x714,2x714,2x1072,4x536",
+                   help="cluster shapes, comma-separated: WxB (W workers of B KV blocks of 16 "
+                   "tokens) or W (the workload's distinct blocks / W each)")  # fmt: skip
+    p.add_argument("--arms", default="queue,prefix,place",
+                   help=f"routing arms, comma-separated, of {', '.join(ARMS)}")  # fmt: skip
     # An L4: prefill (what a cached prefix saves) dominates time to first token there, as
     # it does on any GPU under load; on an H100 the 8B model's prefill (~40 ms per 1k
     # tokens) is below what a shared 2-core host adds to every request.
@@ -423,21 +545,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply-len", type=int, default=192)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2, help="runs of each routing arm, alternated")
-    p.add_argument("--blocks-per-worker", type=int, default=0,
-                   help="KV blocks of 16 tokens per worker; 0: the workload's distinct blocks / "
-                   "workers (the cluster holds the workload once, without duplicates)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--load-tokens", type=float, default=64.0)
     p.add_argument("--route-fallback", type=float, default=1.0)
     p.add_argument("--stagger-ms", type=float, default=20.0)
+    p.add_argument("--think-s", type=float, default=0.0,
+                   help="0: closed loop, each user's next turn as soon as the last one ends; "
+                   ">0: turn k of user u is sent at u x stagger + k x think-s (or when turn "
+                   "k-1 ends, if later: counted in late_turns), so every arm gets the same "
+                   "arrivals")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small workload on 2 workers")
     p.add_argument("--model", help="model folder for the tokenizer (default: a tiny checkpoint)")
     p.add_argument("--out", default=str(RESULTS / "routing.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.workers, args.users, args.turns, args.system_len, args.rounds = "2", 8, 3, 256, 1
+        args.cells, args.users, args.turns, args.system_len, args.rounds = "2", 8, 3, 256, 1
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown or "queue" not in args.arms.split(","):
+        p.error(f"--arms: need queue and known arms, got {args.arms}")
     return args
+
+
+def parse_cells(spec: str, working_set: int) -> list[tuple[int, int]]:
+    cells = []
+    for cell in spec.split(","):
+        workers, _, blocks = cell.strip().partition("x")
+        w = int(workers)
+        cells.append((w, int(blocks) if blocks else max(working_set // w, 64)))
+    return cells
 
 
 def distinct_blocks(chats: list[Chat], args) -> int:
@@ -465,8 +601,10 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="jetserve-tiny-"))))
     cfg = json.loads((Path(model) / "config.json").read_text())
-    chats = make_chats(args, int(cfg["vocab_size"]), reserved=8)
+    args.vocab = int(cfg["vocab_size"])
+    chats = make_chats(args, args.vocab, reserved=8)
     working_set = distinct_blocks(chats, args)
+    arms = args.arms.split(",")
     print(f"workload: {len(chats)} users x {args.turns} turns, {working_set} distinct blocks",
           flush=True)  # fmt: skip
     report = {
@@ -474,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": args.profile,
         "machine": {**sb.machine(), "shared": "2-core x86_64 box shared with other jobs"},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "arms": {**{a: ARMS[a] for a in arms}, "single": ("queue", "queue")},
         "workload": {
             k: getattr(args, k)
             for k in (
@@ -487,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
                 "max_num_seqs",
                 "load_tokens",
                 "route_fallback",
+                "stagger_ms",
+                "think_s",
                 "seed",
                 "rounds",
             )
@@ -494,20 +635,19 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_blocks": working_set,
         "points": [],
     }
-    for workers in [int(w) for w in args.workers.split(",")]:
-        blocks = args.blocks_per_worker or max(working_set // workers, 64)
-        runs: dict[str, list[dict]] = {"queue": [], "prefix": [], "single": []}
+    for workers, blocks in parse_cells(args.cells, working_set):
+        runs: dict[str, list[dict]] = {arm: [] for arm in [*arms, "single"]}
         for r in range(args.rounds):
-            # Alternate the order, so neither arm always runs while the machine is busier.
-            for routing in ("queue", "prefix") if r % 2 == 0 else ("prefix", "queue"):
-                runs[routing].append(run_arm(model, chats, args, workers, blocks, routing))
+            # Rotate the order, so no arm always runs while the machine is busier.
+            for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
+                runs[arm].append(run_arm(model, chats, args, workers, blocks, arm))
         runs["single"].append(run_arm(model, chats, args, 1, workers * blocks, "queue"))
-        arms = {arm: mean_of(results) for arm, results in runs.items()}
+        means = {arm: mean_of(results) for arm, results in runs.items()}
         point = {
             "workers": workers,
             "blocks_per_worker": blocks,
-            "arms": arms,
-            "goals": goals(arms),
+            "arms": means,
+            "goals": {arm: goals(means, arm) for arm in arms if arm != "queue"},
             "runs": runs,
         }
         print(f"  goals: {point['goals']}", flush=True)
