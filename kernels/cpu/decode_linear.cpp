@@ -30,6 +30,9 @@ inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float lane_sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
 using Vec = __m256;
@@ -41,6 +44,9 @@ inline float lane_sum(Vec v) {
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
+inline Vec load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 #else  // any other CPU: one lane, the compiler's own vectorisation
 constexpr int64_t kLanes = 1;
 using Vec = float;
@@ -48,6 +54,7 @@ inline Vec zero() { return 0.0f; }
 inline Vec load(const float* p) { return *p; }
 inline Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float lane_sum(Vec v) { return v; }
+inline Vec load(const int8_t* p) { return static_cast<float>(*p); }
 #endif
 
 // MR rows of x against one output channel: the channel's weight row is read once, front
@@ -55,8 +62,8 @@ inline float lane_sum(Vec v) { return v; }
 // follow best: interleaving four channels' rows made 2 KB streams that they lost, at
 // 9.7 GB/s against 13.5 GB/s, and software prefetching only slowed it). Two
 // accumulators per row over alternate vectors of K hide the FMA latency.
-template <int MR>
-inline void channel(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
+template <int MR, typename W>
+inline void channel(const float* x, int64_t ldx, const W* w, int64_t K, float* y,
                     int64_t ldy) {
   Vec a[MR], b[MR];
 #pragma GCC unroll 8
@@ -80,62 +87,81 @@ inline void channel(const float* x, int64_t ldx, const float* w, int64_t K, floa
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     float s = lane_sum(a[m]) + lane_sum(b[m]);
-    for (int64_t t = k; t < K; ++t) s += x[m * ldx + t] * w[t];
+    for (int64_t t = k; t < K; ++t) s += x[m * ldx + t] * static_cast<float>(w[t]);
     y[m * ldy] = s;
   }
 }
 
 // Output channels [begin, end) for all M rows, up to eight rows per pass over the weight.
-template <int MR>
-inline void rows_block(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
+template <int MR, typename W>
+inline void rows_block(const float* x, int64_t ldx, const W* w, int64_t K, float* y,
                        int64_t ldy, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; ++n) channel<MR>(x, ldx, w + n * K, K, y + n, ldy);
+  for (int64_t n = begin; n < end; ++n) channel<MR, W>(x, ldx, w + n * K, K, y + n, ldy);
 }
 
-void channels(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, float* y,
+template <typename W>
+void channels(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, float* y,
               int64_t ldy, int64_t begin, int64_t end) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) rows_block<8>(x + m * ldx, ldx, w, K, y + m * ldy, ldy, begin, end);
+  for (; m + 8 <= M; m += 8) rows_block<8, W>(x + m * ldx, ldx, w, K, y + m * ldy, ldy, begin, end);
   const float* xm = x + m * ldx;
   float* ym = y + m * ldy;
   switch (M - m) {
-    case 7: rows_block<7>(xm, ldx, w, K, ym, ldy, begin, end); break;
-    case 6: rows_block<6>(xm, ldx, w, K, ym, ldy, begin, end); break;
-    case 5: rows_block<5>(xm, ldx, w, K, ym, ldy, begin, end); break;
-    case 4: rows_block<4>(xm, ldx, w, K, ym, ldy, begin, end); break;
-    case 3: rows_block<3>(xm, ldx, w, K, ym, ldy, begin, end); break;
-    case 2: rows_block<2>(xm, ldx, w, K, ym, ldy, begin, end); break;
-    case 1: rows_block<1>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 7: rows_block<7, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 6: rows_block<6, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 5: rows_block<5, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 4: rows_block<4, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 3: rows_block<3, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 2: rows_block<2, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
+    case 1: rows_block<1, W>(xm, ldx, w, K, ym, ldy, begin, end); break;
     default: break;
   }
+}
+
+
+// Both weight types: int8 weights (one byte each, widened to fp32 in registers) are the
+// same pass over a quarter of the bytes, their per-channel scales applied once at the end.
+template <typename W>
+at::Tensor stream_weights(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x is [M, K] with contiguous rows");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight is contiguous [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_linear takes fp32 activations");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "x has ", K, " columns, weight ", weight.size(1));
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const W* wp = weight.data_ptr<W>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  // Channels per task: a few hundred KB of weight, so two threads split even a 512-row
+  // projection while each still streams long contiguous runs.
+  const int64_t row_bytes = std::max<int64_t>(K * static_cast<int64_t>(sizeof(W)), 1);
+  const int64_t grain = std::max<int64_t>(4, (256 * 1024) / row_bytes / 4 * 4);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    channels<W>(xp, ldx, M, wp, K, yp, N, begin, end);
+  });
+  return y;
 }
 
 }  // namespace
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x is [M, K] with contiguous rows");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight is contiguous [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "decode_linear is fp32");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "x has ", K, " columns, weight ", weight.size(1));
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
-  // Channels per task: a few hundred KB of weight, so two threads split even a 512-row
-  // projection while each still streams long contiguous runs.
-  const int64_t grain = std::max<int64_t>(4, (64 * 1024) / std::max<int64_t>(K, 1) / 4 * 4);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    channels(xp, ldx, M, wp, K, yp, N, begin, end);
-  });
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "decode_linear is fp32");
+  auto y = stream_weights<float>(x, weight);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == at::kFloat, "bias is fp32 [N]");
+    TORCH_CHECK(bias->numel() == weight.size(0) && bias->scalar_type() == at::kFloat,
+                "bias is fp32 [N]");
     y.add_(*bias);
   }
   return y;
+}
+
+// int8_linear's path for fp32 activations (ops.cpp).
+at::Tensor decode_linear_int8(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& scales) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "weight is int8");
+  return stream_weights<int8_t>(x, weight).mul_(scales);
 }
 
 TORCH_LIBRARY_FRAGMENT(jetserve_cpu, m) { m.def("decode_linear", &decode_linear); }

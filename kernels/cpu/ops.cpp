@@ -642,6 +642,11 @@ void int8_channels(const T* x, int64_t ldx, int64_t M, const int8_t* w, int64_t 
   }
 }
 
+// decode_linear.cpp: the same pass with fp32 activations, one weight row at a time in
+// address order (what the hardware prefetchers follow best).
+at::Tensor decode_linear_int8(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& scales);
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x is [M, K] with contiguous rows");
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2,
@@ -649,6 +654,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales are fp32 [N]");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K && scales.numel() == N, "shapes of x, weight, scales differ");
+  if (x.scalar_type() == at::kFloat) return decode_linear_int8(x, weight, scales);
   auto y = at::empty({M, N}, x.options());
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
