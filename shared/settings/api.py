@@ -32,7 +32,7 @@ class ApiSettings(BusSettings):
         "worth (the load term of a worker's cost; waiting ones count 4x)",
     )
     routing_cold: Literal["queue", "place"] = setting(
-        "queue",
+        "place",
         help="prefix routing: where a prompt goes that no worker holds any block of: `queue`, "
         "the shared queue; `place`, the least loaded worker (ties: rendezvous hash of its "
         "first block), and the router counts what it sent a worker as cached there until "

@@ -1,6 +1,7 @@
 """Prefix routing end to end (secured NATS, two workers, API replicas over HTTP): a
-prompt whose prefix one worker holds goes to that worker from every replica; with
---routing queue jobs go to the shared queue as before."""
+prompt whose prefix one worker holds goes to that worker from every replica (cold prompts
+to the shared queue here, `--routing-cold queue`); with --routing queue jobs go to the
+shared queue as before."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def routed(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterat
     try:
         for _ in range(2):
             stack.start_worker("--block-size", "16")
-        stack.start_api("--routing", "prefix")
-        stack.start_api("--routing", "prefix")
+        # Cold prompts to the shared queue (the default places them: test_cold_placement.py).
+        stack.start_api("--routing", "prefix", "--routing-cold", "queue")
+        stack.start_api("--routing", "prefix", "--routing-cold", "queue")
         stack.start_api("--routing", "queue")
         yield stack
     finally:
