@@ -12,6 +12,7 @@ and the stack's throughput rose 24% (docs/token_plane.md).
 
 from __future__ import annotations
 
+import atexit
 import gc
 
 # Net allocations between young collections; cycles still get collected, just in larger
@@ -23,7 +24,12 @@ OLD_THRESHOLD = 100
 
 def tune_gc() -> None:
     """Call once startup is done: collect, move every surviving object to the permanent
-    generation (never scanned again), and collect young objects less often."""
+    generation (never scanned again), and collect young objects less often.
+
+    At exit the frozen heap is handed back to the collector: objects left frozen are never
+    finalized, and extension modules that count their instances (Triton's nanobind
+    bindings) then print a 'leaked instances' report into the person's terminal."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_THRESHOLD, OLD_THRESHOLD)
+    atexit.register(gc.unfreeze)
