@@ -86,6 +86,26 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+MODEL = ("model_name",)  # the label nearly every series has
+
+
+@dataclass(frozen=True)
+class _Series:
+    """Builds series named `PREFIX + name` in one registry, labelled by model_name unless
+    told otherwise: each metric below then states only what is its own."""
+
+    registry: CollectorRegistry
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = MODEL) -> Counter:
+        return Counter(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...] = MODEL) -> Gauge:
+        return Gauge(f"{PREFIX}{name}", doc, labels, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(f"{PREFIX}{name}", doc, MODEL, buckets=buckets, registry=self.registry)
+
+
 @dataclass
 class WorkerMetrics:
     """Engine-side state, labelled by model_name, refreshed after engine steps."""
@@ -115,121 +135,77 @@ class WorkerMetrics:
 
 
 def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
-    m = ["model_name"]
+    s = _Series(registry)
     return WorkerMetrics(
-        num_requests_running=Gauge(
-            f"{PREFIX}num_requests_running",
-            "Requests in the engine's running batch",
-            m,
-            registry=registry,
+        num_requests_running=s.gauge(
+            "num_requests_running", "Requests in the engine's running batch"
         ),
-        num_requests_waiting=Gauge(
-            f"{PREFIX}num_requests_waiting",
-            "Requests admitted to the engine but not yet running",
-            m,
-            registry=registry,
+        num_requests_waiting=s.gauge(
+            "num_requests_waiting", "Requests admitted to the engine but not yet running"
         ),
-        kv_cache_usage_perc=Gauge(
-            f"{PREFIX}kv_cache_usage_perc",
-            "Fraction of KV cache blocks in use (0..1)",
-            m,
-            registry=registry,
+        kv_cache_usage_perc=s.gauge(
+            "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)"
         ),
-        prefix_cache_hit_rate=Gauge(
-            f"{PREFIX}prefix_cache_hit_rate", "Prefix cache hit rate (0..1)", m, registry=registry
+        prefix_cache_hit_rate=s.gauge("prefix_cache_hit_rate", "Prefix cache hit rate (0..1)"),
+        num_free_blocks=s.gauge("num_free_kv_blocks", "Free KV cache blocks"),
+        num_total_blocks=s.gauge("num_total_kv_blocks", "Total KV cache blocks"),
+        num_preemptions=s.gauge("num_preemptions", "Preemptions since start"),
+        prompt_tokens=s.counter("prompt_tokens", "Prefilled prompt tokens"),
+        generation_tokens=s.counter("generation_tokens", "Generated tokens"),
+        request_success=s.counter(
+            "request_success", "Finished requests", ("model_name", "finished_reason")
         ),
-        num_free_blocks=Gauge(
-            f"{PREFIX}num_free_kv_blocks", "Free KV cache blocks", m, registry=registry
-        ),
-        num_total_blocks=Gauge(
-            f"{PREFIX}num_total_kv_blocks", "Total KV cache blocks", m, registry=registry
-        ),
-        num_preemptions=Gauge(
-            f"{PREFIX}num_preemptions", "Preemptions since start", m, registry=registry
-        ),
-        prompt_tokens=Counter(
-            f"{PREFIX}prompt_tokens", "Prefilled prompt tokens", m, registry=registry
-        ),
-        generation_tokens=Counter(
-            f"{PREFIX}generation_tokens", "Generated tokens", m, registry=registry
-        ),
-        request_success=Counter(
-            f"{PREFIX}request_success",
-            "Finished requests",
-            [*m, "finished_reason"],
-            registry=registry,
-        ),
-        jobs_rejected=Counter(
-            f"{PREFIX}jobs_rejected",
+        jobs_rejected=s.counter(
+            "jobs_rejected",
             "Jobs terminally acked as malformed or invalid",
-            [*m, "reason"],
-            registry=registry,
+            ("model_name", "reason"),
         ),
-        jobs_resumed=Counter(
-            f"{PREFIX}jobs_resumed",
+        jobs_resumed=s.counter(
+            "jobs_resumed",
             "Jobs taken over from the Deltas another worker had stored (redelivery, replay)",
-            m,
-            registry=registry,
         ),
-        jobs_dead_lettered=Counter(
-            f"{PREFIX}jobs_dead_lettered",
+        jobs_dead_lettered=s.counter(
+            "jobs_dead_lettered",
             "Jobs moved to LLM_DEAD after exhausting their deliveries",
-            [*m, "source"],
-            registry=registry,
+            ("model_name", "source"),
         ),
-        jobs_lost=Counter(
-            f"{PREFIX}jobs_lost",
-            "Jobs this worker stopped because another worker took them over",
-            m,
-            registry=registry,
+        jobs_lost=s.counter(
+            "jobs_lost", "Jobs this worker stopped because another worker took them over"
         ),
-        jobs_deferred=Counter(
-            f"{PREFIX}jobs_deferred",
+        jobs_deferred=s.counter(
+            "jobs_deferred",
             "Job deliveries handed back (nak with a delay) because their wire version is "
             "newer than this worker reads: a newer API in a rolling upgrade",
-            ["model_name", "wire_version"],
-            registry=registry,
+            ("model_name", "wire_version"),
         ),
-        spec_decode_num_drafts=Counter(
-            f"{PREFIX}spec_decode_num_drafts",
+        spec_decode_num_drafts=s.counter(
+            "spec_decode_num_drafts",
             "Speculative drafts verified: one per sequence per step it speculated",
-            m,
-            registry=registry,
         ),
-        spec_decode_num_draft_tokens=Counter(
-            f"{PREFIX}spec_decode_num_draft_tokens", "Tokens proposed", m, registry=registry
+        spec_decode_num_draft_tokens=s.counter("spec_decode_num_draft_tokens", "Tokens proposed"),
+        spec_decode_num_accepted_tokens=s.counter(
+            "spec_decode_num_accepted_tokens", "Proposed tokens the model accepted"
         ),
-        spec_decode_num_accepted_tokens=Counter(
-            f"{PREFIX}spec_decode_num_accepted_tokens",
-            "Proposed tokens the model accepted",
-            m,
-            registry=registry,
-        ),
-        spec_decode_num_accepted_tokens_per_pos=Counter(
-            f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
+        spec_decode_num_accepted_tokens_per_pos=s.counter(
+            "spec_decode_num_accepted_tokens_per_pos",
             "Accepted proposed tokens by their position in the draft (0 first)",
-            [*m, "position"],
-            registry=registry,
+            ("model_name", "position"),
         ),
-        jobs_pulled=Counter(
-            f"{PREFIX}jobs_pulled",
+        jobs_pulled=s.counter(
+            "jobs_pulled",
             "Job deliveries pulled, by queue: `routed` (this worker's own subject, prefix "
             "routing) or `shared` (the model's queue)",
-            ["model_name", "queue"],
-            registry=registry,
+            ("model_name", "queue"),
         ),
-        routed_fallbacks=Counter(
-            f"{PREFIX}routed_fallbacks",
+        routed_fallbacks=s.counter(
+            "routed_fallbacks",
             "Routed jobs this worker moved to the shared queue, by reason: `not_pulled` "
             "(waited past --route-fallback), `worker_gone`, `redelivered`, `stale`, `drain`",
-            ["model_name", "reason"],
-            registry=registry,
+            ("model_name", "reason"),
         ),
-        kv_events_published=Counter(
-            f"{PREFIX}kv_events_published",
+        kv_events_published=s.counter(
+            "kv_events_published",
             "KV block event messages published (one per engine step that changed the cache)",
-            ["model_name"],
-            registry=registry,
         ),
     )
 
@@ -255,84 +231,51 @@ class ApiMetrics:
 
 
 def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
-    m = ["model_name"]
+    s = _Series(registry)
     return ApiMetrics(
-        time_to_first_token=Histogram(
-            f"{PREFIX}time_to_first_token_seconds",
-            "Time to first token",
-            m,
-            buckets=TTFT_BUCKETS,
-            registry=registry,
+        time_to_first_token=s.histogram(
+            "time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS
         ),
-        time_per_output_token=Histogram(
-            f"{PREFIX}time_per_output_token_seconds",
-            "Time per output token after the first",
-            m,
-            buckets=TPOT_BUCKETS,
-            registry=registry,
+        time_per_output_token=s.histogram(
+            "time_per_output_token_seconds", "Time per output token after the first", TPOT_BUCKETS
         ),
-        e2e_request_latency=Histogram(
-            f"{PREFIX}e2e_request_latency_seconds",
-            "End-to-end request latency",
-            m,
-            buckets=E2E_BUCKETS,
-            registry=registry,
+        e2e_request_latency=s.histogram(
+            "e2e_request_latency_seconds", "End-to-end request latency", E2E_BUCKETS
         ),
-        queue_depth=Gauge(
-            f"{PREFIX}queue_depth",
-            "Jobs waiting in the model's consumer (num_pending)",
-            m,
-            registry=registry,
+        queue_depth=s.gauge("queue_depth", "Jobs waiting in the model's consumer (num_pending)"),
+        workers=s.gauge("workers", "Live workers in the registry"),
+        prompt_tokens=s.counter("prompt_tokens", "Prompt tokens of finished requests"),
+        generation_tokens=s.counter("generation_tokens", "Generated tokens"),
+        request_success=s.counter(
+            "request_success", "Finished requests", ("model_name", "finished_reason")
         ),
-        workers=Gauge(f"{PREFIX}workers", "Live workers in the registry", m, registry=registry),
-        prompt_tokens=Counter(
-            f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests", m, registry=registry
+        api_requests=s.counter(
+            "api_requests", "HTTP requests by endpoint and status", ("endpoint", "status")
         ),
-        generation_tokens=Counter(
-            f"{PREFIX}generation_tokens", "Generated tokens", m, registry=registry
-        ),
-        request_success=Counter(
-            f"{PREFIX}request_success",
-            "Finished requests",
-            [*m, "finished_reason"],
-            registry=registry,
-        ),
-        api_requests=Counter(
-            f"{PREFIX}api_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
-            registry=registry,
-        ),
-        routing_decisions=Counter(
-            f"{PREFIX}routing_decisions",
+        routing_decisions=s.counter(
+            "routing_decisions",
             "Where jobs were published: `routed` (a worker's own subject), `placed` (no worker "
             "holds a prefix, --routing-cold place: the least loaded worker's subject), `cold` "
             "(no worker holds a prefix: shared queue), `no_worker` (none routable: shared queue); none with "
             "--routing queue",
-            ["model_name", "decision"],
-            registry=registry,
+            ("model_name", "decision"),
         ),
-        routing_prompt_tokens=Counter(
-            f"{PREFIX}routing_prompt_tokens",
+        routing_prompt_tokens=s.counter(
+            "routing_prompt_tokens",
             "Prompt tokens of the jobs the router placed (any decision but `off`)",
-            m,
-            registry=registry,
         ),
-        routing_cached_tokens=Counter(
-            f"{PREFIX}routing_cached_tokens",
+        routing_cached_tokens=s.counter(
+            "routing_cached_tokens",
             "Prompt tokens the router predicted cached on the chosen worker",
-            m,
-            registry=registry,
         ),
-        kv_index_snapshots=Counter(
-            f"{PREFIX}kv_index_snapshots",
+        kv_index_snapshots=s.counter(
+            "kv_index_snapshots",
             "KV snapshots this replica asked workers for (a gap in their events), by outcome",
-            ["outcome"],
-            registry=registry,
+            ("outcome",),
         ),
-        kv_index_blocks=Gauge(
-            f"{PREFIX}kv_index_blocks",
+        kv_index_blocks=s.gauge(
+            "kv_index_blocks",
             "Distinct KV block hashes in this replica's routing index, all workers",
-            registry=registry,
+            (),
         ),
     )
