@@ -42,7 +42,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sse_client import EventTally, SseClient  # a sibling script, not a package
+from serving_checkpoints import PRESETS  # sibling scripts, not a package
+from sse_client import EventTally, SseClient
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -417,7 +418,12 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, int, int]:
         path = Path(args.model)
     else:
         path = Path(os.environ.get("JETSERVE_DEMO_MODEL_DIR") or DEFAULT_DEMO_DIR)
-        if not (path / "config.json").is_file():
+        preset = getattr(args, "model_preset", None)
+        if preset:
+            from serving_checkpoints import build_preset
+
+            path = build_preset(preset, path, path.parent / f"bench-{preset}")
+        elif not (path / "config.json").is_file():
             from engine_worker.demo.checkpoint import ensure_demo_checkpoint
 
             path = ensure_demo_checkpoint(path)
@@ -504,6 +510,12 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model folder (default: the demo model)")
+    p.add_argument(
+        "--model-preset",
+        choices=sorted(PRESETS),
+        help="a random Llama of this size with the demo tokenizer, built once "
+        "(benchmarks/serving_checkpoints.py)",
+    )
     p.add_argument("--served-model", help="model name on the server (default: folder name)")
     p.add_argument("--base-url", help="measure this running server instead of launching one")
     p.add_argument("--modes", default="engine,stack", help="engine, stack, or both")
