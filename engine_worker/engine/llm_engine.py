@@ -21,6 +21,7 @@ from engine_worker.engine.model_runner import (
     profile_step,
 )
 from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.linear import bind_weight_matmuls
 from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.models.loader import build_model, init_random_weights, load_weights
 from engine_worker.engine.models.quantization import quantize_model
@@ -135,6 +136,8 @@ class LLMEngine:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         if config.quantization != "none":
             quantize_model(model, config.quantization, whole_row_amax(parallel))
+        if ops.matmul_for is not None:  # the CPU backend packs fp32 weights, once
+            bind_weight_matmuls(model, ops.matmul_for)
         # The draft model lives on rank 0, which schedules; loaded before the KV cache is
         # sized, since its cache comes out of the same budget.
         leader = parallel is None or parallel.is_leader

@@ -21,6 +21,8 @@ class LayerOps:
     linear: Callable = F.linear  # (x, weight, bias) -> y, what the model's Linears call
     silu_and_mul: Callable = silu_and_mul_ref  # [..., 2I] gate_up -> silu(gate) * up
     argmax: Callable = torch_argmax  # logits [rows, vocab] -> greedy tokens [rows]
+    # weight -> the matmul its Linear calls once loaded (None: keep `linear`)
+    matmul_for: Callable | None = None
 
 
 def layer_ops_for(backend_name: str) -> LayerOps:
@@ -34,6 +36,7 @@ def layer_ops_for(backend_name: str) -> LayerOps:
             rotary_cpu,
             silu_and_mul_cpu,
         )
+        from kernels.cpu.packed_matmul import matmul_for
 
         return LayerOps(
             rms_norm=rms_norm_cpu,
@@ -41,6 +44,7 @@ def layer_ops_for(backend_name: str) -> LayerOps:
             linear=linear_cpu,
             silu_and_mul=silu_and_mul_cpu,
             argmax=greedy_argmax_cpu,
+            matmul_for=matmul_for,
         )
     if backend_name == "triton":
         from kernels.rms_norm import rms_norm_triton

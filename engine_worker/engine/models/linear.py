@@ -34,3 +34,16 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}"
+
+
+def bind_weight_matmuls(
+    model: nn.Module, matmul_for: Callable[[torch.Tensor], Callable[..., torch.Tensor]]
+) -> None:
+    """Give each plain Linear of a loaded (and maybe quantized) model the matmul
+    `matmul_for` makes for its weight: the CPU backend packs fp32 weights once here
+    (kernels/cpu/packed_matmul.py). Quantized Linears are other classes and keep theirs.
+    Weights are taken as they are now: code that changes them later through ``.data``
+    (which torch does not count as a change) must bind them again."""
+    for module in model.modules():
+        if type(module) is Linear:
+            module.matmul = matmul_for(module.weight)

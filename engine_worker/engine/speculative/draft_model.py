@@ -33,6 +33,7 @@ from engine_worker.engine.attention.backend import select_backend
 from engine_worker.engine.config import ModelConfig, load_model_config
 from engine_worker.engine.model_runner import ModelRunner, allocate_kv_cache
 from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.linear import bind_weight_matmuls
 from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.models.loader import build_model, load_weights
 from engine_worker.engine.models.quantization import quantize_model
@@ -79,12 +80,13 @@ def load_draft_model(
             f"the draft model takes {cfg.max_position_embeddings} positions, fewer "
             f"than the target's context ({max_positions}); set --max-model-len"
         )
-    model = build_model(
-        cfg, dtype, device, max_positions=max_positions, ops=layer_ops_for(backend_name)
-    )
+    ops = layer_ops_for(backend_name)
+    model = build_model(cfg, dtype, device, max_positions=max_positions, ops=ops)
     load_weights(model, Path(model_dir))
     if quantization != "none":
         quantize_model(model, quantization)
+    if ops.matmul_for is not None:
+        bind_weight_matmuls(model, ops.matmul_for)
     return model
 
 

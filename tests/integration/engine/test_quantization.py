@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine_worker.engine.llm import LLM
-from engine_worker.engine.models.linear import Linear
+from engine_worker.engine.models.layers import layer_ops_for
+from engine_worker.engine.models.linear import Linear, bind_weight_matmuls
 from engine_worker.engine.models.quantization import QuantizedLinear
 from shared.sampling_params import SamplingParams
 
@@ -25,7 +26,8 @@ def _tokens(llm: LLM) -> list[list[int]]:
 
 def _dequantized_reference(path: Path, quantized: LLM) -> LLM:
     """The unquantized engine with every Linear's weight replaced by the quantized one's
-    dequantized weight."""
+    dequantized weight (and bound again: the CPU backend packs weights as they are when
+    the engine loads them)."""
     ref = LLM(str(path), **KW)
     quantized_modules = dict(quantized.engine.runner.model.named_modules())
     swapped = 0
@@ -36,6 +38,9 @@ def _dequantized_reference(path: Path, quantized: LLM) -> LLM:
             module.weight.data.copy_(q.dequantized(module.weight.dtype))
             swapped += 1
     assert swapped > 0
+    matmul_for = layer_ops_for(ref.engine.runner.backend.name).matmul_for
+    if matmul_for is not None:
+        bind_weight_matmuls(ref.engine.runner.model, matmul_for)
     return ref
 
 
