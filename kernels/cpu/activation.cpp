@@ -14,27 +14,9 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+#include "vec_exp.h"
 
-#if defined(__AVX512F__)
-// e^x on 16 lanes for x in [-87, 88] (clamped): 2^(x log2 e) split into integer and
-// fraction, the fraction through a degree-6 minimax polynomial (relative error under
-// 2e-7, about torch's own vectorised exp).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, fi);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, fi);
-}
-#endif
+namespace {
 
 void silu_mul_row(const float* g, const float* u, float* y, int64_t n) {
   int64_t i = 0;
@@ -42,7 +24,7 @@ void silu_mul_row(const float* g, const float* u, float* y, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= n; i += 16) {
     const __m512 gv = _mm512_loadu_ps(g + i);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 e = jsk::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
     const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
     _mm512_storeu_ps(y + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
   }

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 # One library: ops.cpp defines the op namespace, the others add fragments to it.
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("ops.cpp", "decode_linear.cpp", "activation.cpp", "sampling.cpp")
+    for n in ("ops.cpp", "decode_linear.cpp", "activation.cpp", "sampling.cpp", "qkv_cache.cpp")
 ]
+# What the sources include from this folder: part of the code the build digest names.
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 # -march=native: the extension is built on, and cached for, the machine that runs it.
 CFLAGS = [
     "-O3",
@@ -54,7 +56,7 @@ def extension_name() -> str:
     one host, a downgrade) each keep their own build in the cache instead of rebuilding
     over one another."""
     built_for = " ".join(CFLAGS) + _cpu_flags()  # -march=native code runs where it was built
-    code = b"".join(source.read_bytes() for source in SOURCES)
+    code = b"".join(source.read_bytes() for source in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(code + built_for.encode()).hexdigest()
     return f"jetserve_cpu_ops_{digest[:12]}"
 

@@ -21,6 +21,9 @@
 #include <immintrin.h>
 #endif
 
+#include "rotary_head.h"
+#include "vec_exp.h"
+
 namespace {
 
 constexpr float kNegLarge = -1.0e30f;  // a finite "minus infinity": safe under vectorisation
@@ -211,22 +214,6 @@ inline __m512 lane_sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
-// exp_nonpositive on 16 lanes: the same split and polynomial, 2^i applied by scalef.
-inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, fi);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, fi);
-}
-
 // Scores of one row against positions [0, n) of a group (n <= 16), as one vector; lanes
 // from n on are kNegLarge.
 template <int DV>
@@ -322,7 +309,7 @@ void attend_avx512(const AttentionItem<float>& a, int64_t kv_head, int64_t first
         const float m_new = std::max(m[r], _mm512_reduce_max_ps(sc));
         const __mmask16 live = static_cast<__mmask16>((1u << seen) - 1u);
         const __m512 pv =
-            _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+            _mm512_maskz_mov_ps(live, jsk::exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
         alpha[r] = exp_nonpositive(m[r] - m_new);
         l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(pv);
         m[r] = m_new;
@@ -546,16 +533,9 @@ template <typename T>
 void rotate_token(const at::Tensor& src, const at::Tensor& dst, int64_t t, const float* cs,
                   int64_t half) {
   const int64_t dim = 2 * half;
-  for (int64_t h = 0; h < src.size(1); ++h) {
-    const T* x = src.data_ptr<T>() + t * src.stride(0) + h * src.stride(1);
-    T* y = dst.data_ptr<T>() + (t * dst.size(1) + h) * dim;
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = as_float(x[i]), x2 = as_float(x[i + half]);
-      y[i] = static_cast<T>(x1 * cs[i] - x2 * cs[half + i]);
-      y[i + half] = static_cast<T>(x2 * cs[i] + x1 * cs[half + i]);
-    }
-  }
+  for (int64_t h = 0; h < src.size(1); ++h)
+    jsk::rotate_head<T>(src.data_ptr<T>() + t * src.stride(0) + h * src.stride(1),
+                                 dst.data_ptr<T>() + (t * dst.size(1) + h) * dim, cs, half);
 }
 
 // Rotary embedding (rotate-half layout) of q and k at their positions, into new contiguous

@@ -81,6 +81,25 @@ def rotary_cpu(
     return q, k
 
 
+def rotary_write_kv_cpu(
+    qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D], the fused projection's output
+    positions: torch.Tensor,  # int64 [T]
+    cos_sin: torch.Tensor,  # [max_positions, D] fp32
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # int64 [T]; negative slots are skipped
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """``rotary_cpu`` on q and k, then ``write_kv_cache_cpu`` of k and v, in one call
+    (qkv_cache.cpp); returns the rotated q [T, Hq, D]."""
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return _ops().rotary_write_kv(
+        qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
+    )
+
+
 # Rows of x up to which decode_linear beats torch's matmul (1 thread, issue-16 shapes:
 # 1.9x at one row, 1.3x at eight, a tie at sixteen where the matmul's blocking pays).
 DECODE_LINEAR_MAX_ROWS = 8

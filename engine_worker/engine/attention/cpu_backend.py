@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from engine_worker.engine.attention.metadata import AttentionMetadata
-from kernels.cpu.ops import available, paged_attention_cpu, write_kv_cache_cpu
+from kernels.cpu.ops import (
+    available,
+    paged_attention_cpu,
+    rotary_write_kv_cpu,
+    write_kv_cache_cpu,
+)
 
 
 class CpuAttentionBackend:
@@ -31,6 +36,24 @@ class CpuAttentionBackend:
         slot_mapping: torch.Tensor,
     ) -> None:
         write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping)
+
+    def rotary_write_kv(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        """Rotary and the cache write in one kernel call, straight from the qkv
+        projection's rows; the rotated q [T, Hq, D]. Optional in the backend contract:
+        the model takes it where a backend has it (models/llama.py)."""
+        return rotary_write_kv_cpu(
+            qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
+        )
 
     def forward(
         self,

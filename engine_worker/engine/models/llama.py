@@ -98,9 +98,23 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions, cos_sin)
         k_cache, v_cache = kv_cache
-        backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        fused = getattr(backend, "rotary_write_kv", None)
+        if fused is not None and self.q_norm is None:
+            # one kernel from the qkv rows to a rotated q and filled cache slots (CPU)
+            q = fused(
+                self.qkv(x),
+                positions,
+                cos_sin,
+                k_cache,
+                v_cache,
+                meta.slot_mapping,
+                self.num_heads,
+                self.num_kv_heads,
+            )
+        else:
+            q, k, v = self._qkv(x, positions, cos_sin)
+            backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = backend.forward(q, k_cache, v_cache, meta, self.scale)
         return self.reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
