@@ -27,15 +27,7 @@ class CpuAttentionBackend:
                 "use 'torch' or 'auto'"
             )
 
-    def write_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping)
+    write_kv = staticmethod(write_kv_cache_cpu)  # the kernel has the method's signature
 
     def rotary_write_kv(
         self,

@@ -31,15 +31,7 @@ class TritonAttentionBackend:
         self.tiling = tiling or PagedAttentionTiling()
         self.max_decode_seq_len = max_decode_seq_len
 
-    def write_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+    write_kv = staticmethod(write_kv_cache_triton)  # the kernel has the method's signature
 
     def forward(
         self,
