@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -64,7 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_bench as sb  # noqa: E402  (a sibling script, not a package)
+import serving_bench as sb  # noqa: E402  (sibling scripts, not a package)
+import stack_processes as sp  # noqa: E402
 
 BLOCK_SIZE = 16
 
@@ -252,27 +252,11 @@ class Stack:
     url: str = ""
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        with open(self.tmp / f"{name}.log", "w") as log:
-            self.procs[name] = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        self.procs[name] = sp.spawn(self.tmp / f"{name}.log", argv, env)
 
     def start(self) -> None:
-        nats_port = sb.free_port()
-        nats_bin = Path(sys.executable).parent / "nats-server"
-        nats = str(nats_bin) if nats_bin.exists() else shutil.which("nats-server")
-        if not nats:
-            raise SystemExit("nats-server not found")
-        nats_url = f"nats://127.0.0.1:{nats_port}"
-        argv = [nats, "-js", "-sd", str(self.tmp / "js"), "-a", "127.0.0.1", "-p", str(nats_port)]
-        self._spawn("nats", argv, dict(os.environ))
-        env = {
-            **os.environ,
-            "JETSERVE_LOG_LEVEL": "warning",
-            "JETSERVE_AUTH": "0",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        }
+        self.procs["nats"], nats_url = sp.start_nats(self.tmp)
+        env = sp.service_env()
         cli = [sys.executable, "-m", "services.cli"]
         worker_env = {**env, "JETSERVE_LOG_LEVEL": "info"}  # the device's stats lines
         for i in range(self.workers):
@@ -324,25 +308,14 @@ class Stack:
 
     def device_stats(self) -> dict[str, dict]:
         """The latest `simulated_device` line of each worker's log (one every 2 s of steps)."""
-        out = {}
-        for name in self.procs:
-            if not name.startswith("worker"):
-                continue
-            last: dict = {}
-            for line in (self.tmp / f"{name}.log").read_text(errors="replace").splitlines():
-                if '"simulated_device"' in line:
-                    with contextlib.suppress(ValueError):
-                        last = json.loads(line)
-            out[name] = last
-        return out
+        return {
+            name: sp.last_device_stats(self.tmp / f"{name}.log")
+            for name in self.procs
+            if name.startswith("worker")
+        }
 
     def stop(self) -> None:
-        for name in [n for n in self.procs if n != "nats"] + ["nats"]:
-            self.procs[name].terminate()
-            try:
-                self.procs[name].wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.procs[name].kill()
+        sp.stop_processes(self.procs)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

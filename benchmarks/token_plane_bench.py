@@ -42,7 +42,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_bench as sb  # a sibling script, not a package
+import serving_bench as sb  # sibling scripts, not a package
+import stack_processes as sp
 
 ROOT = sb.ROOT
 RESULTS = sb.RESULTS
@@ -103,32 +104,13 @@ class Stack:
         self.api_urls: list[str] = []
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        path = self.tmp / f"{name}.log"
-        self.logs[name] = path
-        with open(path, "w") as log:
-            self.procs[name] = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        self.logs[name] = self.tmp / f"{name}.log"
+        self.procs[name] = sp.spawn(self.logs[name], argv, env)
 
     def start(self) -> None:
-        nats_port = sb.free_port()
-        nats_bin = Path(sys.executable).parent / "nats-server"
-        nats_bin_str = str(nats_bin) if nats_bin.exists() else shutil.which("nats-server")
-        if not nats_bin_str:
-            raise SystemExit("nats-server not found")
-        url = f"nats://127.0.0.1:{nats_port}"
-        js_dir = str(self.tmp / "js")
-        self._spawn(
-            "nats", [nats_bin_str, "-js", "-sd", js_dir, "-a", "127.0.0.1", "-p", str(nats_port)],
-            dict(os.environ),
-        )  # fmt: skip
-        env = {
-            **os.environ,
-            "JETSERVE_LOG_LEVEL": "warning",
-            "JETSERVE_AUTH": "0",  # measure the token plane, not the gateway
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        }
+        self.procs["nats"], url = sp.start_nats(self.tmp)
+        self.logs["nats"] = self.tmp / "nats.log"
+        env = sp.service_env()  # no API keys: measure the token plane, not the gateway
         cli = [sys.executable, "-m", "services.cli"]
         for i in range(self.num_workers):
             worker_env = {**env, "JETSERVE_LOG_LEVEL": "info"}  # the device's stats lines
@@ -175,23 +157,10 @@ class Stack:
 
     def device_stats(self) -> dict[str, dict]:
         """The latest `simulated_device` line of each worker's log."""
-        out = {}
-        for name in self.worker_names:
-            last = None
-            for line in self.logs[name].read_text().splitlines():
-                if '"simulated_device"' in line:
-                    with contextlib.suppress(ValueError):
-                        last = json.loads(line)
-            out[name] = last or {}
-        return out
+        return {name: sp.last_device_stats(self.logs[name]) for name in self.worker_names}
 
     def stop(self) -> None:
-        for name in [n for n in self.procs if n != "nats"] + ["nats"]:
-            self.procs[name].terminate()
-            try:
-                self.procs[name].wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.procs[name].kill()
+        sp.stop_processes(self.procs)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
