@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.issue16_model import DIMS, QUICK_DIMS
+from benchmarks.random_llama import save_random_llama
 from engine_worker.engine.config import EngineConfig, load_model_config
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.models.loader import build_model, load_weights
@@ -49,16 +50,6 @@ LLAMA_CPP_F32_ISSUE = 141.0  # tok/s, issue 16's side-by-side measurement on thi
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def make_model(path: Path, dims: dict) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(max_position_embeddings=1024, tie_word_embeddings=False, **dims)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path, safe_serialization=True)
-    return {"params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), **dims}
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -328,7 +319,7 @@ def main() -> int:
     results["machine"]["summary"] = f"{os.cpu_count()}-core x86_64, {args.threads} threads"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench-llama"
-        results["model"] = make_model(path, dims)
+        results["model"] = save_random_llama(path, dims)
         print("model", results["model"], flush=True)
         b: dict = {"workload": {k: wl[k] for k in ("n", "prompt_len", "new")}}
         shapes = matmul_shapes(dims, wl)

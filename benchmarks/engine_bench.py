@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.random_llama import save_random_llama
 from engine_worker.engine.config import EngineConfig
 from engine_worker.engine.llm_engine import LLMEngine
 from shared.sampling_params import SamplingParams
@@ -46,8 +49,6 @@ class Workload:
 
 
 def make_model(path: Path, quick: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if quick:
         dims = dict(
             hidden_size=64,
@@ -66,11 +67,7 @@ def make_model(path: Path, quick: bool) -> dict:
             num_attention_heads=12,
             num_key_value_heads=4,
         )
-    cfg = LlamaConfig(max_position_embeddings=1024, tie_word_embeddings=False, **dims)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path, safe_serialization=True)
-    return {"params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), **dims}
+    return save_random_llama(path, dims)
 
 
 def make_workload(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from benchmarks.random_llama import save_random_llama
 
 DIMS = dict(
     hidden_size=512,
@@ -28,18 +28,5 @@ QUICK_DIMS = dict(
 
 def make_model(path: Path, quick: bool = False, max_positions: int = 1024) -> dict:
     """Save the random checkpoint under `path`; its dimensions and parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     dims = QUICK_DIMS if quick else DIMS
-    cfg = LlamaConfig(
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        **dims,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
-    params = sum(p.numel() for p in model.parameters())
-    return {"params_millions": round(params / 1e6, 1), **dims}
+    return save_random_llama(path, dims, max_positions, bos_token_id=1, eos_token_id=2)

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.random_llama import save_random_llama  # noqa: E402
 from engine_worker.demo.checkpoint import train_bpe_tokenizer  # noqa: E402
 from engine_worker.demo.corpus import SPECIAL_TOKENS, demo_corpus  # noqa: E402
 from engine_worker.engine.config import EngineConfig  # noqa: E402
@@ -101,8 +102,6 @@ def schemas(items: int) -> dict[str, dict]:
 
 
 def make_model(path: Path, quick: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     vocab = 512 if quick else 4000
     tok = train_bpe_tokenizer(demo_corpus(0, 300 if quick else 3000), vocab, SPECIAL_TOKENS, "<s>")
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -113,24 +112,19 @@ def make_model(path: Path, quick: bool) -> dict:
             hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8
         )
     )
-    cfg = LlamaConfig(
+    info = save_random_llama(
+        path,
+        dims,
         vocab_size=vocab,
-        max_position_embeddings=1024,
         num_key_value_heads=4,
-        tie_word_embeddings=False,
         bos_token_id=tok.token_to_id("<s>"),
         eos_token_id=tok.token_to_id("</s>"),
-        **dims,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path, safe_serialization=True)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
     )
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"params_millions": round(params, 1), "vocab_size": vocab, **dims}
+    return {"params_millions": info["params_millions"], "vocab_size": vocab, **dims}
 
 
 def run(
