@@ -394,8 +394,8 @@ def launched_stack(
 def resolve_model(args: argparse.Namespace) -> tuple[str, int, int]:
     """(path, vocab size, first non-special id) of the model to serve."""
     if args.quick and not args.model:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from model_factory import build_tiny_checkpoint
+        sys.path.insert(0, str(ROOT))
+        from tests.support.model_factory import build_tiny_checkpoint
 
         path = build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="jetserve-tiny-")), seed=0)
     elif args.model:
