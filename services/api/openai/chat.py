@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from services.api.errors import internal_error
-from services.api.jobs.client import JobFailed
 from services.api.openai.format import chat_logprob_entries, chat_logprobs, usage_info
 from services.api.openai.schemas import (
     ChatChoice,
@@ -21,7 +19,7 @@ from services.api.openai.schemas import (
     ToolCall,
     ToolCallDelta,
 )
-from services.api.streaming.event_stream import sse_body
+from services.api.streaming.event_stream import collect_events, sse_body
 from services.api.streaming.generation import ChoiceEvent, Generation
 from services.api.structured.chat_output import ChatPart
 
@@ -117,17 +115,13 @@ async def chat_response(gen: Generation, top_logprobs: int | None) -> ChatComple
     texts = gen.model.token_texts
     parts: dict[int, list[ChatPart]] = {i: [] for i in gen.choices}
     lps: dict[int, list[ChatTokenLogprob]] = {i: [] for i in gen.choices}
-    finish: dict[int, str | None] = dict.fromkeys(gen.choices)
-    try:
-        async for batch in gen.events():
-            for ev in batch:
-                parts[ev.index].append(ev.part if ev.part is not None else ChatPart(ev.text))
-                if top_logprobs is not None and ev.logprobs:
-                    lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
-                if ev.finish_reason is not None:
-                    finish[ev.index] = ev.finish_reason
-    except JobFailed as e:
-        raise internal_error(f"generation failed: {e}") from e
+
+    def take(ev: ChoiceEvent) -> None:
+        parts[ev.index].append(ev.part if ev.part is not None else ChatPart(ev.text))
+        if top_logprobs is not None and ev.logprobs:
+            lps[ev.index].extend(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
+
+    finish = await collect_events(gen, take)
     return ChatCompletionResponse(
         id=chat_id(gen),
         model=gen.model.name,

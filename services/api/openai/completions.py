@@ -6,11 +6,9 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from services.api.errors import internal_error
-from services.api.jobs.client import JobFailed
 from services.api.openai.format import extend_completion_logprobs, usage_info
 from services.api.openai.schemas import CompletionChoice, CompletionLogprobs, CompletionResponse
-from services.api.streaming.event_stream import sse_body
+from services.api.streaming.event_stream import collect_events, sse_body
 from services.api.streaming.generation import ChoiceEvent, Generation
 
 
@@ -72,19 +70,15 @@ async def completion_response(gen: Generation, logprobs: int | None) -> Completi
     parts: dict[int, list[str]] = {i: [] for i in gen.choices}
     lps: dict[int, CompletionLogprobs] = {i: CompletionLogprobs() for i in gen.choices}
     offsets: dict[int, int] = dict.fromkeys(gen.choices, 0)
-    finish: dict[int, str | None] = dict.fromkeys(gen.choices)
-    try:
-        async for batch in gen.events():
-            for ev in batch:
-                parts[ev.index].append(ev.text)
-                if logprobs is not None and ev.logprobs:
-                    offsets[ev.index] = extend_completion_logprobs(
-                        lps[ev.index], ev.logprobs, texts, logprobs, offsets[ev.index]
-                    )
-                if ev.finish_reason is not None:
-                    finish[ev.index] = ev.finish_reason
-    except JobFailed as e:
-        raise internal_error(f"generation failed: {e}") from e
+
+    def take(ev: ChoiceEvent) -> None:
+        parts[ev.index].append(ev.text)
+        if logprobs is not None and ev.logprobs:
+            offsets[ev.index] = extend_completion_logprobs(
+                lps[ev.index], ev.logprobs, texts, logprobs, offsets[ev.index]
+            )
+
+    finish = await collect_events(gen, take)
     return CompletionResponse(
         id=completion_id(gen),
         model=gen.model.name,

@@ -1,4 +1,5 @@
-"""The SSE body both generation endpoints send: prelude, a chunk per event, usage, [DONE]."""
+"""How both generation endpoints consume a Generation: streamed, the SSE body (prelude, a
+chunk per event, usage, [DONE]); not streamed, every event collected for one response."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ async def sse_body(
     except JobFailed as e:
         yield format_event(internal_error(f"generation failed: {e}").body())
     yield DONE
+
+
+async def collect_events(
+    gen: Generation, take: Callable[[ChoiceEvent], None]
+) -> dict[int, str | None]:
+    """Every event through `take`; the finish reason of each choice. A failed job is a
+    500 in the OpenAI error format."""
+    finish: dict[int, str | None] = dict.fromkeys(gen.choices)
+    try:
+        async for batch in gen.events():
+            for ev in batch:
+                take(ev)
+                if ev.finish_reason is not None:
+                    finish[ev.index] = ev.finish_reason
+    except JobFailed as e:
+        raise internal_error(f"generation failed: {e}") from e
+    return finish
