@@ -9,57 +9,21 @@ own verified tokens (a rejected proposal never reaches the prefix cache).
 
 from __future__ import annotations
 
-import itertools
 import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_worker.engine.block_manager import BlockManager, hash_block
-from engine_worker.engine.scheduler import Scheduler
-from engine_worker.engine.sequence import Sequence
-from shared.sampling_params import SamplingParams
-
-ops = st.lists(
-    st.one_of(
-        st.tuples(
-            st.just("add"),
-            st.integers(1, 30),  # prompt length
-            st.integers(1, 14),  # max tokens
-            st.integers(0, 2),  # priority
-            st.integers(0, 3),  # shared-prefix group (exercises prefix caching)
-        ),
-        st.tuples(st.just("step")),
-        st.tuples(st.just("abort"), st.integers(0, 50)),
-    ),
-    max_size=60,
-)
+from engine_worker.engine.block_manager import hash_block
+from tests.support.scheduler_harness import SchedulerHarness, scheduler_ops
 
 
-class Harness:
+class Harness(SchedulerHarness):
     def __init__(self, num_blocks: int, block_size: int, max_seqs: int, budget: int, seed: int):
-        self.bm = BlockManager(num_blocks, block_size, True)
-        self.sched = Scheduler(self.bm, max_seqs, budget)
-        self.live: dict[int, Sequence] = {}
-        self.finished = 0
-        self.aborted = 0
-        self.ids = itertools.count()
-        self.max_len = num_blocks * block_size
+        super().__init__(num_blocks, block_size, max_seqs, budget, caching=True)
         self.rng = random.Random(seed)
         self.proposed = 0
         self.accepted = 0
-
-    def add(self, prompt_len: int, max_tokens: int, priority: int, group: int) -> bool:
-        sid = next(self.ids)
-        prompt = [group * 7 + i % 5 for i in range(prompt_len)]
-        max_tokens = min(max_tokens, self.max_len - prompt_len)
-        if max_tokens < 1:
-            return False
-        params = SamplingParams(max_tokens=max_tokens)
-        seq = Sequence(sid, f"r{sid}", 0, prompt, prompt_len, params, priority, sid)
-        self.live[sid] = seq
-        self.sched.add(seq)
-        return True
 
     def propose(self) -> None:
         """What the engine's _propose does, with random proposals and the same caps."""
@@ -93,20 +57,13 @@ class Harness:
             if proposals:
                 self.sched.finish_speculation(seq, kept)
             if seq.is_finished:
-                self.finished += 1
+                self.finished.add(seq.seq_id)
                 del self.live[seq.seq_id]
             else:
                 assert seq.num_tokens - seq.num_computed_tokens == 1
 
-    def abort(self, k: int) -> None:
-        if not self.live:
-            return
-        sid = sorted(self.live)[k % len(self.live)]
-        self.sched.remove(self.live.pop(sid))
-        self.aborted += 1
-
     def check(self) -> None:
-        self.bm.check_invariants(list(self.live.values()))
+        super().check()
         bs = self.bm.block_size
         for seq in self.live.values():
             if not seq.block_table:
@@ -124,7 +81,7 @@ class Harness:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    ops=ops,
+    ops=scheduler_ops(max_prompt_len=30, max_new_tokens=14),
     num_blocks=st.integers(6, 40),
     block_size=st.sampled_from([1, 2, 4, 8]),
     max_seqs=st.integers(1, 8),
@@ -135,21 +92,7 @@ def test_speculation_leaks_no_block_and_caches_no_guess(
     ops, num_blocks, block_size, max_seqs, budget, seed
 ):
     h = Harness(num_blocks, block_size, max_seqs, budget, seed)
-    submitted = 0
-    for op in ops:
-        if op[0] == "add":
-            submitted += h.add(*op[1:])
-        elif op[0] == "step":
-            h.step()
-        else:
-            h.abort(op[1])
-        h.check()
-    for _ in range(10_000):
-        if not h.sched.has_work():
-            break
-        h.step()
-        h.check()
-    assert not h.sched.has_work()
-    assert h.finished + h.aborted == submitted
+    submitted = h.run(ops)
+    assert len(h.finished) + len(h.aborted) == submitted
     assert h.bm.num_free_blocks == num_blocks
     assert h.accepted <= h.proposed
