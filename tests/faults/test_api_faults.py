@@ -14,7 +14,8 @@ import httpx
 import nats
 
 from shared.bus.job_events import read_history
-from tests.support.faults import StreamRead, read_stream, report, wait_for
+from tests.support.faults import StreamRead, read_stream, report
+from tests.support.polling import wait_for
 from tests.support.stack import Stack
 from tests.support.stream_cut import CutStreams, body, references, tally_line
 

@@ -28,8 +28,9 @@ from shared.bus.job_events import read_history
 from shared.bus.subjects import DEAD_STREAM, JOBS_STREAM, consumer_name, events_subject
 from shared.messages import decode_delta
 from shared.settings import BusSettings
-from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.faults import Collector, Tally, reference_outputs, report
 from tests.support.nats_process import NatsServer
+from tests.support.polling import wait_for
 from tests.support.stack import REPO_ROOT, BusClient, Stack
 
 ACK_WAIT = "2.5"

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from tests.support.engine_process import engine_pid, process_gone, wait_gone
-from tests.support.faults import Collector, reference_outputs, report, takeover, wait_for
+from tests.support.faults import Collector, reference_outputs, report, takeover
+from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
 
 ACK_WAIT = "2.5"

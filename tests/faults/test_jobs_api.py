@@ -7,7 +7,8 @@ import time
 
 import httpx
 
-from tests.support.faults import StreamRead, read_stream, wait_for
+from tests.support.faults import StreamRead, read_stream
+from tests.support.polling import wait_for
 from tests.support.stack import Stack
 
 PROMPT = "The quick brown fox"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from shared.bus.subjects import JOBS_STREAM, routed_jobs_subject
 from shared.messages import Job, encode_job
-from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.faults import Collector, Tally, reference_outputs, report
+from tests.support.polling import wait_for
 from tests.support.stack import BusClient, ServiceProcess, Stack
 
 # Fast takeover for the test: redelivery after 2.5 s, registry expiry after 3 s.

@@ -14,7 +14,8 @@ import pytest
 
 from shared.structured_output import json_schema_output
 from shared.tokenizer import load_tokenizer
-from tests.support.faults import Collector, Tally, reference_outputs, report, wait_for
+from tests.support.faults import Collector, Tally, reference_outputs, report
+from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
 
 pytest.importorskip("xgrammar")

@@ -13,7 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-from tests.support.faults import Collector, reference_outputs, report, takeover, wait_for
+from tests.support.faults import Collector, reference_outputs, report, takeover
+from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
 
 ACK_WAIT = "2.5"

@@ -21,7 +21,8 @@ import httpx
 
 from engine_worker.engine.llm import LLM
 from shared.sampling_params import SamplingParams
-from tests.support.faults import StreamRead, read_stream, report, wait_for
+from tests.support.faults import StreamRead, read_stream, report
+from tests.support.polling import wait_for
 from tests.support.stack import Stack
 
 STREAMS = 256

@@ -129,19 +129,6 @@ class Tally:
         )
 
 
-async def wait_for(predicate, timeout_s: float = 30.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(interval)
-
-
 @dataclass
 class Takeover:
     """What a kill left behind: the jobs that started on the killed worker and finished

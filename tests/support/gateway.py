@@ -1,12 +1,10 @@
-"""Helpers for the gateway tests: seeded keys, auth headers, the keys CLI, waiting."""
+"""Helpers for the gateway tests: seeded keys, auth headers, the keys CLI."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,17 +35,6 @@ def write_keys_file(path: Path, keys: dict[str, dict[str, Any]]) -> Path:
 
 def gateway_env(keys_file: Path, **extra: str) -> dict[str, str]:
     return {"JETSERVE_AUTH": "1", "JETSERVE_API_KEYS_FILE": str(keys_file), **extra}
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
 
 
 def keys_cli(nats_url: str, *args: str) -> Any:

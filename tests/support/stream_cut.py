@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tests.support.faults import StreamRead, read_stream, wait_for
+from tests.support.faults import StreamRead, read_stream
+from tests.support.polling import wait_for
 
 PROMPTS = ["The quick brown fox", "Workers pull jobs", "Paged attention", "A queue of jobs"]
 

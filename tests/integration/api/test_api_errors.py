@@ -8,12 +8,12 @@ freed); /metrics must show values that move.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
+from tests.support.polling import wait_until
 from tests.support.stack import Stack
 
 PROMPT = "The quick brown fox"
@@ -28,17 +28,6 @@ def api(stack: Stack) -> httpx.Client:
 @pytest.fixture(scope="module")
 def model(stack: Stack) -> str:
     return stack.model_dir.name
-
-
-def wait_for(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.05)
 
 
 def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -214,7 +203,7 @@ def test_client_disconnect_mid_stream_aborts_the_job(stack, model) -> None:
                     break
         # leaving the block closes the connection mid-stream
     assert job_id
-    finished = wait_for(lambda: _aborted_on_worker(stack, job_id))
+    finished = wait_until(lambda: _aborted_on_worker(stack, job_id))
     assert finished["finish_reasons"] == ["abort"]
     assert finished["completion_tokens"] < 480
     assert (
@@ -222,7 +211,7 @@ def test_client_disconnect_mid_stream_aborts_the_job(stack, model) -> None:
         == aborts_before + 1
     )
     # every KV block is free again
-    wait_for(lambda: _worker_blocks(stack)[0] == _worker_blocks(stack)[1] > 0)
+    wait_until(lambda: _worker_blocks(stack)[0] == _worker_blocks(stack)[1] > 0)
 
 
 def test_client_disconnect_non_streaming_aborts_the_job(stack, model) -> None:
@@ -236,8 +225,8 @@ def test_client_disconnect_non_streaming_aborts_the_job(stack, model) -> None:
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", json=body)
     # the client gave up long before 3 x 480 tokens were generated
-    wait_for(lambda: aborts() == before + 1)
-    wait_for(lambda: _worker_blocks(stack)[0] == _worker_blocks(stack)[1] > 0)
+    wait_until(lambda: aborts() == before + 1)
+    wait_until(lambda: _worker_blocks(stack)[0] == _worker_blocks(stack)[1] > 0)
 
 
 def test_metrics_move(stack, api, model) -> None:
@@ -271,7 +260,7 @@ def test_metrics_move(stack, api, model) -> None:
     assert after["http"] == before["http"] + 1
     assert after["http400"] == before["http400"] + 1
     # polled from NATS: live workers and the consumer's backlog
-    wait_for(lambda: stack.api.metric("jetserve:workers", model_name=model) == 1)
+    wait_until(lambda: stack.api.metric("jetserve:workers", model_name=model) == 1)
     names = {name for name, _, _ in stack.api.metrics()}
     assert "jetserve:queue_depth" in names
     assert stack.api.metric("jetserve:queue_depth", model_name=model) == 0

@@ -17,7 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.gateway import auth, gateway_env, secret, wait_until, write_keys_file
+from tests.support.gateway import auth, gateway_env, secret, write_keys_file
+from tests.support.polling import wait_until
 from tests.support.stack import BusClient, Stack
 
 QUEUE_WAIT_S = 1.0

@@ -33,9 +33,9 @@ from tests.support.gateway import (
     gateway_env,
     keys_cli,
     secret,
-    wait_until,
     write_keys_file,
 )
+from tests.support.polling import wait_until
 from tests.support.stack import Stack
 
 PUBLIC = ("/health", "/ready", "/metrics", "/", "/api/version")

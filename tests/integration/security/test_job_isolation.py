@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from services.api.jobs.builder import MAX_PROMPTS
-from tests.support.gateway import auth, gateway_env, wait_until, write_keys_file
+from tests.support.gateway import auth, gateway_env, write_keys_file
+from tests.support.polling import wait_until
 from tests.support.stack import Stack
 
 PARKED = "parked"

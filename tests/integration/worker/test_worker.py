@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 
 import msgpack
@@ -16,23 +15,15 @@ from shared.bus.subjects import model_object_name
 from shared.messages import encode_job
 from shared.sampling_params import SamplingParams
 from shared.settings import BusSettings
+from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack, finish_reasons, tokens_by_index
 
 PROMPT = [1, 20, 31, 42, 53, 64, 75]
 
 
-async def wait_until(predicate, timeout_s: float = 20.0, interval: float = 0.05):
+async def wait_until(predicate, timeout_s: float = 20.0):
     """Poll `predicate` (sync or async) until truthy; return its value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(interval)
+    return await wait_for(predicate, timeout_s, interval=0.05)
 
 
 def check_well_formed(deltas, worker_ids=None) -> None:
