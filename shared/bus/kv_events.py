@@ -123,18 +123,13 @@ def _head(m: dict[str, Any], what: str) -> tuple[str, int, int, int]:
     return worker_id, epoch, seq, block_size
 
 
+def _head_fields(m: KvEvents | KvSnapshot) -> dict[str, Any]:
+    """The fields both messages open with, as `_head` reads them back."""
+    return {"v": KV_SCHEMA_VERSION, "w": m.worker_id, "e": m.epoch, "s": m.seq, "bs": m.block_size}
+
+
 def encode_kv_events(ev: KvEvents) -> bytes:
-    return msgpack.packb(
-        {
-            "v": KV_SCHEMA_VERSION,
-            "w": ev.worker_id,
-            "e": ev.epoch,
-            "s": ev.seq,
-            "bs": ev.block_size,
-            "st": ev.stored,
-            "ev": ev.evicted,
-        }
-    )
+    return msgpack.packb({**_head_fields(ev), "st": ev.stored, "ev": ev.evicted})
 
 
 def decode_kv_events(data: bytes) -> KvEvents:
@@ -148,18 +143,7 @@ def decode_kv_events(data: bytes) -> KvEvents:
 
 
 def encode_kv_snapshot(snap: KvSnapshot) -> bytes:
-    return msgpack.packb(
-        {
-            "v": KV_SCHEMA_VERSION,
-            "w": snap.worker_id,
-            "e": snap.epoch,
-            "s": snap.seq,
-            "bs": snap.block_size,
-            "h": snap.hashes,
-            "p": snap.part,
-            "n": snap.parts,
-        }
-    )
+    return msgpack.packb({**_head_fields(snap), "h": snap.hashes, "p": snap.part, "n": snap.parts})
 
 
 def decode_kv_snapshot(data: bytes) -> KvSnapshot:
