@@ -217,27 +217,24 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def bars(ax, rows: dict, key: str) -> None:
+        """One bar per engine (llama.cpp's grey), its value on top."""
+        names = list(rows)
+        vals = [rows[n][key] for n in names]
+        colors = ["tab:gray" if n.startswith("llama.cpp") else "tab:blue" for n in names]
+        ax.bar(names, vals, color=colors)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.tick_params(axis="x", rotation=25)
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    b1 = results["batch1"]
-    names = list(b1)
-    vals = [b1[n]["decode_tok_per_s"] for n in names]
-    colors = ["tab:gray" if n.startswith("llama.cpp") else "tab:blue" for n in names]
-    ax1.bar(names, vals, color=colors)
-    for i, v in enumerate(vals):
-        ax1.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    bars(ax1, results["batch1"], "decode_tok_per_s")
     ax1.set_ylabel("decode tokens/s (median of rounds)")
     wl = results["workload"]["batch1"]
     ax1.set_title(
         f"batch 1: {wl['prompt_tokens']}-token prompt, {wl['new_tokens']} new", fontsize=9
     )
-    ax1.tick_params(axis="x", rotation=25)
-    c = results["concurrent"]
-    names2 = list(c)
-    vals2 = [c[n]["e2e_tok_per_s"] for n in names2]
-    colors2 = ["tab:gray" if n.startswith("llama.cpp") else "tab:blue" for n in names2]
-    ax2.bar(names2, vals2, color=colors2)
-    for i, v in enumerate(vals2):
-        ax2.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    bars(ax2, results["concurrent"], "e2e_tok_per_s")
     wl2 = results["workload"]["concurrent"]
     ax2.set_ylabel("output tokens/s (median of rounds)")
     ax2.set_title(
@@ -245,7 +242,6 @@ def plot(results: dict, out: Path) -> None:
         f"{wl2['new_tokens']} new each",
         fontsize=9,
     )
-    ax2.tick_params(axis="x", rotation=25)
     fig.suptitle(
         f"{results['model']['params_millions']}M-param Llama, {results['machine']}, "
         f"{THREADS} threads each; shared machine, load {results['load_average']}",
