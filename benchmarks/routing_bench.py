@@ -108,63 +108,13 @@ def make_chats(args: argparse.Namespace, vocab: int, reserved: int) -> list[Chat
 # ---- one request ---------------------------------------------------------------------------
 
 
-@dataclass
-class Turn:
-    ok: bool = False
-    ttft: float = 0.0
-    e2e: float = 0.0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    error: str = ""
-
-
-async def stream_turn(client: httpx.AsyncClient, model: str, prompt: list[int], n: int) -> Turn:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": n,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    res, start, chunks = Turn(), time.perf_counter(), 0
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                return res
-            buf = b""
-            async for data in resp.aiter_bytes():
-                now = time.perf_counter()
-                buf += data
-                *events, buf = buf.split(b"\n\n")
-                for event in events:
-                    payload = next(
-                        (ln[6:] for ln in event.split(b"\n") if ln.startswith(b"data: ")), None
-                    )
-                    if payload is None or payload == b"[DONE]":
-                        continue
-                    if payload.startswith(b'{"error"'):
-                        res.error = str(json.loads(payload)["error"].get("message"))
-                        return res
-                    if b'"choices":[]' in payload or b'"choices": []' in payload:
-                        usage = json.loads(payload).get("usage") or {}
-                        res.prompt_tokens = int(usage.get("prompt_tokens", 0))
-                        details = usage.get("prompt_tokens_details") or {}
-                        res.cached_tokens = int(details.get("cached_tokens") or 0)
-                        res.output_tokens = int(usage.get("completion_tokens", 0))
-                        continue
-                    if chunks == 0:
-                        res.ttft = now - start
-                    chunks += 1
-    except httpx.HTTPError as e:
-        res.error = f"{type(e).__name__}: {e}"
-        return res
-    res.e2e = time.perf_counter() - start
-    res.ok = chunks > 0 and res.prompt_tokens > 0
+async def stream_turn(
+    client: httpx.AsyncClient, model: str, prompt: list[int], n: int
+) -> sb.RequestResult:
+    """One streamed completion; ok only with the usage chunk, which carries the cached
+    prompt tokens the hit rate is counted from."""
+    res = await sb.stream_completion(client, model, prompt, n)
+    res.ok = res.ok and res.prompt_tokens > 0
     return res
 
 
@@ -192,7 +142,7 @@ async def warm_up(url: str, model: str, requests: int, vocab: int) -> float:
 async def run_chats(url: str, model: str, chats: list[Chat], args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=len(chats) + 8, max_keepalive_connections=len(chats) + 8)
     timeout = httpx.Timeout(600.0, connect=10.0)
-    turns: list[Turn] = []
+    turns: list[sb.RequestResult] = []
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
         late = 0
 
@@ -214,21 +164,12 @@ async def run_chats(url: str, model: str, chats: list[Chat], args: argparse.Name
         await asyncio.gather(*(user(u, c) for u, c in enumerate(chats)))
         wall = time.perf_counter() - t0
     ok = [t for t in turns if t.ok]
-    prompt = sum(t.prompt_tokens for t in ok)
-    ms = 1000.0
+    prompt, cached = sum(t.prompt_tokens for t in ok), sum(t.cached_tokens for t in ok)
     return {
-        "requests": len(turns),
-        "failed": len(turns) - len(ok),
-        "errors": sorted({t.error for t in turns if not t.ok})[:3],
-        "wall_s": round(wall, 3),
+        **sb.summarize(turns, wall),
         "prompt_tokens": prompt,
-        "cached_tokens": sum(t.cached_tokens for t in ok),
-        "hit_rate": round(sum(t.cached_tokens for t in ok) / prompt, 4) if prompt else 0.0,
-        "output_tokens": sum(t.output_tokens for t in ok),
-        "output_tok_s": round(sum(t.output_tokens for t in ok) / wall, 2),
-        "ttft_ms_p50": round(sb.percentile([t.ttft for t in ok], 50) * ms, 2),
-        "ttft_ms_p99": round(sb.percentile([t.ttft for t in ok], 99) * ms, 2),
-        "e2e_ms_p50": round(sb.percentile([t.e2e for t in ok], 50) * ms, 2),
+        "cached_tokens": cached,
+        "hit_rate": round(cached / prompt, 4) if prompt else 0.0,
         "late_turns": late,
     }
 

@@ -91,6 +91,8 @@ class RequestResult:
     output_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    prompt_tokens: int = 0  # from the usage chunk
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache
 
 
 def percentile(values: list[float], q: float) -> float:

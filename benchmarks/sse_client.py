@@ -26,7 +26,7 @@ class EventTally:
     client costs as little CPU as possible next to the stack it measures."""
 
     def __init__(self, result: Any) -> None:
-        self.result = result  # has ttft, itl, output_tokens, error (serving_bench.RequestResult)
+        self.result = result  # a serving_bench.RequestResult
         self.chunks = 0
         self.last = result.start
         self._buf = b""
@@ -46,6 +46,9 @@ class EventTally:
             if b'"choices":[]' in payload or b'"choices": []' in payload:
                 usage = json.loads(payload).get("usage") or {}
                 res.output_tokens = int(usage.get("completion_tokens", 0))
+                res.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                details = usage.get("prompt_tokens_details") or {}
+                res.cached_tokens = int(details.get("cached_tokens") or 0)
                 continue
             if self.chunks == 0:
                 res.ttft = now - res.start
