@@ -377,18 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack_points += stack_run(args, model, served, vocab, reserved, mode, engines)
 
     report = {
-        "benchmark": "engine_process",
-        "machine": sb.machine(),
-        "profile": args.profile,
-        "model": {"tokenizer": sb._display_path(model), "served_name": served},
-        "workload": {
-            "input_len": args.input_len,
-            "output_len": args.output_len,
-            "requests_per_user": args.requests_per_user,
-            "max_num_seqs": args.max_num_seqs,
-            "rounds": args.rounds,
-            "sampling": "greedy, ignore_eos",
-        },
+        **tp.report_head("engine_process", args, model, served, rounds=args.rounds),
         "load_avg_start": start,
         "load_avg_end": load_avg(),
         "codec": codec_points,

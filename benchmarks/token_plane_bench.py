@@ -371,6 +371,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def report_head(
+    benchmark: str, args: argparse.Namespace, model: str, served: str, **workload: object
+) -> dict:
+    """The report's opening keys: what ran on which machine, and the workload (`workload`:
+    the benchmark's own workload options)."""
+    return {
+        "benchmark": benchmark,
+        "machine": sb.machine(),
+        "profile": args.profile,
+        "model": {"tokenizer": sb._display_path(model), "served_name": served},
+        "workload": {
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "requests_per_user": args.requests_per_user,
+            "max_num_seqs": args.max_num_seqs,
+            **workload,
+            "sampling": "greedy, ignore_eos",
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
@@ -423,19 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stack.stop()
     report = {
-        "benchmark": "token_plane",
-        "machine": sb.machine(),
-        "profile": args.profile,
-        "model": {"tokenizer": sb._display_path(model), "served_name": served},
-        "workload": {
-            "input_len": args.input_len,
-            "output_len": args.output_len,
-            "requests_per_user": args.requests_per_user,
-            "max_num_seqs": args.max_num_seqs,
-            "client": args.client,
-            "worker_flags": args.worker_flags,
-            "sampling": "greedy, ignore_eos",
-        },
+        **report_head(
+            "token_plane", args, model, served, client=args.client, worker_flags=args.worker_flags
+        ),
         "points": points,
         "targets": {
             "worker_token_plane_cpu_us_per_delta": "<= 3",
