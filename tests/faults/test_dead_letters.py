@@ -28,7 +28,7 @@ from shared.bus.job_events import read_history
 from shared.bus.subjects import DEAD_STREAM, JOBS_STREAM, consumer_name, events_subject
 from shared.messages import decode_delta
 from shared.settings import BusSettings
-from tests.support.faults import Collector, Tally, reference_outputs, report
+from tests.support.faults import Collector, Tally, reference_outputs, report, worker_of
 from tests.support.nats_process import NatsServer
 from tests.support.polling import wait_for
 from tests.support.stack import REPO_ROOT, BusClient, Stack
@@ -76,7 +76,7 @@ async def test_poison_job_is_dead_lettered_then_replayed(
         """The live worker that wrote the newest Delta read so far (the reader may still be
         catching up on Deltas that a killed worker stored before it died)."""
         holder = first.deltas[-1].worker_id if first.deltas else ""
-        return next((w for w in workers if holder.startswith(w.name + "-")), None)
+        return worker_of(workers, holder)
 
     for _ in range(MAX_DELIVER):
         seen = len(first.deltas)

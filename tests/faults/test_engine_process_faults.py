@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tests.support.engine_process import engine_pid, process_gone, wait_gone
-from tests.support.faults import Collector, reference_outputs, report, takeover
+from tests.support.faults import Collector, report, submit_watched, takeover, worker_of
 from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
 
@@ -42,10 +42,7 @@ async def test_engine_process_killed_mid_stream(
                     prompt, max_tokens=400, temperature=0.8, seed=200 + i, n=2, ignore_eos=True
                 )
             )
-    expected = reference_outputs(tiny_llama, jobs)
-    collectors = [Collector(job).start(bus, timeout_s=120) for job in jobs]
-    for job in jobs:
-        await bus.submit(job)
+    expected, collectors = await submit_watched(bus, tiny_llama, jobs, timeout_s=120)
 
     first = collectors[0]
     # Kill at the first token seen: the engine runs ahead of the token plane, and a
@@ -53,7 +50,7 @@ async def test_engine_process_killed_mid_stream(
     # find every job already computed (the tiny model makes 400 tokens in a second).
     await wait_for(lambda: first.num_tokens >= 1, timeout_s=60)
     holder = first.deltas[-1].worker_id
-    doomed = next(w for w in workers if holder.startswith(w.name + "-"))
+    doomed = worker_of(workers, holder)
     survivor = next(w for w in workers if w is not doomed)
     os.kill(engine_pid(doomed), signal.SIGKILL)
     killed_at = time.monotonic()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared.bus.subjects import JOBS_STREAM, routed_jobs_subject
 from shared.messages import Job, encode_job
-from tests.support.faults import Collector, Tally, reference_outputs, report
+from tests.support.faults import Collector, reference_outputs, report, tally_of
 from tests.support.polling import wait_for
 from tests.support.stack import BusClient, ServiceProcess, Stack
 
@@ -80,9 +80,7 @@ async def test_routed_jobs_survive_kill9_of_their_worker(
     chosen.proc.wait(10)
 
     await asyncio.gather(*(c.wait() for c in collectors))
-    tally = Tally()
-    for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
+    tally = tally_of(collectors, expected)
     interrupted = [c for c in collectors if c.deltas[-1].worker_id != chosen_id]
     recovery = [c.first_time_from(other.name + "-", killed_at) - killed_at for c in interrupted]
     report(
@@ -127,9 +125,8 @@ async def test_a_worker_that_stops_pulling_strands_no_routed_job(
         stuck.signal(signal.SIGCONT)
     await asyncio.sleep(2.0)  # thawed: anything it still held would run now
 
-    tally = Tally()
+    tally = tally_of(collectors, expected)
     for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
         assert {d.worker_id for d in c.deltas} == {c.deltas[0].worker_id}  # one run each
         assert c.deltas[0].worker_id.startswith(other.name + "-")
     report("routed_stuck_fallback", f"{tally.line()}; last first token {waited:.2f}s after submit")
@@ -158,9 +155,7 @@ async def test_a_draining_worker_hands_its_routed_jobs_to_the_shared_queue(
     chosen.signal(signal.SIGTERM)
     assert chosen.proc.wait(30) == 0
     await asyncio.gather(*(c.wait() for c in collectors))
-    tally = Tally()
-    for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
+    tally = tally_of(collectors, expected)
     tally.assert_exact()
     moved = [e for e in chosen.log_events() if e.get("event") == "routed_job_moved"]
     assert moved and all(e["reason"] == "drain" for e in moved)

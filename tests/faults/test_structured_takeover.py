@@ -14,7 +14,7 @@ import pytest
 
 from shared.structured_output import json_schema_output
 from shared.tokenizer import load_tokenizer
-from tests.support.faults import Collector, Tally, reference_outputs, report
+from tests.support.faults import report, submit_watched, tally_of, worker_of
 from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
 
@@ -56,22 +56,17 @@ async def test_constrained_jobs_survive_a_worker_kill(
         )
         for i in range(6)
     ]
-    expected = reference_outputs(tiny_llama, jobs)
-    collectors = [Collector(job).start(bus, timeout_s=180) for job in jobs]
-    for job in jobs:
-        await bus.submit(job)
+    expected, collectors = await submit_watched(bus, tiny_llama, jobs, timeout_s=180)
 
     first = collectors[0]
     await wait_for(lambda: first.num_tokens >= 30, timeout_s=60)
     holder = first.deltas[-1].worker_id
-    doomed = next(w for w in workers if holder.startswith(w.name + "-"))
+    doomed = worker_of(workers, holder)
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.proc.wait(10)
     await asyncio.gather(*(c.wait() for c in collectors))
 
-    tally = Tally()
-    for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
+    tally = tally_of(collectors, expected)
     interrupted = [
         c
         for c in collectors

@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.support.faults import Collector, reference_outputs, report, takeover
+from tests.support.faults import report, submit_watched, takeover, worker_of
 from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
 
@@ -42,16 +42,13 @@ async def test_kill_worker_mid_stream(bus_stack: Stack, bus: BusClient, tiny_lla
                     ignore_eos=True,
                 )
             )
-    expected = reference_outputs(tiny_llama, jobs)
-    collectors = [Collector(job).start(bus, timeout_s=120) for job in jobs]
-    for job in jobs:
-        await bus.submit(job)
+    expected, collectors = await submit_watched(bus, tiny_llama, jobs, timeout_s=120)
 
     # Kill the worker holding the first job once it has streamed part of it.
     first = collectors[0]
     await wait_for(lambda: first.num_tokens >= 20, timeout_s=60)
     holder = first.deltas[-1].worker_id
-    doomed = next(w for w in workers if holder.startswith(w.name + "-"))
+    doomed = worker_of(workers, holder)
     survivor = next(w for w in workers if w is not doomed)
     doomed.proc.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()

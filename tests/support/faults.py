@@ -20,7 +20,7 @@ import httpx
 from engine_worker.engine.llm import LLM
 from shared.messages import Delta, Job
 from shared.sampling_params import SamplingParams
-from tests.support.stack import BusClient
+from tests.support.stack import BusClient, ServiceProcess
 
 
 @dataclass
@@ -81,6 +81,23 @@ def reference_outputs(model_dir: Path, jobs: list[Job]) -> dict[str, dict[int, l
     }
 
 
+async def submit_watched(
+    bus: BusClient, model_dir: Path, jobs: list[Job], timeout_s: float
+) -> tuple[dict[str, dict[int, list[int]]], list[Collector]]:
+    """Each job's uninterrupted output (reference_outputs) and a Collector reading its
+    Deltas, started before the job is submitted to the shared queue."""
+    expected = reference_outputs(model_dir, jobs)
+    collectors = [Collector(job).start(bus, timeout_s=timeout_s) for job in jobs]
+    for job in jobs:
+        await bus.submit(job)
+    return expected, collectors
+
+
+def worker_of(workers: list[ServiceProcess], worker_id: str) -> ServiceProcess | None:
+    """The worker that wrote a Delta (its worker_id is the worker's name, '-', a suffix)."""
+    return next((w for w in workers if worker_id.startswith(w.name + "-")), None)
+
+
 @dataclass
 class Tally:
     """Jobs submitted vs completed, tokens expected vs delivered, duplicates and gaps."""
@@ -129,6 +146,13 @@ class Tally:
         )
 
 
+def tally_of(collectors: list[Collector], expected: dict[str, dict[int, list[int]]]) -> Tally:
+    tally = Tally()
+    for c in collectors:
+        tally.add(c.deltas, expected[c.job.id], c.job.id)
+    return tally
+
+
 @dataclass
 class Takeover:
     """What a kill left behind: the jobs that started on the killed worker and finished
@@ -152,9 +176,7 @@ def takeover(
         for c in collectors
         if c.deltas[0].worker_id == holder and c.deltas[-1].worker_id != holder
     ]
-    tally = Tally()
-    for c in collectors:
-        tally.add(c.deltas, expected[c.job.id], c.job.id)
+    tally = tally_of(collectors, expected)
     recovery = [c.first_time_from(survivor_prefix, killed_at) - killed_at for c in unfinished]
     return Takeover(unfinished, tally, recovery)
 
