@@ -28,25 +28,23 @@ def build_preset(name: str, demo_dir: Path, out: Path) -> Path:
     """`out` holds preset `name` (built once, then reused) with `demo_dir`'s tokenizer."""
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from random_llama import save_random_llama  # a sibling script, as serving_bench imports us
+    from transformers import LlamaConfig
 
     from engine_worker.demo.checkpoint import ensure_demo_checkpoint
 
     demo_dir = ensure_demo_checkpoint(demo_dir)
     demo = LlamaConfig.from_pretrained(demo_dir)
-    cfg = LlamaConfig(
-        vocab_size=demo.vocab_size,
-        max_position_embeddings=demo.max_position_embeddings,
-        bos_token_id=demo.bos_token_id,
-        eos_token_id=demo.eos_token_id,
-        tie_word_embeddings=False,
-        **PRESETS[name],
-    )
-    torch.manual_seed(0)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    save_random_llama(
+        tmp,
+        PRESETS[name],
+        demo.max_position_embeddings,
+        vocab_size=demo.vocab_size,
+        bos_token_id=demo.bos_token_id,
+        eos_token_id=demo.eos_token_id,
+    )
     for f in TOKENIZER_FILES:
         if (demo_dir / f).is_file():
             shutil.copy(demo_dir / f, tmp / f)
