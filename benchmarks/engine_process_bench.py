@@ -310,14 +310,9 @@ def plot(report: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="tokenizer source (default: the demo model)")
-    p.add_argument("--profile", default="h100-llama3-8b")
+    tp.add_workload_args(p)
     p.add_argument("--concurrency", default="1,256")
     p.add_argument("--rounds", type=int, default=2, help="thread/process alternations")
-    p.add_argument("--requests-per-user", type=int, default=2)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--skip-stack", action="store_true", help="codec and link only")
     p.add_argument("--quick", action="store_true", help="tiny workload, smoke test")
     p.add_argument("--out", default=str(RESULTS / "engine_process.json"))

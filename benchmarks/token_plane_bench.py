@@ -345,17 +345,23 @@ def plot(report: dict, path: Path, before: dict | None = None) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The model and workload options `report_head` records (this bench's and
+    engine_process_bench's)."""
     p.add_argument("--model", help="tokenizer source (default: the demo model)")
     p.add_argument("--profile", default="h100-llama3-8b")
-    p.add_argument("--workers", default="1", help="comma-separated: worker counts to sweep")
-    p.add_argument("--apis", default="1", help="comma-separated: API replica counts to sweep")
-    p.add_argument("--concurrency", default="1,256", help="comma-separated, per worker")
     p.add_argument("--requests-per-user", type=int, default=2)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(p)
+    p.add_argument("--workers", default="1", help="comma-separated: worker counts to sweep")
+    p.add_argument("--apis", default="1", help="comma-separated: API replica counts to sweep")
+    p.add_argument("--concurrency", default="1,256", help="comma-separated, per worker")
     p.add_argument(
         "--client",
         choices=("lean", "httpx", "openai"),
