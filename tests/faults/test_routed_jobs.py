@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared.bus.subjects import JOBS_STREAM, routed_jobs_subject
 from shared.messages import Job, encode_job
-from tests.support.faults import Collector, reference_outputs, report, tally_of
+from tests.support.faults import Collector, reference_outputs, report, submit_watched, tally_of
 from tests.support.polling import wait_for
 from tests.support.stack import BusClient, ServiceProcess, Stack
 
@@ -62,10 +62,9 @@ async def test_routed_jobs_survive_kill9_of_their_worker(
     other = bus_stack.start_worker(*FLAGS, "--max-num-seqs", "8", *bound)
     chosen_id = worker_id_of(chosen, await bus.workers())
     jobs = greedy_jobs(bus, 6, max_tokens=160)
-    expected = reference_outputs(tiny_llama, jobs)
-    collectors = [Collector(job).start(bus, timeout_s=120) for job in jobs]
-    for job in jobs:
-        await route(bus, job, chosen_id)
+    expected, collectors = await submit_watched(
+        bus, tiny_llama, jobs, timeout_s=120, send=lambda job: route(bus, job, chosen_id)
+    )
 
     # Kill once every job has started: a job still waiting in the chosen worker's
     # pull (a loaded box admits the six over a few steps) would start on the survivor,
@@ -147,10 +146,9 @@ async def test_a_draining_worker_hands_its_routed_jobs_to_the_shared_queue(
     other = bus_stack.start_worker()
     chosen_id = worker_id_of(chosen, await bus.workers())
     jobs = greedy_jobs(bus, 5, max_tokens=300)
-    expected = reference_outputs(tiny_llama, jobs)
-    collectors = [Collector(job).start(bus, timeout_s=120) for job in jobs]
-    for job in jobs:
-        await route(bus, job, chosen_id)
+    expected, collectors = await submit_watched(
+        bus, tiny_llama, jobs, timeout_s=120, send=lambda job: route(bus, job, chosen_id)
+    )
     await wait_for(lambda: collectors[0].num_tokens >= 5, timeout_s=60)
     chosen.signal(signal.SIGTERM)
     assert chosen.proc.wait(30) == 0

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,14 +83,18 @@ def reference_outputs(model_dir: Path, jobs: list[Job]) -> dict[str, dict[int, l
 
 
 async def submit_watched(
-    bus: BusClient, model_dir: Path, jobs: list[Job], timeout_s: float
+    bus: BusClient,
+    model_dir: Path,
+    jobs: list[Job],
+    timeout_s: float,
+    send: Callable[[Job], Awaitable[None]] | None = None,
 ) -> tuple[dict[str, dict[int, list[int]]], list[Collector]]:
     """Each job's uninterrupted output (reference_outputs) and a Collector reading its
-    Deltas, started before the job is submitted to the shared queue."""
+    Deltas, started before the job is sent: by `send`, else to the shared queue."""
     expected = reference_outputs(model_dir, jobs)
     collectors = [Collector(job).start(bus, timeout_s=timeout_s) for job in jobs]
     for job in jobs:
-        await bus.submit(job)
+        await (send or bus.submit)(job)
     return expected, collectors
 
 
