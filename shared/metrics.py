@@ -106,6 +106,18 @@ class _Series:
         return Histogram(f"{PREFIX}{name}", doc, MODEL, buckets=buckets, registry=self.registry)
 
 
+def _request_series(s: _Series, prompt_doc: str) -> dict[str, Counter]:
+    """The per-request counters both services expose under vLLM's names; `prompt_doc`
+    says which prompt tokens the service counts."""
+    return {
+        "prompt_tokens": s.counter("prompt_tokens", prompt_doc),
+        "generation_tokens": s.counter("generation_tokens", "Generated tokens"),
+        "request_success": s.counter(
+            "request_success", "Finished requests", ("model_name", "finished_reason")
+        ),
+    }
+
+
 @dataclass
 class WorkerMetrics:
     """Engine-side state, labelled by model_name, refreshed after engine steps."""
@@ -150,11 +162,7 @@ def worker_metrics(registry: CollectorRegistry) -> WorkerMetrics:
         num_free_blocks=s.gauge("num_free_kv_blocks", "Free KV cache blocks"),
         num_total_blocks=s.gauge("num_total_kv_blocks", "Total KV cache blocks"),
         num_preemptions=s.gauge("num_preemptions", "Preemptions since start"),
-        prompt_tokens=s.counter("prompt_tokens", "Prefilled prompt tokens"),
-        generation_tokens=s.counter("generation_tokens", "Generated tokens"),
-        request_success=s.counter(
-            "request_success", "Finished requests", ("model_name", "finished_reason")
-        ),
+        **_request_series(s, "Prefilled prompt tokens"),
         jobs_rejected=s.counter(
             "jobs_rejected",
             "Jobs terminally acked as malformed or invalid",
@@ -244,11 +252,7 @@ def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
         ),
         queue_depth=s.gauge("queue_depth", "Jobs waiting in the model's consumer (num_pending)"),
         workers=s.gauge("workers", "Live workers in the registry"),
-        prompt_tokens=s.counter("prompt_tokens", "Prompt tokens of finished requests"),
-        generation_tokens=s.counter("generation_tokens", "Generated tokens"),
-        request_success=s.counter(
-            "request_success", "Finished requests", ("model_name", "finished_reason")
-        ),
+        **_request_series(s, "Prompt tokens of finished requests"),
         api_requests=s.counter(
             "api_requests", "HTTP requests by endpoint and status", ("endpoint", "status")
         ),
