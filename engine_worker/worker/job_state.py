@@ -35,6 +35,7 @@ class JobState:
     events: EventLog | None = None  # the job's log in LLM_EVENTS and its publish fence
     resume_token_ids: list[list[int]] | None = None  # tokens other workers already produced
     lost: bool = False  # another worker appended to the job's log: stop, do not ack
+    held: list[CompletionChunk] = field(default_factory=list)  # stream interval: not sent yet
 
     def __post_init__(self) -> None:
         if self.events is None:
@@ -89,9 +90,45 @@ def _usage(state: JobState, num_prompt_tokens: int, num_cached_tokens: int) -> U
     )
 
 
-def delta_from_output(state: JobState, out: RequestOutput, worker_id: str) -> Delta:
-    """Turn one engine step's output for a job into the job's next Delta (mutates state)."""
+def merge_chunks(
+    first: list[CompletionChunk], then: list[CompletionChunk]
+) -> list[CompletionChunk]:
+    """One chunk per completion index: `first`'s tokens and logprobs, then `then`'s."""
+    merged = {c.index: dataclasses.replace(c, token_ids=list(c.token_ids)) for c in first}
+    for c in then:
+        prev = merged.get(c.index)
+        if prev is None:
+            merged[c.index] = c
+            continue
+        prev.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            prev.logprobs = (prev.logprobs or []) + c.logprobs
+        prev.finish_reason = c.finish_reason or prev.finish_reason
+    return list(merged.values())
+
+
+def delta_from_output(
+    state: JobState, out: RequestOutput, worker_id: str, stream_interval: int = 1
+) -> Delta | None:
+    """Turn one engine step's output for a job into the job's next Delta (mutates state).
+
+    With `stream_interval` N > 1 the output's chunks are held (None) until a completion
+    has N unsent tokens; a job's first Delta and its last are never held. Held tokens
+    are not stored, so a worker that dies with some simply makes them again: takeover
+    continues after the stored tokens, and the job's seed makes them the same ones.
+    """
     chunks = [_chunk(d) for d in out.deltas]
+    if state.held:
+        chunks, state.held = merge_chunks(state.held, chunks), []
+    if (
+        stream_interval > 1
+        and not out.finished
+        and state.next_seq > 0
+        and out.embedding is None
+        and max((len(c.token_ids) for c in chunks), default=0) < stream_interval
+    ):
+        state.held = chunks
+        return None
     for c in chunks:
         state.produced[c.index] = state.produced.get(c.index, 0) + len(c.token_ids)
     delta = Delta(

@@ -424,7 +424,14 @@ class Worker:
             if state is not None:
                 self.intake.reject(state, "invalid", error)
         self.outbox.enqueue(
-            step_deltas(result, self.jobs, self.metrics, self.model_name, self.worker_id)
+            step_deltas(
+                result,
+                self.jobs,
+                self.metrics,
+                self.model_name,
+                self.worker_id,
+                self.settings.stream_interval,
+            )
         )
 
     def _fail_all(self, error: str) -> None:

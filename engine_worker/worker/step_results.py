@@ -17,9 +17,11 @@ def step_deltas(
     metrics: WorkerMetrics,
     model_name: str,
     worker_id: str,
+    stream_interval: int = 1,
 ) -> list[Outgoing]:
-    """A Delta per current job in `result` (a finished one acks its message); the step's
-    time is shared equally among its jobs as their GPU time."""
+    """A Delta per current job in `result` (a finished one acks its message), or none for
+    a job whose tokens wait for its stream interval; the step's time is shared equally
+    among its jobs as their GPU time."""
     batch: list[Outgoing] = []
     share = result.step_time_s / max(len(result.outputs), 1)
     m = metrics
@@ -32,7 +34,9 @@ def step_deltas(
         if not state.prompt_counted:
             state.prompt_counted = True
             m.prompt_tokens.labels(model_name=model_name).inc(out.num_prompt_tokens)
-        delta = delta_from_output(state, out, worker_id)
+        delta = delta_from_output(state, out, worker_id, stream_interval)
+        if delta is None:
+            continue
         for c in delta.chunks:
             step_tokens += len(c.token_ids)
         action = None

@@ -79,6 +79,16 @@ class WorkerSettings(EngineSettings, BusSettings):
         "the machine's cores). With --engine-process the worker process itself runs no torch",
         shown_default="torch's default",
     )
+    stream_interval: int = setting(
+        1,
+        ge=1,
+        le=64,
+        help="tokens a job's stream carries per Delta: 1 sends every token as the engine "
+        "makes it; N holds a job's tokens until a completion has N unsent ones (the first "
+        "and the last go at once), so the worker, NATS and the API handle N times fewer "
+        "messages at GPU rates, for output that arrives in bursts of N (vLLM's "
+        "--stream-interval; docs/token_plane.md)",
+    )
     drain_timeout_s: float = setting(
         5.0,
         ge=0,
