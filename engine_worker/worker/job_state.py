@@ -90,11 +90,12 @@ def _usage(state: JobState, num_prompt_tokens: int, num_cached_tokens: int) -> U
     )
 
 
-def merge_chunks(
-    first: list[CompletionChunk], then: list[CompletionChunk]
-) -> list[CompletionChunk]:
-    """One chunk per completion index: `first`'s tokens and logprobs, then `then`'s."""
-    merged = {c.index: dataclasses.replace(c, token_ids=list(c.token_ids)) for c in first}
+def merge_chunks(held: list[CompletionChunk], then: list[CompletionChunk]) -> list[CompletionChunk]:
+    """One chunk per completion index: `held`'s tokens and logprobs, then `then`'s.
+
+    Extends `held`'s chunks in place (a job's held chunks are its own), so holding costs
+    each step only its new tokens, not a copy of all the held ones."""
+    merged = {c.index: c for c in held}
     for c in then:
         prev = merged.get(c.index)
         if prev is None:
@@ -102,7 +103,7 @@ def merge_chunks(
             continue
         prev.token_ids.extend(c.token_ids)
         if c.logprobs is not None:
-            prev.logprobs = (prev.logprobs or []) + c.logprobs
+            prev.logprobs = c.logprobs if prev.logprobs is None else prev.logprobs + c.logprobs
         prev.finish_reason = c.finish_reason or prev.finish_reason
     return list(merged.values())
 
