@@ -8,6 +8,8 @@ import asyncio
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.support.faults import Collector, Tally, reference_outputs, report
 from tests.support.polling import wait_for
 from tests.support.stack import BusClient, Stack
@@ -18,11 +20,14 @@ INTERVAL = 4
 PROMPTS = [[1, 20, 31, 42, 53, 64, 75], [1, 5, 6, 7, 8, 9], [1, 99, 98, 97]]
 
 
+@pytest.mark.parametrize("engine", ["thread", "process"])
 async def test_deltas_carry_bursts_and_survive_kill9_with_tokens_held(
-    bus_stack: Stack, bus: BusClient, tiny_llama: Path
+    bus_stack: Stack, bus: BusClient, tiny_llama: Path, engine: str
 ) -> None:
-    interval = ("--stream-interval", str(INTERVAL))
-    workers = [bus_stack.start_worker(*FLAGS, *interval) for _ in range(2)]
+    flags = [*FLAGS, "--stream-interval", str(INTERVAL)]
+    if engine == "process":
+        flags.append("--engine-process")
+    workers = [bus_stack.start_worker(*flags) for _ in range(2)]
     jobs = [
         bus.make_job(PROMPTS[i % 3], max_tokens=120, temperature=0.0, ignore_eos=True)
         for i in range(4)
@@ -41,7 +46,7 @@ async def test_deltas_carry_bursts_and_survive_kill9_with_tokens_held(
     tally = Tally()
     for c in collectors:
         tally.add(c.deltas, expected[c.job.id], c.job.id)
-    report("stream_interval_kill9", f"{tally.line()} (--stream-interval {INTERVAL})")
+    report(f"stream_interval_kill9_{engine}", f"{tally.line()} (--stream-interval {INTERVAL})")
     tally.assert_exact()
     taken_over = [c for c in collectors if c.deltas[-1].worker_id != c.deltas[0].worker_id]
     assert taken_over, "the kill came too late: no job was interrupted"
