@@ -29,23 +29,10 @@ class CpuAttentionBackend:
 
     write_kv = staticmethod(write_kv_cache_cpu)  # the kernel has the method's signature
 
-    def rotary_write_kv(
-        self,
-        qkv: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        num_heads: int,
-        num_kv_heads: int,
-    ) -> torch.Tensor:
-        """Rotary and the cache write in one kernel call, straight from the qkv
-        projection's rows; the rotated q [T, Hq, D]. Optional in the backend contract:
-        the model takes it where a backend has it (models/llama.py)."""
-        return rotary_write_kv_cpu(
-            qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
-        )
+    # Optional in the backend contract: rotary and the cache write in one kernel call,
+    # straight from the qkv rows, returning the rotated q (the model takes it where a
+    # backend has it, models/llama.py).
+    rotary_write_kv = staticmethod(rotary_write_kv_cpu)
 
     def forward(
         self,
