@@ -146,15 +146,17 @@ def test_stop_string_cuts_output_and_stops_the_job(client, model, stack) -> None
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop and stop.strip()
     expected = text[: text.find(stop)]
+    # Room for far more tokens than the stop needs: the worker must still be generating
+    # when the API's cancel arrives (a 40-token job on the tiny model can finish first).
     got = client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop]
+        model=model, prompt=PROMPT, max_tokens=200, temperature=0, stop=[stop]
     )
     assert got.choices[0].text == expected
     assert got.choices[0].finish_reason == "stop"
     assert got.usage.completion_tokens < base.usage.completion_tokens
     texts, reasons = stream_text(
         client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=40, temperature=0, stop=stop, stream=True
+            model=model, prompt=PROMPT, max_tokens=200, temperature=0, stop=stop, stream=True
         )
     )
     assert texts == [expected]
