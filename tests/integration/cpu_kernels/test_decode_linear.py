@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.linear import Linear
 from kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, decode_linear_cpu, linear_cpu
+from tests.support.linear_cases import random_linear
 
 
 @settings(max_examples=40, deadline=None)
@@ -22,10 +23,7 @@ from kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, decode_linear_cpu, linear_cp
     seed=st.integers(0, 2**16),
 )
 def test_matches_f_linear(rows: int, cols: int, out: int, bias: bool, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=g)
-    w = torch.randn(out, cols, generator=g)
-    b = torch.randn(out, generator=g) if bias else None
+    x, w, b = random_linear(rows, cols, out, bias, seed)
     torch.testing.assert_close(
         decode_linear_cpu(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5
     )

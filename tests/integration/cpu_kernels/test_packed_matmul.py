@@ -16,6 +16,7 @@ from engine_worker.engine.models.linear import Linear, bind_weight_matmuls
 from engine_worker.engine.models.quantization import Int8Linear
 from kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, linear_cpu
 from kernels.cpu.packed_matmul import PackedMatmul, matmul_for, packing_available
+from tests.support.linear_cases import random_linear
 
 if not packing_available():
     pytest.skip("this torch has no oneDNN prepacked linear", allow_module_level=True)
@@ -30,10 +31,7 @@ if not packing_available():
     seed=st.integers(0, 2**16),
 )
 def test_matches_f_linear(rows: int, cols: int, out: int, bias: bool, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=g)
-    w = torch.randn(out, cols, generator=g)
-    b = torch.randn(out, generator=g) if bias else None
+    x, w, b = random_linear(rows, cols, out, bias, seed)
     y = PackedMatmul(w)(x, w, b)
     assert y.shape == (rows, out)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
