@@ -1,5 +1,5 @@
-"""The CPU int8 Linear (C++ kernel for decode-sized batches, a dequantized matmul beyond)
-against the matmul with its dequantized weight."""
+"""The CPU int8 Linear (the C++ kernel for up to 16 rows, 16-row passes of it up to 256, a
+dequantized matmul beyond) against the matmul with its dequantized weight."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_worker.engine.models.linear import Linear
-from engine_worker.engine.models.quantization import CPU_KERNEL_MAX_ROWS, Int8Linear
+from engine_worker.engine.models.quantization import (
+    CPU_KERNEL_CHUNKED_MAX_ROWS,
+    CPU_KERNEL_MAX_ROWS,
+    Int8Linear,
+)
 from kernels.cpu.build import cpu_ops
 
 
@@ -24,7 +28,10 @@ def _linear(cols: int, rows: int, bias: bool, seed: int) -> Linear:
 
 @settings(max_examples=30, deadline=None)
 @given(
-    tokens=st.integers(1, 2 * CPU_KERNEL_MAX_ROWS),
+    tokens=st.one_of(
+        st.integers(1, 2 * CPU_KERNEL_MAX_ROWS + 1),
+        st.integers(CPU_KERNEL_CHUNKED_MAX_ROWS - 2, CPU_KERNEL_CHUNKED_MAX_ROWS + 2),
+    ),
     cols=st.sampled_from([1, 7, 64, 512]),
     rows=st.integers(1, 80),
     bias=st.booleans(),
@@ -58,3 +65,14 @@ def test_strided_rows_and_3d_input() -> None:
     x = wide[..., :32]
     expected = torch.nn.functional.linear(x, q.dequantized(torch.float32), q.bias)
     torch.testing.assert_close(q(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rows_result_does_not_depend_on_its_batch() -> None:
+    """Batch invariance through the 16-row passes: a sequence decodes the same tokens
+    whoever shares its step (speculation and takeover compare such outputs exactly)."""
+    q = Int8Linear(_linear(64, 96, True, 3))
+    x = torch.randn(CPU_KERNEL_CHUNKED_MAX_ROWS, 64, generator=torch.Generator().manual_seed(4))
+    together = q(x)
+    for n in (1, 5, CPU_KERNEL_MAX_ROWS + 3, 100):
+        assert torch.equal(q(x[:n]), together[:n])
+    assert torch.equal(q(x[-7:]), together[-7:])
