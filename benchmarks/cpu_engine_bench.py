@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.issue16_model import DIMS, QUICK_DIMS
 from benchmarks.random_llama import save_random_llama
-from engine_worker.engine.config import EngineConfig, load_model_config
+from engine_worker.engine.config import EngineConfig, cpu_has_amx, load_model_config
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.models.loader import build_model, load_weights
 from engine_worker.engine.models.quantization import quantize_model
@@ -75,12 +75,14 @@ def matmul_shapes(dims: dict, wl: dict) -> list[tuple[int, int, int]]:
     ]
 
 
-def matmul_peak_gflops(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
-    """Best fp32 wall-clock GFLOP/s of torch.mm over the workload's own matmul shapes
-    (M, K, N), at the thread count set for the process."""
+def matmul_peak_gflops(
+    shapes: list[tuple[int, int, int]], repeats: int = 5, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best wall-clock GFLOP/s of torch.mm over the workload's own matmul shapes (M, K, N),
+    at the thread count set for the process."""
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         torch.mm(a, b)
         for _ in range(repeats):
             t = time.perf_counter()
@@ -151,8 +153,8 @@ def next_id() -> int:
     return next(_ids)
 
 
-def batched(path: Path, backend: str, wl: dict) -> dict:
-    eng = engine(path, wl["n"], attention_backend=backend)
+def batched(path: Path, backend: str, wl: dict, dtype: str = "auto") -> dict:
+    eng = engine(path, wl["n"], attention_backend=backend, dtype=dtype)
     run_requests(eng, prompts(wl["n"], wl["prompt_len"], wl["vocab"], seed=1000), 4)  # warm-up
     hits_before = eng.block_manager.prefix_hit_rate
     r = run_requests(eng, prompts(wl["n"], wl["prompt_len"], wl["vocab"], seed=0), wl["new"])
@@ -162,10 +164,10 @@ def batched(path: Path, backend: str, wl: dict) -> dict:
     return r
 
 
-def hf_static(path: Path, wl: dict) -> dict:
+def hf_static(path: Path, wl: dict, dtype: torch.dtype = torch.float32) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     warm = torch.tensor(prompts(wl["n"], wl["prompt_len"], wl["vocab"], seed=1000))
     ids = torch.tensor(prompts(wl["n"], wl["prompt_len"], wl["vocab"], seed=0))
     kw = dict(do_sample=False, pad_token_id=0)
@@ -185,8 +187,8 @@ def hf_static(path: Path, wl: dict) -> dict:
     }
 
 
-def engine_tokens(path: Path, wl: dict) -> list[list[int]]:
-    eng = engine(path, wl["n"])
+def engine_tokens(path: Path, wl: dict, dtype: str = "auto") -> list[list[int]]:
+    eng = engine(path, wl["n"], dtype=dtype)
     params = SamplingParams(max_tokens=wl["new"], temperature=0.0, ignore_eos=True)
     batch = prompts(wl["n"], wl["prompt_len"], wl["vocab"], seed=0)
     for i, p in enumerate(batch):
@@ -198,8 +200,10 @@ def engine_tokens(path: Path, wl: dict) -> list[list[int]]:
     return [got[str(i)] for i in range(len(batch))]
 
 
-def batch_one(path: Path, quantization: str, vocab: int, prompt_len: int, new: int) -> dict:
-    eng = engine(path, 1, quantization=quantization)
+def batch_one(
+    path: Path, quantization: str, vocab: int, prompt_len: int, new: int, dtype: str = "auto"
+) -> dict:
+    eng = engine(path, 1, quantization=quantization, dtype=dtype)
     run_requests(eng, prompts(1, prompt_len, vocab, seed=2000), 8)  # warm-up
     runs = [run_requests(eng, prompts(1, prompt_len, vocab, seed=3000 + i), new) for i in range(3)]
     wall = [r["decode_tok_per_s"] for r in runs]
@@ -211,10 +215,50 @@ def batch_one(path: Path, quantization: str, vocab: int, prompt_len: int, new: i
     }
 
 
+def agreement(got: list[list[int]], ref: list[list[int]]) -> dict:
+    """Greedy agreement of two runs: sequences identical, and the mean share of each
+    sequence's tokens before its first difference (one flipped near-tie changes the rest)."""
+    prefix = []
+    for g, r in zip(got, ref, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(r))
+        prefix.append(same / len(r))
+    return {
+        "sequences_identical": round(sum(p == 1.0 for p in prefix) / len(prefix), 3),
+        "mean_share_before_first_difference": round(statistics.mean(prefix), 3),
+    }
+
+
+def bf16_arm(path: Path, dims: dict, wl: dict, hf_fp32_tokens: list[list[int]]) -> dict:
+    """The engine with bf16 weights, activations and KV cache (what `--dtype auto` picks
+    for a bf16 checkpoint on an AMX CPU), against the fp32 engine and HF static batching in
+    bf16, with its own limit: the same FLOPs at torch.mm's best bf16 speed."""
+    shapes = matmul_shapes(dims, wl)
+    peak_before = matmul_peak_gflops(shapes, dtype=torch.bfloat16)
+    run = batched(path, "auto", wl, dtype="bfloat16")
+    peak = (peak_before + matmul_peak_gflops(shapes, dtype=torch.bfloat16)) / 2
+    hf = hf_static(path, wl, torch.bfloat16)
+    hf_tokens = hf.pop("tokens")[:, wl["prompt_len"] :].tolist()
+    tokens = engine_tokens(path, wl, "bfloat16")
+    flops = workload_flops(dims, wl["n"], wl["prompt_len"], wl["new"])
+    limit = wl["n"] * wl["new"] / (flops / (peak * 1e9))
+    return {
+        "cpu_has_amx": cpu_has_amx(),
+        "engine": run,
+        "hf_static_bf16": hf,
+        "matmul_peak_gflops_bf16": round(peak, 1),
+        "limit_output_tok_per_s": round(limit, 1),
+        "engine_share_of_bf16_limit": round(run["output_tok_per_s"] / limit, 3),
+        "engine_vs_hf_static_bf16": round(run["output_tok_per_s"] / hf["output_tok_per_s"], 3),
+        "greedy_vs_hf_fp32": agreement(tokens, hf_fp32_tokens),
+        "greedy_vs_hf_bf16": agreement(tokens, hf_tokens),
+    }
+
+
 # ---------------------------------------------------------------- quality
 
 
 def quality(demo_dir: Path, methods: list[str], docs: int) -> dict:
+    """`methods`: quantizations, or "bf16" (bf16 weights and activations)."""
     """Teacher-forced on held-out demo text: top-1 agreement with fp32, and perplexity."""
     from tokenizers import Tokenizer
 
@@ -227,9 +271,10 @@ def quality(demo_dir: Path, methods: list[str], docs: int) -> dict:
     rows = [r for r in rows if len(r) > 8]
 
     def model_for(method: str):
-        m = build_model(cfg, torch.float32, torch.device("cpu"), max_positions=512)
+        dtype = torch.bfloat16 if method == "bf16" else torch.float32
+        m = build_model(cfg, dtype, torch.device("cpu"), max_positions=512)
         load_weights(m, demo_dir)
-        if method != "fp32":
+        if method not in ("fp32", "bf16"):
             quantize_model(m, method)
         return m
 
@@ -269,21 +314,28 @@ def plot(results: dict, out: Path) -> None:
     labels = ["engine\n(cpu kernels)", "engine\n(torch ref attn)", "HF static\nbatching"]
     values = [b["engine_cpu"]["output_tok_per_s"], b["engine_torch"]["output_tok_per_s"]]
     values.append(b["hf_static"]["output_tok_per_s"])
-    ax1.bar(labels, values, color=["tab:blue", "tab:cyan", "tab:orange"])
+    labels += ["engine\nbf16", "HF static\nbf16"]
+    values += [
+        b["bf16"]["engine"]["output_tok_per_s"],
+        b["bf16"]["hf_static_bf16"]["output_tok_per_s"],
+    ]
+    colors = ["tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:olive"]
+    ax1.bar(labels, values, color=colors)
     ax1.axhline(b["compute_limit_tok_per_s"], color="k", ls="--", lw=1)
     ax1.text(
-        2.4, b["compute_limit_tok_per_s"], "compute limit", va="bottom", ha="right", fontsize=8
+        2.4, b["compute_limit_tok_per_s"], "fp32 compute limit", va="bottom", ha="right", fontsize=8
     )
     for i, v in enumerate(values):
         ax1.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax1.set_ylabel("output tokens/s")
     ax1.set_title(
-        f"64 x (64 in, 64 out), greedy, fp32 - {results['machine']['summary']}", fontsize=9
+        f"64 x (64 in, 64 out), greedy, fp32 unless marked - {results['machine']['summary']}",
+        fontsize=9,
     )
     one = results["batch1"]
     names = list(one)
     vals = [one[k]["decode_tok_per_s"] for k in names]
-    ax2.bar(names, vals, color=["tab:blue", "tab:green", "tab:purple"][: len(names)])
+    ax2.bar(names, vals, color=["tab:blue", "tab:green", "tab:purple", "tab:olive"][: len(names)])
     for i, v in enumerate(vals):
         ax2.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax2.set_ylabel("decode tokens/s, batch 1")
@@ -316,7 +368,8 @@ def main() -> int:
             "load; compare arms of this one run",
         },
     }
-    results["machine"]["summary"] = f"{os.cpu_count()}-core x86_64, {args.threads} threads"
+    amx = ", AMX" if cpu_has_amx() else ""
+    results["machine"]["summary"] = f"{os.cpu_count()}-core x86_64{amx}, {args.threads} threads"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench-llama"
         results["model"] = save_random_llama(path, dims)
@@ -334,6 +387,8 @@ def main() -> int:
         b["hf_static"] = hf
         print("hf static", hf, flush=True)
         b["greedy_tokens_identical_to_hf"] = engine_tokens(path, wl) == hf_tokens
+        b["bf16"] = bf16_arm(path, dims, wl, hf_tokens)
+        print("bf16", b["bf16"], flush=True)
         peak = (peak_before + peak_after) / 2
         flops = workload_flops(dims, wl["n"], wl["prompt_len"], wl["new"])
         limit = wl["n"] * wl["new"] / (flops / (peak * 1e9))
@@ -354,6 +409,7 @@ def main() -> int:
             engine_output_tok_per_s_wall=round(engine_wall, 1),
             engine_share_of_limit=round(engine_wall / limit, 3),
             engine_vs_hf_static=round(engine_wall / hf["output_tok_per_s"], 3),
+            engine_bf16_vs_fp32=round(b["bf16"]["engine"]["output_tok_per_s"] / engine_wall, 3),
             cpu_kernels_vs_torch_reference=round(
                 b["engine_cpu"]["output_tok_per_s"] / b["engine_torch"]["output_tok_per_s"], 3
             ),
@@ -371,11 +427,15 @@ def main() -> int:
         results["batch1"] = {
             ("fp32" if k == "none" else k): v for k, v in results["batch1"].items()
         }
+        results["batch1"]["bf16"] = batch_one(
+            path, "none", dims["vocab_size"], 64 if not args.quick else 16, one_new, "bfloat16"
+        )
         fp32 = results["batch1"]["fp32"]["decode_tok_per_s"]
         fp32_cpu = results["batch1"]["fp32"]["decode_tok_per_cpu_s"]
         results["batch1_ratios"] = {
             "int8_vs_fp32": round(results["batch1"]["int8"]["decode_tok_per_s"] / fp32, 3),
             "fp8_vs_fp32": round(results["batch1"]["fp8"]["decode_tok_per_s"] / fp32, 3),
+            "bf16_vs_fp32": round(results["batch1"]["bf16"]["decode_tok_per_s"] / fp32, 3),
             "int8_vs_fp32_cpu_time": round(
                 results["batch1"]["int8"]["decode_tok_per_cpu_s"] / fp32_cpu, 3
             ),
@@ -392,7 +452,7 @@ def main() -> int:
             demo = ensure_demo_checkpoint(args.demo_model)
         results["quality"] = {
             "model": "jetserve demo model (seed 0), held-out demo-corpus documents (seed 987654)",
-            **quality(demo, ["int8", "fp8"], docs=20 if args.quick else 300),
+            **quality(demo, ["int8", "fp8", "bf16"], docs=20 if args.quick else 300),
         }
     print("quality", results["quality"], flush=True)
     results["machine"]["load_average_end"] = load_average()

@@ -12,7 +12,9 @@ benchmarks/gguf_export.py, and run through llama-cpp-python (`pip install -e .[b
   64 running sequences vs llama.cpp's batched API (one llama_decode per step over all 64
   sequences, as its `batched` example and server do). Output tok/s.
 Greedy tokens of llama.cpp F32 are checked against jetserve on the first prompt and the
-agreement recorded. jetserve int8 runs too when the engine has `--quantization int8`.
+agreement recorded. jetserve int8 runs too when the engine has `--quantization int8`, and
+jetserve bf16 (`--dtype bfloat16`) against llama.cpp F16, the other 16-bit weights (on a
+CPU with AMX, bf16 matmuls run on its tiles).
 
     python benchmarks/llamacpp_bench.py          # benchmarks/results/llamacpp.{json,png}
     python benchmarks/llamacpp_bench.py --quick  # tiny model, seconds
@@ -39,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gguf_export import write_gguf
 from benchmarks.issue16_model import make_model
-from engine_worker.engine.config import EngineConfig
+from engine_worker.engine.config import EngineConfig, cpu_has_amx
 from engine_worker.engine.llm_engine import LLMEngine
 from shared.sampling_params import SamplingParams
 from shared.settings.engine import EngineSettings
@@ -69,6 +71,9 @@ def _silence_llama_cpp() -> None:
     lc.llama_log_set(quiet, ctypes.c_void_p())
 
 
+EXTRA_BUFFERS_OFF = cpu_has_amx()
+
+
 @dataclass
 class LlamaCpp:
     """One GGUF model and a context with room for `n_seqs` sequences of `seq_len`."""
@@ -85,6 +90,9 @@ class LlamaCpp:
         _silence_llama_cpp()
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
+        # llama.cpp 0.3.36 built for an AMX CPU segfaults in llama_decode with its extra
+        # (repacked / AMX) weight buffers; plain buffers run. Off only there, and recorded.
+        mparams.use_extra_bufts = not EXTRA_BUFFERS_OFF
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -159,8 +167,8 @@ class LlamaCpp:
 
 
 # -- jetserve ----------------------------------------------------------------------------
-def jetserve_engine(path: Path, n_seqs: int, quantization: str | None) -> LLMEngine:
-    extra = {"quantization": quantization} if quantization else {}
+def jetserve_engine(path: Path, n_seqs: int, extra: dict) -> LLMEngine:
+    """`extra`: the variant's engine settings (a quantization, a dtype)."""
     return LLMEngine(
         EngineConfig(
             model=str(path),
@@ -259,9 +267,12 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     prompt_len, new1, n_conc, new_conc = (8, 8, 4, 4) if args.quick else (64, 128, 64, 64)
-    quantizations = [None]
+    # jetserve's variants: fp32 (the reference), int8 weights, and bf16 (weights,
+    # activations and KV cache; against llama.cpp F16, the other 16-bit weights)
+    variants: dict[str, dict] = {"fp32": {}}
     if "quantization" in EngineSettings.model_fields:
-        quantizations.append("int8")
+        variants["int8"] = {"quantization": "int8"}
+    variants["bf16"] = {"dtype": "bfloat16"}
     rng = random.Random(0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,16 +288,16 @@ def main() -> int:
         }
         seq_len = prompt_len + max(new1, new_conc) + 16
         cpp1 = {t: LlamaCpp.load(p, 1, seq_len) for t, p in ggufs.items()}
-        cpp64 = {t: LlamaCpp.load(ggufs[t], n_conc, seq_len) for t in ("f32", "q8_0")}
-        js1 = {q: jetserve_engine(ckpt, 1, q) for q in quantizations}
-        js64 = {q: jetserve_engine(ckpt, n_conc, q) for q in quantizations}
+        cpp64 = {t: LlamaCpp.load(ggufs[t], n_conc, seq_len) for t in ("f32", "f16", "q8_0")}
+        js1 = {v: jetserve_engine(ckpt, 1, kw) for v, kw in variants.items()}
+        js64 = {v: jetserve_engine(ckpt, n_conc, kw) for v, kw in variants.items()}
 
-        def js_name(q: str | None) -> str:
-            return f"jetserve {q or 'fp32'}"
+        def js_name(v: str) -> str:
+            return f"jetserve {v}"
 
         # Warm-up (kernels built, pages touched) and the greedy check, on one prompt.
         check = prompts(1)
-        ref = jetserve_generate(js1[None], check, new1)[0][0]
+        ref = jetserve_generate(js1["fp32"], check, new1)[0][0]
         agreement = {}
         for t, m in cpp1.items():
             got = m.generate(check, new1)[0][0]
@@ -295,7 +306,7 @@ def main() -> int:
                 "same_tokens": sum(a == b for a, b in zip(ref, got, strict=True)),
                 "of": len(ref),
             }
-        for q in quantizations[1:]:
+        for q in list(variants)[1:]:
             got = jetserve_generate(js1[q], check, new1)[0][0]
             agreement[js_name(q)] = {
                 "first_divergence": first_divergence(ref, got),
@@ -334,6 +345,12 @@ def main() -> int:
                 goals["batch1 int8 / llama.cpp Q8_0 (how far)"] = ratio(
                     b1["jetserve int8"], b1["llama.cpp Q8_0"], "decode_tok_per_s"
                 )
+            goals["batch1 bf16 / llama.cpp F16 (16-bit weights both)"] = ratio(
+                b1["jetserve bf16"], b1["llama.cpp F16"], "decode_tok_per_s"
+            )
+            goals["64 concurrent bf16 / llama.cpp batched F16"] = ratio(
+                cc["jetserve bf16"], cc["llama.cpp batched F16"], "e2e_tok_per_s"
+            )
             import llama_cpp
 
             results = {
@@ -344,6 +361,9 @@ def main() -> int:
                 "load_average_note": "1/5/15-minute load before, then after the run",
                 "threads": THREADS,
                 "llama_cpp_python": llama_cpp.__version__,
+                "llama_cpp_extra_buffers": "off (AMX CPU: they segfault in llama_decode)"
+                if EXTRA_BUFFERS_OFF
+                else "on",
                 "torch": torch.__version__,
                 "workload": {
                     "batch1": {

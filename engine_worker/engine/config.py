@@ -22,6 +22,14 @@ SUPPORTED_ARCHITECTURES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN runs
+    bf16 matmuls on them. torch says so through a private helper; a torch without it
+    counts as no AMX (fp32 stays the CPU's dtype)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 @dataclass
 class ModelConfig:
     """The architecture facts the model code needs, normalised across the Llama family."""
@@ -131,9 +139,14 @@ class EngineConfig(EngineSettings):
         return torch.device(self.device)
 
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
-        """'auto' keeps the checkpoint's dtype on GPU and uses fp32 on CPU (bf16 matmuls are slow there)."""
+        """'auto' keeps the checkpoint's dtype on GPU. On the CPU it computes in fp32 (bf16
+        matmuls are slow on most CPUs), except a bf16 checkpoint on a CPU with AMX tiles,
+        whose bf16 matmuls beat fp32 (2.2x the engine's tokens/s on issue 16's workload,
+        docs/models.md): there the checkpoint's own dtype is the faster one."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
+        checkpoint = DTYPES.get(model_cfg.torch_dtype, torch.bfloat16)
         if device.type == "cpu":
-            return torch.float32
-        return DTYPES.get(model_cfg.torch_dtype, torch.bfloat16)
+            fast_bf16 = checkpoint == torch.bfloat16 and cpu_has_amx()
+            return torch.bfloat16 if fast_bf16 else torch.float32
+        return checkpoint

@@ -18,7 +18,8 @@ class EngineSettings(Settings):
     device: str = setting("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto",
-        help="weights and KV cache dtype; auto keeps the checkpoint's on GPU, float32 on CPU",
+        help="weights and KV cache dtype; auto keeps the checkpoint's on GPU, and on CPU "
+        "float32 (bfloat16 for a bfloat16 checkpoint where the CPU has AMX)",
     )
     block_size: int = setting(
         16,
