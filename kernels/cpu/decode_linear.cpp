@@ -1,5 +1,5 @@
-// y = x W^T (+ b) in fp32 for the few rows of a decode step (x [M, K], M small; W [N, K]
-// as Hugging Face stores it). At these sizes a matmul is a pass over the weight bytes, and
+// y = x W^T (+ b) with fp32 sums for the few rows of a decode step (x [M, K], M small;
+// W [N, K] as Hugging Face stores it; fp32, bf16 or int8). At these sizes a matmul is a pass over the weight bytes, and
 // torch's fp32 matmul streams a [N, K] weight at a third of what the memory system gives
 // one core (6-10 GB/s against ~23 GB/s for a plain sum on the issue-16 box): the LM head
 // alone was 10 of a 22 ms batch-1 step. Here each weight row is read once, in order, and
@@ -33,6 +33,11 @@ inline float lane_sum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline Vec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+// bf16 is the top half of an fp32: widen each 16-bit lane and shift it into place.
+inline Vec load(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
 using Vec = __m256;
@@ -47,6 +52,10 @@ inline float lane_sum(Vec v) {
 inline Vec load(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline Vec load(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 #else  // any other CPU: one lane, the compiler's own vectorisation
 constexpr int64_t kLanes = 1;
 using Vec = float;
@@ -55,6 +64,7 @@ inline Vec load(const float* p) { return *p; }
 inline Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float lane_sum(Vec v) { return v; }
 inline Vec load(const int8_t* p) { return static_cast<float>(*p); }
+inline Vec load(const at::BFloat16* p) { return static_cast<float>(*p); }
 #endif
 
 // MR rows of x against one output channel: the channel's weight row is read once, front
@@ -145,16 +155,23 @@ at::Tensor stream_weights(const at::Tensor& x, const at::Tensor& weight) {
 
 }  // namespace
 
+// fp32 weights with fp32 x, or bf16 weights with bf16 x (a bf16 model): the bf16 rows of
+// x are widened once, the weight in registers as it streams, every sum is fp32, and y
+// comes back in x's dtype. oneDNN's bf16 matmul for a few rows ran at half this pass's
+// speed on an AMX box (the tiles pay off from many rows up).
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, "decode_linear is fp32");
-  auto y = stream_weights<float>(x, weight);
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_linear is fp32 or bf16");
+  TORCH_CHECK(x.scalar_type() == dtype, "x and the weight have one dtype");
+  auto y = dtype == at::kFloat ? stream_weights<float>(x, weight)
+                               : stream_weights<at::BFloat16>(x.to(at::kFloat), weight);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == weight.size(0) && bias->scalar_type() == at::kFloat,
-                "bias is fp32 [N]");
+    TORCH_CHECK(bias->numel() == weight.size(0) && bias->scalar_type() == dtype,
+                "bias is [N] in the weight's dtype");
     y.add_(*bias);
   }
-  return y;
+  return dtype == at::kFloat ? y : y.to(at::kBFloat16);
 }
 
 // int8_linear's path for fp32 activations (ops.cpp).

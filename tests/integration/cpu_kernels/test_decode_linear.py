@@ -1,5 +1,5 @@
-"""The fp32 decode-batch matmul (kernels/cpu/decode_linear.cpp) against F.linear, and the
-CPU backend's Linear choosing it only for a decode step's few rows."""
+"""The decode-batch matmul (kernels/cpu/decode_linear.cpp; fp32 and bf16 weights) against
+F.linear, and the CPU backend's Linear choosing it only for a decode step's few rows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.linear import Linear
-from kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, decode_linear_cpu, linear_cpu
+from kernels.cpu.ops import (
+    DECODE_LINEAR_MAX_ROWS,
+    STREAMED_MAX_ROWS,
+    decode_linear_cpu,
+    linear_cpu,
+)
 from tests.support.linear_cases import random_linear
 
 
@@ -27,6 +32,37 @@ def test_matches_f_linear(rows: int, cols: int, out: int, bias: bool, seed: int)
     torch.testing.assert_close(
         decode_linear_cpu(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5
     )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, STREAMED_MAX_ROWS[torch.bfloat16] + 1),
+    cols=st.sampled_from([1, 15, 16, 17, 31, 32, 48, 64, 100, 512]),
+    out=st.integers(1, 300),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_is_the_fp32_sum_rounded_once(
+    rows: int, cols: int, out: int, bias: bool, seed: int
+) -> None:
+    """bf16 weights and rows: every product and sum in fp32, y rounded to bf16 at the end
+    (so within one bf16 step of F.linear over the same values in fp32)."""
+    x, w, b = (t.to(torch.bfloat16) if t is not None else None for t in random_linear(
+        rows, cols, out, bias, seed))  # fmt: skip
+    got = decode_linear_cpu(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+    exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(got.float(), exact.to(torch.bfloat16).float(), atol=1e-3, rtol=2**-7)
+
+
+def test_bf16_takes_the_kernel_up_to_its_rows() -> None:
+    w = torch.randn(40, 24).to(torch.bfloat16)
+    for rows in (1, STREAMED_MAX_ROWS[torch.bfloat16], 2 * STREAMED_MAX_ROWS[torch.bfloat16]):
+        x = torch.randn(rows, 24).to(torch.bfloat16)
+        y = linear_cpu(x, w)
+        assert y.dtype == torch.bfloat16
+        exact = torch.nn.functional.linear(x.float(), w.float())
+        torch.testing.assert_close(y.float(), exact, atol=2e-2, rtol=2**-7)
 
 
 def test_strided_rows_and_threads() -> None:

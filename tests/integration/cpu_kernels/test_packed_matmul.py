@@ -1,4 +1,4 @@
-"""The CPU backend's load-time packed fp32 matmul (kernels/cpu/packed_matmul.py) against
+"""The CPU backend's load-time packed fp32 and bf16 matmul (kernels/cpu/packed_matmul.py) against
 F.linear, its refusal of a weight it did not pack, and the engine binding it to every
 plain fp32 Linear (quantized ones keep their kernels)."""
 
@@ -35,6 +35,25 @@ def test_matches_f_linear(rows: int, cols: int, out: int, bias: bool, seed: int)
     y = PackedMatmul(w)(x, w, b)
     assert y.shape == (rows, out)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.sampled_from([1, 4, 5, 16, 64, 65]),
+    cols=st.sampled_from([1, 16, 17, 64, 512]),
+    out=st.integers(1, 300),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_matches_f_linear(rows: int, cols: int, out: int, bias: bool, seed: int) -> None:
+    """A bf16 weight packs too; any row count gives F.linear's bf16 result (fp32 sums,
+    rounded once, so within a bf16 step of it)."""
+    x, w, b = (t.to(torch.bfloat16) if t is not None else None for t in random_linear(
+        rows, cols, out, bias, seed))  # fmt: skip
+    y = PackedMatmul(w)(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out)
+    exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(y.float(), exact, atol=2e-2, rtol=2**-7)
 
 
 def test_batched_shapes_strides_and_threads() -> None:
@@ -84,7 +103,8 @@ def test_bind_packs_plain_fp32_linears_only() -> None:
     assert not hasattr(model[2], "matmul")
     assert torch.equal(model[2](x), quantized_before)
     torch.testing.assert_close(model[1](x), x @ model[1].weight.t() + model[1].bias)
-    assert matmul_for(torch.randn(4, 4).to(torch.bfloat16)) is linear_cpu
+    assert isinstance(matmul_for(torch.randn(4, 4).to(torch.bfloat16)), PackedMatmul)
+    assert matmul_for(torch.randn(4, 4).to(torch.float16)) is linear_cpu
 
 
 def test_engine_packs_on_the_cpu_backend_only(tiny_llama: Path) -> None:
