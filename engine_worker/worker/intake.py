@@ -2,9 +2,10 @@
 
 The worker pulls from the model's durable consumer only as many jobs as the engine can
 start now, so the backlog waits in JetStream where any worker can take it and where its
-size is the autoscaling signal. Before a job runs its Deltas already in LLM_EVENTS are
-read, so a redelivered job (its worker crashed or was stopped) or a replayed dead letter
-continues after the last stored token. A delivery beyond `max_deliver` is moved to
+size is the autoscaling signal. A redelivered job's Deltas already in LLM_EVENTS are read
+before it runs, so it (its worker crashed or was stopped) continues after the last stored
+token; a first delivery starts without that read, its first Delta fenced on an empty log,
+and one whose log had Deltas after all (a replayed dead letter) restarts from the log. A delivery beyond `max_deliver` is moved to
 LLM_DEAD instead of being run. Malformed jobs are logged and terminated (never
 redelivered). A job of a wire version newer than this worker reads (a newer API during a
 rolling upgrade) is not malformed: it is handed back with a delay for a worker that reads
@@ -46,7 +47,7 @@ from engine_worker.worker.routing.fallback import (
 )
 from engine_worker.worker.running import RunningJobs
 from shared.bus.dead_letters import publish_dead_letter
-from shared.bus.job_events import read_history
+from shared.bus.job_events import JobHistory, read_history
 from shared.bus.subjects import CANCEL_WILDCARD, events_subject, job_id_from_subject, sanitize_model
 from shared.messages import (
     JOB_READERS,
@@ -111,6 +112,7 @@ class Intake:
     _deferred: CancelMemory = field(default_factory=lambda: CancelMemory(ttl_s=3600.0))
     _capacity_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _cancel_sub: Any = None
+    _restarts: set[asyncio.Task] = field(default_factory=set)
 
     async def subscribe_cancels(self) -> None:
         self._cancel_sub = await self.nc.subscribe(CANCEL_WILDCARD, cb=self.on_cancel)
@@ -178,8 +180,15 @@ class Intake:
                     if state is not None:
                         self.admit(state)
 
-    async def prepare(self, msg: Msg) -> JobState | None:
-        """Decode a delivery and restore the job's state from LLM_EVENTS; None if handled."""
+    async def prepare(self, msg: Msg, read_log: bool = False) -> JobState | None:
+        """Decode a delivery and restore the job's state from LLM_EVENTS; None if handled.
+
+        A first delivery starts without reading its log (one round trip to NATS off every
+        request's time to first token): its first Delta is fenced on an empty log, so if
+        the log was not empty after all (a replayed dead letter, a job cancelled while it
+        was queued), that append is refused and `restart_from_log` runs it again from the
+        log, before anything it made has been stored or shown. `read_log`: read it anyway.
+        """
         try:
             job = decode_job(msg.data, self.job_readers)
         except NewerVersion as e:
@@ -210,13 +219,17 @@ class Intake:
                 existing.msg = msg
                 self.log.warning("job_redelivered_while_running")
                 return None
+            delivered = runs_so_far(msg)
+            if delivered == 1 and not read_log:
+                state = state_from_history(job, msg, JobHistory(job.id))
+                state.optimistic = True
+                return state
             try:
                 history = await read_history(self.nc.jetstream(), job.id, HISTORY_TIMEOUT_S)
             except Exception as e:
                 # Not acked: JetStream redelivers it after ack_wait, when NATS answers again.
                 self.log.warning("job_history_unreadable", error=f"{type(e).__name__}: {e}")
                 return None
-            delivered = runs_so_far(msg)
             if history.terminal:
                 # The last worker stored the final Delta but died before its ack.
                 self.log.info("job_already_finished", num_delivered=delivered)
@@ -237,6 +250,19 @@ class Intake:
                 await self._dead_letter(state, delivered)
                 return None
             return state
+
+    def restart_from_log(self, state: JobState) -> None:
+        """An optimistic job whose log had Deltas (the outbox dropped it): run it again from
+        its log, as a redelivery would, without waiting out ack_wait."""
+
+        async def restart() -> None:
+            restored = await self.prepare(state.msg, read_log=True)
+            if restored is not None:
+                self.admit(restored)
+
+        task = asyncio.get_running_loop().create_task(restart())
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     async def move_routed(self, msg: Msg, runs: int, reason: str) -> bool:
         """Hand a routed delivery to the shared queue; False if NATS refused (left unacked,

@@ -35,6 +35,10 @@ class JobState:
     events: EventLog | None = None  # the job's log in LLM_EVENTS and its publish fence
     resume_token_ids: list[list[int]] | None = None  # tokens other workers already produced
     lost: bool = False  # another worker appended to the job's log: stop, do not ack
+    # Started before its log was read (a first delivery): the first append's fence (an
+    # empty log) is the check, and a conflict there means the log had Deltas after all
+    # (a replayed dead letter, a job cancelled while queued): the job is restarted from it.
+    optimistic: bool = False
     held: list[CompletionChunk] = field(default_factory=list)  # stream interval: not sent yet
 
     def __post_init__(self) -> None:

@@ -193,6 +193,7 @@ class Worker:
             routed_sub=self._routed_sub,
             ack_wait_s=self.settings.ack_wait_s,
         )
+        self.outbox.on_log_found = self.intake.restart_from_log
         await self.intake.subscribe_cancels()
         self.janitor = Janitor(
             nc=self.nc,

@@ -53,6 +53,9 @@ class Outbox:
     model_name: str
     log: Any
     retry_for_s: float = APPEND_RETRY_S
+    # An optimistic job (job_state.py) whose log turned out not to be empty: restart it from
+    # the log (Intake.restart_from_log). Unset: such a job is dropped to redelivery.
+    on_log_found: Callable[[JobState], None] | None = None
     _queue: asyncio.Queue[list[Outgoing] | None] = field(default_factory=asyncio.Queue)
 
     def enqueue(self, batch: list[Outgoing]) -> None:
@@ -112,7 +115,9 @@ class Outbox:
         for out, result in zip(batch, stored, strict=True):
             if result is not Appended.STORED:
                 self._drop(out.state, result)
-            elif out.action is not None:
+                continue
+            out.state.optimistic = False  # its log was empty: the job is ours as started
+            if out.action is not None:
                 await self._settle(out)
 
     async def _settle(self, out: Outgoing) -> None:
@@ -149,6 +154,11 @@ class Outbox:
         self.jobs.forget(state)
         if state.request_id:
             self.abort(state.request_id)
+        if result is Appended.LOST and state.optimistic and self.on_log_found is not None:
+            # Not a takeover: the log had Deltas before this worker started the job.
+            self.log.info("job_log_found", job_id=state.id)
+            self.on_log_found(state)
+            return
         if result is Appended.LOST:
             self.metrics.jobs_lost.labels(model_name=self.model_name).inc()
         self.log.warning("job_dropped", job_id=state.id, reason=result.value)

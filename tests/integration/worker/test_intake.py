@@ -24,7 +24,7 @@ from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.worker.cancel_memory import CancelMemory
 from engine_worker.worker.engine_thread import EngineThread, StepResult
 from engine_worker.worker.intake import Intake
-from engine_worker.worker.outbox import Outbox
+from engine_worker.worker.outbox import Outbox, Outgoing
 from engine_worker.worker.running import RunningJobs
 from shared.bus.dead_letters import list_dead_letters
 from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams
@@ -102,6 +102,7 @@ async def parts(nats_server, engine: LLMEngine) -> AsyncIterator[Parts]:
         metrics=metrics,
         log=log,
     )
+    outbox.on_log_found = intake.restart_from_log  # as the worker wires them
     p = Parts(nc, intake, outbox, jobs, registry, [])
     yield p
     intake.stopping.set()
@@ -224,7 +225,10 @@ async def test_a_job_cancelled_before_it_is_pulled_closes_without_running(parts:
     assert len(parts.jobs) == 0
 
 
-async def test_a_redelivered_job_resumes_after_its_stored_deltas(parts: Parts) -> None:
+async def test_a_job_whose_log_has_deltas_resumes_after_them(parts: Parts) -> None:
+    """A first delivery whose log is not empty (a replayed dead letter looks like this)
+    starts before its log is read; its first Delta is refused by the fence on an empty
+    log, nothing of that start is stored, and the job runs again after the stored ones."""
     js = parts.nc.jetstream()
     job = make_job()
     for seq, tokens in enumerate(([7, 8], [9])):
@@ -237,7 +241,46 @@ async def test_a_redelivered_job_resumes_after_its_stored_deltas(parts: Parts) -
         return job.id in parts.jobs
 
     await until(admitted)
+    first = parts.jobs.get(job.id)
+    assert first.optimistic and first.next_seq == 0 and first.events.fence == 0
+    # what the worker's step would send: the job's first Delta, as if its log were empty
+    made = Delta(job.id, 0, [CompletionChunk(0, [5])], worker_id="w1")
+    parts.outbox.enqueue([Outgoing(first, made)])
+
+    async def restarted() -> bool:
+        state = parts.jobs.get(job.id)
+        return state is not None and state is not first
+
+    await until(restarted)
     state = parts.jobs.get(job.id)
+    assert first.lost and not state.optimistic
     assert state.next_seq == 2 and state.events.fence == ack.seq
     assert state.resume_token_ids == [[7, 8, 9]] and state.completion_tokens == 3
     assert parts.sample("jetserve:jobs_resumed_total") == 1
+    assert parts.sample("jetserve:jobs_lost_total") == 0  # not a takeover
+    deltas, _ = await read_job_events(js, job.id)
+    assert [(d.seq, d.worker_id) for d in deltas] == [(0, "w0"), (1, "w0")]
+
+
+async def test_a_first_delivery_with_an_empty_log_keeps_its_start(parts: Parts) -> None:
+    job = make_job()
+    await submit(parts.nc, job)
+    parts.run()
+
+    async def admitted() -> bool:
+        return job.id in parts.jobs
+
+    await until(admitted)
+    state = parts.jobs.get(job.id)
+    assert state.optimistic
+    parts.outbox.enqueue(
+        [Outgoing(state, Delta(job.id, 0, [CompletionChunk(0, [5])], worker_id="w1"))]
+    )
+
+    async def stored() -> bool:
+        return not state.optimistic
+
+    await until(stored)
+    assert parts.jobs.get(job.id) is state and not state.lost
+    (delta,), _ = await read_job_events(parts.nc.jetstream(), job.id)
+    assert delta.worker_id == "w1" and delta.chunks[0].token_ids == [5]
