@@ -141,8 +141,8 @@ class EngineConfig(EngineSettings):
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
         """'auto' keeps the checkpoint's dtype on GPU. On the CPU it computes in fp32 (bf16
         matmuls are slow on most CPUs), except a bf16 checkpoint on a CPU with AMX tiles,
-        whose bf16 matmuls beat fp32 (2.2x the engine's tokens/s on issue 16's workload,
-        docs/models.md): there the checkpoint's own dtype is the faster one."""
+        whose bf16 matmuls beat fp32 (2.75x the engine's tokens/s on issue 16's workload,
+        docs/kv-cache.md): there the checkpoint's own dtype is the faster one."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         checkpoint = DTYPES.get(model_cfg.torch_dtype, torch.bfloat16)
