@@ -24,6 +24,7 @@ from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.worker.cancel_memory import CancelMemory
 from engine_worker.worker.engine_thread import EngineThread, StepResult
 from engine_worker.worker.intake import Intake
+from engine_worker.worker.job_state import JobState
 from engine_worker.worker.outbox import Outbox, Outgoing
 from engine_worker.worker.running import RunningJobs
 from shared.bus.dead_letters import list_dead_letters
@@ -225,6 +226,24 @@ async def test_a_job_cancelled_before_it_is_pulled_closes_without_running(parts:
     assert len(parts.jobs) == 0
 
 
+async def run_until_admitted(parts: Parts, job: Job) -> JobState:
+    """Submit `job`, start the intake and outbox, and return the job's state once admitted."""
+    await submit(parts.nc, job)
+    parts.run()
+
+    async def admitted() -> bool:
+        return job.id in parts.jobs
+
+    await until(admitted)
+    return parts.jobs.get(job.id)
+
+
+def send_first_delta(parts: Parts, state: JobState) -> None:
+    """What the worker's step would send for a new job: its Delta 0, one token."""
+    delta = Delta(state.id, 0, [CompletionChunk(0, [5])], worker_id="w1")
+    parts.outbox.enqueue([Outgoing(state, delta)])
+
+
 async def test_a_job_whose_log_has_deltas_resumes_after_them(parts: Parts) -> None:
     """A first delivery whose log is not empty (a replayed dead letter looks like this)
     starts before its log is read; its first Delta is refused by the fence on an empty
@@ -234,18 +253,10 @@ async def test_a_job_whose_log_has_deltas_resumes_after_them(parts: Parts) -> No
     for seq, tokens in enumerate(([7, 8], [9])):
         stored = Delta(job.id, seq, [CompletionChunk(0, tokens)], worker_id="w0")
         ack = await js.publish(events_subject(job.id), encode_delta(stored))
-    await submit(parts.nc, job)
-    parts.run()
-
-    async def admitted() -> bool:
-        return job.id in parts.jobs
-
-    await until(admitted)
-    first = parts.jobs.get(job.id)
+    first = await run_until_admitted(parts, job)
     assert first.optimistic and first.next_seq == 0 and first.events.fence == 0
     # what the worker's step would send: the job's first Delta, as if its log were empty
-    made = Delta(job.id, 0, [CompletionChunk(0, [5])], worker_id="w1")
-    parts.outbox.enqueue([Outgoing(first, made)])
+    send_first_delta(parts, first)
 
     async def restarted() -> bool:
         state = parts.jobs.get(job.id)
@@ -264,18 +275,9 @@ async def test_a_job_whose_log_has_deltas_resumes_after_them(parts: Parts) -> No
 
 async def test_a_first_delivery_with_an_empty_log_keeps_its_start(parts: Parts) -> None:
     job = make_job()
-    await submit(parts.nc, job)
-    parts.run()
-
-    async def admitted() -> bool:
-        return job.id in parts.jobs
-
-    await until(admitted)
-    state = parts.jobs.get(job.id)
+    state = await run_until_admitted(parts, job)
     assert state.optimistic
-    parts.outbox.enqueue(
-        [Outgoing(state, Delta(job.id, 0, [CompletionChunk(0, [5])], worker_id="w1"))]
-    )
+    send_first_delta(parts, state)
 
     async def stored() -> bool:
         return not state.optimistic
