@@ -24,7 +24,14 @@ log = logging.getLogger(__name__)
 # One library: ops.cpp defines the op namespace, the others add fragments to it.
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("ops.cpp", "decode_linear.cpp", "activation.cpp", "sampling.cpp", "qkv_cache.cpp")
+    for n in (
+        "ops.cpp",
+        "decode_linear.cpp",
+        "activation.cpp",
+        "sampling.cpp",
+        "qkv_cache.cpp",
+        "decode_layer.cpp",
+    )
 ]
 # What the sources include from this folder: part of the code the build digest names.
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))

@@ -137,6 +137,30 @@ def linear_cpu(
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def decode_layer_cpu(
+    x: torch.Tensor,  # [T, hidden], T at most the streamed rows of its dtype
+    residual: torch.Tensor | None,
+    weights: list[torch.Tensor],  # input norm, qkv, o_proj, post norm, gate_up, down
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta,  # AttentionMetadata
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer in one call (decode_layer.cpp): the kernels the layer's modules
+    call one by one, chained in C++; (MLP output, residual), the same bits."""
+    out = _ops().decode_layer(
+        x, residual, weights, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
+        meta.query_start_loc, meta.seq_lens, meta.block_tables, num_heads, num_kv_heads,
+        scale, PREFILL_TILE_TOKENS,
+    )  # fmt: skip
+    return out[0], out[1]
+
+
 def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a fused [T, 2I] gate_up output in one pass (activation.cpp; fp32,
     or bf16 rounded as the torch ops round it); other dtypes or a tensor that needs

@@ -186,6 +186,41 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual  # type: ignore[return-value]
 
 
+def fused_decode_weights(layer: DecoderLayer) -> list[torch.Tensor] | None:
+    """The layer's six weights for the CPU's one-call decoder layer (kernels/cpu/
+    decode_layer.cpp), or None where the layer is not exactly the chain that kernel runs:
+    the CPU backend's ops, plain Linears (not quantized, not sharded) without biases, fp32
+    or bf16 weights, no q/k norms."""
+    from kernels.cpu.ops import STREAMED_MAX_ROWS, linear_cpu, rms_norm_cpu, silu_and_mul_cpu
+    from kernels.cpu.packed_matmul import PackedMatmul
+
+    attn, mlp = layer.attn, layer.mlp
+    linears = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
+    plain = all(
+        type(lin) is Linear
+        and lin.bias is None
+        and (lin.matmul is linear_cpu or isinstance(lin.matmul, PackedMatmul))
+        and lin.weight.dtype in STREAMED_MAX_ROWS
+        and lin.weight.is_contiguous()
+        for lin in linears
+    )
+    if not (
+        plain
+        and layer.input_norm.fn is rms_norm_cpu
+        and layer.post_attn_norm.fn is rms_norm_cpu
+        and layer.input_norm.eps == layer.post_attn_norm.eps
+        and mlp.act is silu_and_mul_cpu
+        and attn.q_norm is None
+        and attn.reduce is _identity
+        and mlp.reduce is _identity
+    ):
+        return None
+    return [
+        layer.input_norm.weight, attn.qkv.weight, attn.o_proj.weight,
+        layer.post_attn_norm.weight, mlp.gate_up.weight, mlp.down.weight,
+    ]  # fmt: skip
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -225,9 +260,39 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] after the final norm."""
         x = F.embedding(input_ids, self.embed)
         residual = None
+        fused = self._fused_decode(backend, x)
+        if fused is not None:
+            from kernels.cpu.ops import decode_layer_cpu
+
+            attn = self.layers[0].attn
+            for weights, (k_cache, v_cache) in zip(fused, kv_caches, strict=True):
+                x, residual = decode_layer_cpu(
+                    x, residual, weights, self.norm.eps, positions, self.cos_sin, k_cache,
+                    v_cache, meta, attn.num_heads, attn.num_kv_heads, attn.scale,
+                )  # fmt: skip
+            return self.norm(x, residual)[0]
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.cos_sin, kv, meta, backend)
         return self.norm(x, residual)[0]
+
+    def _fused_decode(self, backend: AttentionBackend, x: torch.Tensor) -> list | None:
+        """Every layer's weights for the one-call CPU decoder layer when this step can take
+        it (the CPU backend, a decode step's few rows, every layer eligible), else None.
+        Decided once per backend; the rows each step."""
+        if getattr(backend, "name", None) != "cpu" or x.dim() != 2:
+            return None
+        from kernels.cpu.ops import STREAMED_MAX_ROWS
+
+        if x.shape[0] > STREAMED_MAX_ROWS.get(x.dtype, 0):
+            return None
+        cached = self.__dict__.get("_fused_cache")
+        if cached is None or cached[0] is not backend:
+            weights = [fused_decode_weights(layer) for layer in self.layers]
+            same_eps = all(layer.input_norm.eps == self.norm.eps for layer in self.layers)
+            ok = same_eps and all(w is not None for w in weights)
+            cached = (backend, weights if ok else None)
+            self.__dict__["_fused_cache"] = cached
+        return cached[1]
 
     def forward_causal(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] of whole sequences from position 0, without a KV cache.
