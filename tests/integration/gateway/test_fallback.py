@@ -123,10 +123,13 @@ def test_a_worker_coming_back_takes_the_requests_again(primary: Stack, model: st
 
 async def test_a_long_queue_wait_diverts_until_it_drains(primary: Stack, model: str) -> None:
     """One job at a time on the worker; a backlog of long jobs makes the head-of-line
-    wait grow past the threshold, then drains."""
+    wait grow past the threshold, then drains. The backlog is sized for a fast engine:
+    the queue's head has waited k jobs' time when k have run, and six 400-token jobs of
+    the tiny model drained before the API's gauge saw a second's wait once a batch-1
+    decode step took well under a millisecond."""
     bus = await BusClient.connect(primary.nats_url, model)
     try:
-        jobs = [bus.make_job([1, 2, 3], max_tokens=400, ignore_eos=True) for _ in range(6)]
+        jobs = [bus.make_job([1, 2, 3], max_tokens=400, ignore_eos=True) for _ in range(16)]
         for job in jobs:
             await bus.submit(job)
         await asyncio.to_thread(
