@@ -258,8 +258,8 @@ def bf16_arm(path: Path, dims: dict, wl: dict, hf_fp32_tokens: list[list[int]]) 
 
 
 def quality(demo_dir: Path, methods: list[str], docs: int) -> dict:
-    """`methods`: quantizations, or "bf16" (bf16 weights and activations)."""
-    """Teacher-forced on held-out demo text: top-1 agreement with fp32, and perplexity."""
+    """Teacher-forced on held-out demo text: top-1 agreement with fp32, and perplexity.
+    `methods`: quantizations, or "bf16" (bf16 weights and activations)."""
     from tokenizers import Tokenizer
 
     from engine_worker.demo.corpus import demo_corpus

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16_vec.h"
 #include "vec_exp.h"
 
 namespace {
@@ -35,21 +36,9 @@ void silu_mul_row(const float* g, const float* u, float* y, int64_t n) {
 // bf16 rows (a bf16 model): the torch reference's two roundings, silu(gate) to bf16 and
 // then the product to bf16, each from fp32 arithmetic, round to nearest even.
 #if defined(__AVX512F__)
-inline __m512 widen(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// Round to nearest even on the bits (no NaN handling: silu of a finite bf16 is finite).
-inline __m512i round_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-}
-
 inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(
-      _mm512_and_si512(round_bits(v), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_castsi512_ps(_mm512_and_si512(jsk::round_bf16_bits(v),
+                                              _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 #endif
 
@@ -58,10 +47,11 @@ void silu_mul_row(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* y,
 #if defined(__AVX512F__)
   const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= n; i += 16) {
-    const __m512 gv = widen(g + i);
+    const __m512 gv = jsk::widen_bf16(g + i);
     const __m512 e = jsk::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
     const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
-    const __m512i out = _mm512_srli_epi32(round_bits(_mm512_mul_ps(s, widen(u + i))), 16);
+    const __m512 prod = _mm512_mul_ps(s, jsk::widen_bf16(u + i));
+    const __m512i out = _mm512_srli_epi32(jsk::round_bf16_bits(prod), 16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtepi32_epi16(out));
   }
 #endif

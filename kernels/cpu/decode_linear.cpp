@@ -1,8 +1,8 @@
 // y = x W^T (+ b) with fp32 sums for the few rows of a decode step (x [M, K], M small;
-// W [N, K] as Hugging Face stores it; fp32, bf16 or int8). At these sizes a matmul is a pass over the weight bytes, and
-// torch's fp32 matmul streams a [N, K] weight at a third of what the memory system gives
-// one core (6-10 GB/s against ~23 GB/s for a plain sum on the issue-16 box): the LM head
-// alone was 10 of a 22 ms batch-1 step. Here each weight row is read once, in order, and
+// W [N, K] as Hugging Face stores it; fp32, bf16 or int8). At these sizes a matmul is a
+// pass over the weight bytes, and torch's fp32 matmul streams a [N, K] weight at a third
+// of what the memory system gives one core (6-10 GB/s against ~23 GB/s for a plain sum on
+// the issue-16 box): the LM head alone was 10 of a 22 ms batch-1 step. Here each weight row is read once, in order, and
 // used against every row of x while it is in L1; threads split the output channels.
 //
 // AVX-512 or AVX2 as -march=native finds them (plain scalar code elsewhere). The reduction
@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "bf16_vec.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -33,11 +35,7 @@ inline float lane_sum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline Vec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-// bf16 is the top half of an fp32: widen each 16-bit lane and shift it into place.
-inline Vec load(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline Vec load(const at::BFloat16* p) { return jsk::widen_bf16(p); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
 using Vec = __m256;

@@ -107,8 +107,10 @@ DECODE_LINEAR_MAX_ROWS = 8
 
 # Rows of x up to which decode_linear beats torch's matmul, per weight dtype it streams (a
 # bf16 weight takes bf16 rows of x: a bf16 model). bf16 on an AMX box: 1.6-2.2x oneDNN at
-# one row, 1.1-1.2x at four, behind from eight, where the tiles pay off.
+# one row, 1.1-1.2x at four, behind from eight, where the tiles pay off. Its keys are the
+# dtypes the CPU kernels take (streamed, packed, SiLU).
 STREAMED_MAX_ROWS = {torch.float32: DECODE_LINEAR_MAX_ROWS, torch.bfloat16: 4}
+KERNEL_DTYPES = tuple(STREAMED_MAX_ROWS)
 
 
 def decode_linear_cpu(
@@ -165,7 +167,7 @@ def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a fused [T, 2I] gate_up output in one pass (activation.cpp; fp32,
     or bf16 rounded as the torch ops round it); other dtypes or a tensor that needs
     gradients take the torch ops."""
-    if gate_up.dtype not in (torch.float32, torch.bfloat16) or gate_up.requires_grad:
+    if gate_up.dtype not in KERNEL_DTYPES or gate_up.requires_grad:
         return silu_and_mul_ref(gate_up)
     flat = gate_up.reshape(-1, gate_up.shape[-1])
     if flat.stride(-1) != 1:

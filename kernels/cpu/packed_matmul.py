@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu.ops import STREAMED_MAX_ROWS, linear_cpu
+from kernels.cpu.ops import KERNEL_DTYPES, STREAMED_MAX_ROWS, linear_cpu
 
 # The batch the oneDNN layout is chosen for: a full decode step; any row count works.
 PACK_FOR_ROWS = 64
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packing_available() -> bool:
@@ -46,7 +45,7 @@ class PackedMatmul:
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
-        if weight.dtype not in PACKED_DTYPES or weight.dim() != 2:
+        if weight.dtype not in KERNEL_DTYPES or weight.dim() != 2:
             raise ValueError("PackedMatmul packs fp32 or bf16 [N, K] weights")
         self.dtype = weight.dtype
         self.max_streamed = STREAMED_MAX_ROWS[weight.dtype]
@@ -81,6 +80,6 @@ def matmul_for(weight: torch.Tensor):
     """The matmul a Linear of the CPU backend calls with `weight` once it is loaded: a
     ``PackedMatmul`` for fp32 and bf16 weights where this torch has oneDNN, else
     ``linear_cpu``."""
-    if weight.dtype in PACKED_DTYPES and weight.dim() == 2 and packing_available():
+    if weight.dtype in KERNEL_DTYPES and weight.dim() == 2 and packing_available():
         return PackedMatmul(weight)
     return linear_cpu

@@ -191,7 +191,7 @@ def fused_decode_weights(layer: DecoderLayer) -> list[torch.Tensor] | None:
     decode_layer.cpp), or None where the layer is not exactly the chain that kernel runs:
     the CPU backend's ops, plain Linears (not quantized, not sharded) without biases, fp32
     or bf16 weights, no q/k norms."""
-    from kernels.cpu.ops import STREAMED_MAX_ROWS, linear_cpu, rms_norm_cpu, silu_and_mul_cpu
+    from kernels.cpu.ops import KERNEL_DTYPES, linear_cpu, rms_norm_cpu, silu_and_mul_cpu
     from kernels.cpu.packed_matmul import PackedMatmul
 
     attn, mlp = layer.attn, layer.mlp
@@ -200,7 +200,7 @@ def fused_decode_weights(layer: DecoderLayer) -> list[torch.Tensor] | None:
         type(lin) is Linear
         and lin.bias is None
         and (lin.matmul is linear_cpu or isinstance(lin.matmul, PackedMatmul))
-        and lin.weight.dtype in STREAMED_MAX_ROWS
+        and lin.weight.dtype in KERNEL_DTYPES
         and lin.weight.is_contiguous()
         for lin in linears
     )
