@@ -52,7 +52,14 @@ RESULTS = sb.RESULTS
 # ---- the simulated engine alone ------------------------------------------------------------
 
 
-def engine_point(model: str, profile: str, max_num_seqs: int, wl: sb.Workload, c: int) -> dict:
+def engine_point(
+    model: str,
+    profile: str,
+    max_num_seqs: int,
+    wl: sb.Workload,
+    c: int,
+    async_scheduling: str = "auto",
+) -> dict:
     """The closed loop through the simulated engine in this process (its own thread)."""
     from engine_worker.engine.config import EngineConfig
     from engine_worker.engine.factory import build_engine
@@ -65,6 +72,7 @@ def engine_point(model: str, profile: str, max_num_seqs: int, wl: sb.Workload, c
             load_format="simulated",
             simulate_profile=profile,
             max_num_seqs=max_num_seqs,
+            async_scheduling=async_scheduling,
         )
     )
     with contextlib.suppress(ValueError):
@@ -371,6 +379,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--worker-flags", default="", help='extra worker flags, e.g. "--engine-process on"'
     )
+    p.add_argument(
+        "--async-scheduling",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the engine's (alone and in the workers); auto is on for the simulated device",
+    )
     p.add_argument("--quick", action="store_true", help="tiny workload, smoke test")
     p.add_argument("--compare-with", help="a before-JSON to plot beside this run")
     p.add_argument("--out", default=str(RESULTS / "token_plane.json"))
@@ -411,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         for apis in (int(x) for x in args.apis.split(",")):
             stack = Stack(
                 model, served, args.profile, workers, apis, args.max_num_seqs,
-                tuple(args.worker_flags.split()),
+                (*args.worker_flags.split(), "--async-scheduling", args.async_scheduling),
             )  # fmt: skip
             try:
                 stack.start()
@@ -427,7 +441,12 @@ def main(argv: list[str] | None = None) -> int:
                             args.output_len, 0.0, vocab, reserved, per_worker,
                         )  # fmt: skip
                         engine_cache[per_worker] = engine_point(
-                            model, args.profile, args.max_num_seqs, ewl, per_worker
+                            model,
+                            args.profile,
+                            args.max_num_seqs,
+                            ewl,
+                            per_worker,
+                            args.async_scheduling,
                         )
                     engine = engine_cache[per_worker]
                     load_before = round(os.getloadavg()[0], 2)
@@ -451,7 +470,13 @@ def main(argv: list[str] | None = None) -> int:
                 stack.stop()
     report = {
         **report_head(
-            "token_plane", args, model, served, client=args.client, worker_flags=args.worker_flags
+            "token_plane",
+            args,
+            model,
+            served,
+            client=args.client,
+            worker_flags=args.worker_flags,
+            async_scheduling=args.async_scheduling,
         ),
         "points": points,
         "targets": {

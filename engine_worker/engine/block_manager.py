@@ -174,7 +174,9 @@ class BlockManager:
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register blocks that became full with computed KV so others can share them."""
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        # Under async scheduling the newest computed token may still be on the device:
+        # a block is hashed once all its token ids are known on the host.
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None

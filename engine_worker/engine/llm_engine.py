@@ -15,6 +15,7 @@ from engine_worker.engine.block_manager import BlockManager
 from engine_worker.engine.config import EngineConfig, ModelConfig, load_model_config
 from engine_worker.engine.kv_budget import blocks_in_budget, fit_context, kv_cache_bytes
 from engine_worker.engine.model_runner import (
+    DeviceTokens,
     ModelRunner,
     allocate_kv_cache,
     kv_bytes_per_block,
@@ -38,7 +39,7 @@ from engine_worker.engine.parallel.sharding import (
     shard_config,
     whole_row_amax,
 )
-from engine_worker.engine.sampler import sample, torch_argmax
+from engine_worker.engine.sampler import SampledRows, read_rows, sample, sample_rows, torch_argmax
 from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
 from engine_worker.engine.speculative.counters import SpecCounters
@@ -64,6 +65,18 @@ class RequestState:
             if s.status is not SequenceStatus.FINISHED:
                 return False
         return True
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens the host has not read yet (async scheduling):
+    the batch it ran, the sequences that sample in it, and where their tokens are."""
+
+    items: list[tuple[Sequence, int]]
+    samplers: list[Sequence]
+    device_tokens: DeviceTokens | None = None  # the next step's inputs take them here
+    host_rows: SampledRows | None = None  # the host's copy, under way
+    done_at: float = 0.0  # the simulated device: when the step's time is up
 
 
 def pool(seq: Sequence, last: torch.Tensor) -> list[float]:
@@ -238,6 +251,21 @@ class LLMEngine:
         # Speculative decoding: set by __init__ when configured (never on the simulated device).
         self.proposer: NgramProposer | DraftModelProposer | None = None
         self.spec_counters = SpecCounters()
+        # Async scheduling (`step`): what the device is running now, and the requests
+        # that need every token on the host before their next step is scheduled.
+        self.async_scheduling = config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and self.runs_apart_from_host
+        )
+        if config.speculative_method != "off":
+            self.async_scheduling = False  # proposals are made from the host's tokens
+        self._inflight: InFlightStep | None = None
+        self._sync_requests: set[str] = set()
+
+    @property
+    def runs_apart_from_host(self) -> bool:
+        """Whether the device computes while the host goes on (CUDA queues kernels; on the
+        CPU the forward is the host's own work), which async scheduling needs to pay."""
+        return self.device.type == "cuda"
 
     @property
     def model_name(self) -> str:
@@ -337,6 +365,8 @@ class LLMEngine:
         if all(seq.is_finished for seq in seqs):
             raise ValueError("every completion of the resumed request has already finished")
         self.requests[request_id] = RequestState(request_id, seqs, len(prompt_token_ids))
+        if params.needs_penalties or compiled is not None or params.pooling is not None:
+            self._sync_requests.add(request_id)  # their logits or outputs read host tokens
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.add(seq)
@@ -387,6 +417,7 @@ class LLMEngine:
         state = self.requests.pop(request_id, None)
         if state is None:
             return
+        self._sync_requests.discard(request_id)
         deltas = []
         for seq in state.seqs:
             if not seq.is_finished:
@@ -416,7 +447,20 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run a step; the outputs of the requests it advanced (and of aborts since).
+
+        Under async scheduling a call schedules and launches the next step first and
+        then reads the tokens of the one launched by the call before, so the host's work
+        of each step runs while the device computes the next: the outputs a call returns
+        are those of the step before the one it launched.
+        """
+        if self.async_scheduling and not self._sync_requests:
+            return self._step_overlapped()
         outputs, self._pending = self._pending, []
+        if self._inflight is not None:  # a request that needs host tokens came in: land first
+            launched, self._inflight = self._inflight, None
+            self._land(launched, outputs)
+            return outputs
         if self.proposer is not None:
             self._propose()
         batch = self.scheduler.schedule()
@@ -449,6 +493,13 @@ class LLMEngine:
         for seq, tokens, lps in zip(samplers, emitted, emitted_lps, strict=True):
             self._append(seq, tokens, lps)
             touched[seq.request_id] = self.requests[seq.request_id]
+        self._emit(touched, embedded, outputs)
+        return outputs
+
+    def _emit(
+        self, touched: dict[str, RequestState], embedded: list[Sequence], outputs: list
+    ) -> None:
+        """An output per request a step advanced; finished requests leave the table."""
         for state in touched.values():
             deltas = [
                 self._delta(s)
@@ -459,7 +510,63 @@ class LLMEngine:
             outputs.append(self._output(state, deltas, finished))
             if finished:
                 del self.requests[state.request_id]
+                self._sync_requests.discard(state.request_id)
+
+    # -- async scheduling -------------------------------------------------------
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Schedule and launch step N+1, then land step N (still running when N+1 was
+        scheduled: its samplers were counted one token ahead, `Sequence.num_inflight`)."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        previous = self._inflight
+        self._inflight = self._launch(batch, previous) if batch else None
+        if previous is not None:
+            self._land(previous, outputs)
         return outputs
+
+    def _launch(self, batch: ScheduledBatch, previous: InFlightStep | None) -> InFlightStep:
+        sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in batch.items]
+        step = self._launch_forward(batch, sample_mask, previous)
+        limit = self.max_model_len
+        for seq in step.samplers:
+            seq.num_inflight += 1
+            outputs = seq.num_tokens - seq.num_prompt_tokens
+            if outputs >= seq.params.max_tokens or seq.num_tokens >= limit:
+                seq.last_in_flight = True  # `_check_stop` ends it by length when it lands
+        return step
+
+    def _launch_forward(
+        self, batch: ScheduledBatch, sample_mask: list[bool], previous: InFlightStep | None
+    ) -> InFlightStep:
+        """Queue the step's forward and sampling on the device and commit the batch;
+        nothing here waits for the device. The simulated engine replaces it."""
+        source = previous.device_tokens if previous is not None else None
+        logits = self.runner.execute(batch.items, sample_mask, source)
+        samplers = self.scheduler.commit(batch)
+        rows = sample_rows(logits, samplers, self.generator, None, self.argmax)
+        tokens = DeviceTokens(rows.tokens, {seq.seq_id: i for i, seq in enumerate(samplers)})
+        return InFlightStep(batch.items, samplers, tokens, rows.copy_to_host())
+
+    def _read_tokens(self, step: InFlightStep) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for a launched step's tokens; the simulated engine replaces it."""
+        assert step.host_rows is not None
+        return read_rows(step.host_rows, step.samplers)
+
+    def _land(self, step: InFlightStep, outputs: list[RequestOutput]) -> None:
+        """Read a launched step's tokens and account them as a synchronous step would. A
+        sequence that ended (or was aborted) after the step launched drops its token."""
+        tokens, lps = self._read_tokens(step) if step.samplers else ([], [])
+        touched: dict[str, RequestState] = {}
+        for seq, token, lp in zip(step.samplers, tokens, lps, strict=True):
+            if seq.is_finished:
+                continue
+            seq.num_inflight -= 1
+            self._append(seq, [token], [lp])
+            touched[seq.request_id] = self.requests[seq.request_id]
+        for seq, _ in step.items:  # blocks whose last token id was only now known
+            if not seq.is_finished:
+                self.block_manager.cache_full_blocks(seq)
+        self._emit(touched, [], outputs)
 
     def _append(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob | None]) -> None:
         """Add a step's verified tokens one by one until one ends the sequence; every
@@ -640,7 +747,7 @@ class LLMEngine:
             reason, seq.stop_token_id = "stop", token
         elif token in p.stop_token_ids:
             reason, seq.stop_token_id = "stop", token
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         if reason:
             seq.finish_reason = reason

@@ -45,6 +45,18 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the sequences that sample this step
+    # Async scheduling: (input row, sequence) of each input token the previous step is
+    # still sampling on the device; `ModelRunner` fills those rows from its tokens.
+    on_device: list[tuple[int, Sequence]]
+
+
+@dataclass
+class DeviceTokens:
+    """The tokens a launched step sampled, still on the device, and the row of each
+    sampling sequence: where the next step's inputs take the tokens the host lacks."""
+
+    tokens: torch.Tensor
+    row_of: dict[int, int]  # seq_id -> row
 
 
 def prepare_inputs(
@@ -57,6 +69,8 @@ def prepare_inputs(
 
     A sequence with speculative tokens computes them after its last token, and when it
     samples it gets a logits row for each of them too (1 + proposals rows, in order).
+    Under async scheduling a sequence's last token may not be on the host yet: its input
+    row is listed in `on_device` and holds 0 until the runner fills it.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -66,11 +80,16 @@ def prepare_inputs(
     query_lens: list[int] = []
     logits_indices: list[int] = []
     num_decodes = 0
+    on_device: list[tuple[int, Sequence]] = []
     for (seq, n), samples in zip(items, sample_mask, strict=True):
         start = seq.num_computed_tokens
         end = start + n
         spec = seq.spec_token_ids
-        input_ids.extend((seq.token_ids + spec if spec else seq.token_ids)[start:end])
+        known = (seq.token_ids + spec if spec else seq.token_ids)[start:end]
+        if len(known) < n:  # the one token still being sampled (speculation is off then)
+            on_device.append((len(input_ids) + len(known), seq))
+            known.append(0)
+        input_ids.extend(known)
         positions.extend(range(start, end))
         table = seq.block_table
         slots.extend(
@@ -105,6 +124,7 @@ def prepare_inputs(
         positions=tensor(positions, torch.int64),
         meta=meta,
         logits_indices=tensor(logits_indices, torch.int64),
+        on_device=on_device,
     )
 
 
@@ -148,9 +168,21 @@ class ModelRunner:
         self.decode_graphs = graphs
 
     def _hidden(
-        self, items: list[tuple[Sequence, int]], sample_mask: list[bool]
+        self,
+        items: list[tuple[Sequence, int]],
+        sample_mask: list[bool],
+        previous: DeviceTokens | None = None,
     ) -> tuple[torch.Tensor, StepInputs]:
         inputs = prepare_inputs(items, sample_mask, self.block_size, self.device)
+        if inputs.on_device:
+            if previous is None:
+                raise RuntimeError("a step's input token is on the device, but no step sampled it")
+            rows = [previous.row_of[seq.seq_id] for _, seq in inputs.on_device]
+            at = torch.tensor([i for i, _ in inputs.on_device], dtype=torch.int64)
+            where = at.to(self.device, non_blocking=True)
+            from_rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            inputs.input_ids[where] = previous.tokens[from_rows]
+            inputs.on_device = []  # consumed; tensor-parallel ranks get the filled ids
         if self.parallel is not None:
             send_step(self.parallel, inputs)
         if self.decode_graphs is not None and self.decode_graphs.fits(inputs.meta):
@@ -162,10 +194,16 @@ class ModelRunner:
         return hidden, inputs
 
     @torch.inference_mode()
-    def execute(self, items: list[tuple[Sequence, int]], sample_mask: list[bool]) -> torch.Tensor:
+    def execute(
+        self,
+        items: list[tuple[Sequence, int]],
+        sample_mask: list[bool],
+        previous: DeviceTokens | None = None,
+    ) -> torch.Tensor:
         """Logits [rows, vocab] in fp32: a row per sampling sequence, plus one per
-        speculative token of those that speculate."""
-        hidden, inputs = self._hidden(items, sample_mask)
+        speculative token of those that speculate. `previous`: the tokens the step
+        before sampled, for inputs the host does not have yet (async scheduling)."""
+        hidden, inputs = self._hidden(items, sample_mask, previous)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()

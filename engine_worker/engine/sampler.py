@@ -8,6 +8,7 @@ so its tokens do not depend on what else is in the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -85,19 +86,43 @@ def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(
+@dataclass
+class SampledRows:
+    """A step's sampled tokens, and the logprob tensors its rows asked for, before the
+    host reads them: async scheduling feeds `tokens` to the next step on the device and
+    reads the rows only once that step is launched."""
+
+    tokens: torch.Tensor
+    chosen: torch.Tensor | None = None  # raw logprob of each row's token
+    top_vals: torch.Tensor | None = None  # [rows, k_max] alternatives, when asked
+    top_ids: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # set on the host copy of a CUDA step's rows
+
+    def copy_to_host(self) -> SampledRows:
+        """Start the device-to-host copy without waiting for it (the copy lands in
+        pinned memory); on the CPU the rows already are the host's."""
+        if self.tokens.device.type != "cuda":
+            return self
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=True)
+
+        copy = SampledRows(
+            host(self.tokens), host(self.chosen), host(self.top_vals), host(self.top_ids)
+        )
+        copy.ready = torch.cuda.Event()
+        copy.ready.record()
+        return copy
+
+
+def sample_rows(
     logits: torch.Tensor,
     seqs: list[Sequence],
     generator: torch.Generator | None = None,
     apply_mask: Callable[[torch.Tensor], None] | None = None,
     argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row; logprobs are of the raw model distribution, as vLLM reports them.
-
-    `apply_mask` (structured outputs) sets the grammar-forbidden logits of constrained
-    rows to -inf in place, before penalties, temperature and filters see them. `argmax`
-    picks the greedy rows' tokens (``logits.argmax(-1)``'s result, perhaps faster).
-    """
+) -> SampledRows:
+    """One token per row, left on the device; see `sample`."""
     logits = logits.float()
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
@@ -119,18 +144,51 @@ def sample(
                 noise[row].exponential_(generator=seq.generator or generator)
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
-    token_list = tokens.tolist()
-    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    rows = SampledRows(tokens)
     if raw_logprobs is not None:
+        rows.chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
         k_max = max(s.params.logprobs or 0 for s in seqs)
-        top_vals, top_ids = raw_logprobs.topk(k_max, dim=-1) if k_max else (None, None)
-        chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+        if k_max:
+            rows.top_vals, rows.top_ids = raw_logprobs.topk(k_max, dim=-1)
+    return rows
+
+
+def read_rows(
+    rows: SampledRows, seqs: list[Sequence]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The host's view of sampled rows: token ids, and logprobs where a row asked."""
+    if rows.ready is not None:
+        rows.ready.synchronize()
+    token_list = rows.tokens.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    if rows.chosen is not None:
+        chosen = rows.chosen.tolist()
         for row, seq in enumerate(seqs):
             k = seq.params.logprobs
             if k is None:
                 continue
             top = []
-            if k and top_ids is not None and top_vals is not None:
-                top = list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist(), strict=True))
+            if k and rows.top_ids is not None and rows.top_vals is not None:
+                top = list(
+                    zip(
+                        rows.top_ids[row, :k].tolist(), rows.top_vals[row, :k].tolist(), strict=True
+                    )
+                )
             logprobs[row] = TokenLogprob(token_list[row], chosen[row], top)
     return token_list, logprobs
+
+
+def sample(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None = None,
+    apply_mask: Callable[[torch.Tensor], None] | None = None,
+    argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row; logprobs are of the raw model distribution, as vLLM reports them.
+
+    `apply_mask` (structured outputs) sets the grammar-forbidden logits of constrained
+    rows to -inf in place, before penalties, temperature and filters see them. `argmax`
+    picks the greedy rows' tokens (``logits.argmax(-1)``'s result, perhaps faster).
+    """
+    return read_rows(sample_rows(logits, seqs, generator, apply_mask, argmax), seqs)

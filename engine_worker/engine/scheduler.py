@@ -11,6 +11,10 @@ A decoding sequence may carry speculative tokens (`Sequence.spec_token_ids`): it
 scheduled for its last token plus those, as far as budget and blocks allow (a sequence
 short of blocks drops its proposals rather than preempt another), and after the step the
 engine keeps what the model verified and gives the rest back (`finish_speculation`).
+
+Under async scheduling a step is scheduled while the previous one still runs: a sequence
+that samples there counts its coming token (`Sequence.num_inflight`) and decodes it next,
+its input taken on the device; one whose coming token is its last is left out.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            if seq.last_in_flight:  # its final token is being sampled: nothing left to run
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if seq.spec_token_ids:

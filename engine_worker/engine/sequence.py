@@ -60,10 +60,16 @@ class Sequence:
     # (reset when a preemption restarts the prefill), then the pooled vector.
     pooled_sum: torch.Tensor | None = None
     embedding: list[float] | None = None
+    # Async scheduling: tokens sampled by launched steps that the host has not read yet.
+    # They count in `num_tokens` (the next step computes their KV, its inputs taken on
+    # the device) but are not in `token_ids` until their step lands.
+    num_inflight: int = 0
+    # The token in flight is this sequence's last (its length limit): schedule it no more.
+    last_in_flight: bool = False
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_inflight
 
     @property
     def num_output_tokens(self) -> int:

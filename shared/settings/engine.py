@@ -82,6 +82,14 @@ class EngineSettings(Settings):
         help="capture decode steps in CUDA graphs (CUDA with the triton backend only); "
         "--no-cuda-graphs runs eagerly, like vLLM's --enforce-eager",
     )
+    async_scheduling: Literal["auto", "on", "off"] = setting(
+        "auto",
+        help="schedule and launch each step while the previous one still runs, reading its "
+        "tokens afterwards, so the host's per-step work (scheduling, stop checks, outputs) "
+        "overlaps the device's; auto: on where the device runs apart from the host (CUDA, "
+        "the simulated device), off on the CPU, whose forward is the host's own work. "
+        "Steps with penalties, grammars, embeddings or speculation run synchronously",
+    )
     tensor_parallel_size: int = setting(
         1,
         ge=1,

@@ -4,7 +4,10 @@ Everything else is the real engine: scheduler (continuous batching, chunked pref
 preemption), block manager (paged KV, prefix caching), sequences, stop checks, deltas.
 The forward sleeps for the step time `cost_model.step_cost` gives for the scheduled
 batch; `time.sleep` releases the GIL as a GPU kernel does, so the worker's event loop
-runs meanwhile exactly as it would beside a real device. Tokens come from
+runs meanwhile exactly as it would beside a real device. Under async scheduling (the
+default here, as on CUDA) a launched step is queued on a device timeline instead: it
+starts when the step before it is done, and reading its tokens waits until its time is
+up, so the host's work overlaps the device's as it does beside a GPU. Tokens come from
 `tokens.next_token`. A test and benchmark tool: selected with load_format
 "simulated", never by default.
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine_worker.engine.config import EngineConfig, load_model_config
-from engine_worker.engine.llm_engine import LLMEngine
+from engine_worker.engine.llm_engine import InFlightStep, LLMEngine
 from engine_worker.engine.outputs import TokenLogprob
 from engine_worker.engine.scheduler import ScheduledBatch
 from engine_worker.engine.sequence import Sequence
@@ -69,6 +72,7 @@ class SimulatedEngine(LLMEngine):
         self._allowed: list[int] | None = None
         self._last_start: float | None = None
         self._last_device_s = 0.0
+        self._device_free_at = 0.0  # async scheduling: when the queued steps are done
         self._last_log = time.monotonic()
         self._log = get_logger("engine_worker.simulated").bind(profile=self.profile.name)
 
@@ -76,13 +80,43 @@ class SimulatedEngine(LLMEngine):
     def num_parameters(self) -> int:
         return self.profile.model.total_params  # the simulated model's, not the tokenizer's
 
+    @property
+    def runs_apart_from_host(self) -> bool:
+        return True  # it stands in for a GPU
+
+    def _launch_forward(
+        self, batch: ScheduledBatch, sample_mask: list[bool], previous: InFlightStep | None
+    ) -> InFlightStep:
+        """Queue the step on the device's timeline: it starts when the step before it is
+        done (or now, if the device is idle) and takes the cost model's time."""
+        now = time.perf_counter()
+        seconds = self._step_seconds(batch)
+        start = max(now, self._device_free_at)
+        self._device_free_at = start + seconds
+        self._account(start, seconds, sum(n for _, n in batch.items))
+        samplers = self.scheduler.commit(batch)
+        return InFlightStep(batch.items, samplers, done_at=self._device_free_at)
+
+    def _read_tokens(self, step: InFlightStep) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait until the step's device time is up. Its tokens follow each sequence's
+        tokens known by then, which are all that precede them (the step before landed)."""
+        remaining = step.done_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        allowed = self._allowed_ids()
+        tokens = [next_token(seq.token_ids, allowed) for seq in step.samplers]
+        return tokens, [_logprob(seq, t) for seq, t in zip(step.samplers, tokens, strict=True)]
+
+    def _step_seconds(self, batch: ScheduledBatch) -> float:
+        shape = shape_of([(n, seq.num_computed_tokens + n) for seq, n in batch.items])
+        return step_cost(self.profile, shape).seconds
+
     def _forward_and_sample(
         self, batch: ScheduledBatch, sample_mask: list[bool]
     ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
         start = time.perf_counter()
-        shape = shape_of([(n, seq.num_computed_tokens + n) for seq, n in batch.items])
-        seconds = step_cost(self.profile, shape).seconds
-        self._account(start, seconds, shape.num_tokens)
+        seconds = self._step_seconds(batch)
+        self._account(start, seconds, sum(n for _, n in batch.items))
         samplers = self.scheduler.commit(batch)
         tokens = [next_token(seq.token_ids, self._allowed_ids()) for seq in samplers]
         logprobs = [_logprob(seq, t) for seq, t in zip(samplers, tokens, strict=True)]
