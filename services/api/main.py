@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        # The drain already gave open requests --drain-timeout (help: "this long"); after
+        # it, uvicorn's own shutdown only flushes what is written and closes.
+        timeout_graceful_shutdown=0.5,
     )
     # SIGTERM drains first (503 for new requests, open streams finish), then shuts down.
     DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
