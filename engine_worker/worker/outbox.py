@@ -1,8 +1,10 @@
 """The worker's Delta publishing path: queue, fenced append to LLM_EVENTS, then settle.
 
 Everything a worker says about a job goes through one queue drained by one task, so a
-job's Deltas are stored in seq order (one batch per engine step, a job at most once in
-a batch). A step's Deltas are stored with one atomic batch publish and one ack
+job's Deltas are stored in seq order (a job at most once in a batch). What arrives while
+a batch is being stored waits as the next batch, where a job's later Deltas merge into
+its waiting one (`absorb`): one batch in flight and one waiting, however fast the engine
+steps, so the log never falls behind the engine by more than a store's round trip. A step's Deltas are stored with one atomic batch publish and one ack
 (`append_batch`), each on its job's subject and fenced on the job's previous Delta
 (shared/bus/event_log.py): a worker that lost the job to a takeover learns it here and
 drops the job without acking.
@@ -22,7 +24,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from engine_worker.worker.job_state import JobState
+from engine_worker.worker.job_state import JobState, merge_chunks
 from engine_worker.worker.running import RunningJobs
 from shared.bus.event_log import Appended, append_batch
 from shared.bus.step_delivery import deliver_step
@@ -43,6 +45,20 @@ class Outgoing:
     action: str | None = None  # None (more to come), "ack" or "term"
 
 
+def absorb(waiting: Outgoing, later: Outgoing) -> None:
+    """Merge a job's next Delta into its Delta still waiting to be stored: one Delta, one
+    seq and one message for both; the job's numbering gives back the seq `later` took."""
+    first, then = waiting.delta, later.delta
+    assert then.seq == first.seq + 1 == later.state.next_seq - 1, "absorb out of order"
+    first.chunks = merge_chunks(first.chunks, then.chunks)
+    first.finished = then.finished
+    first.usage = then.usage or first.usage
+    first.error = then.error or first.error
+    first.embedding = then.embedding if then.embedding is not None else first.embedding
+    waiting.action = later.action or waiting.action
+    later.state.next_seq -= 1
+
+
 @dataclass
 class Outbox:
     nc: NATS
@@ -56,26 +72,42 @@ class Outbox:
     # An optimistic job (job_state.py) whose log turned out not to be empty: restart it from
     # the log (Intake.restart_from_log). Unset: such a job is dropped to redelivery.
     on_log_found: Callable[[JobState], None] | None = None
-    _queue: asyncio.Queue[list[Outgoing] | None] = field(default_factory=asyncio.Queue)
+    # The next batch: what was enqueued since the batch in flight was taken, a job's
+    # Deltas merged into one (keyed by the JobState's identity: a restarted job is new).
+    _waiting: list[Outgoing] = field(default_factory=list)
+    _waiting_by_job: dict[int, Outgoing] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _closed: bool = False
 
     def enqueue(self, batch: list[Outgoing]) -> None:
+        for out in batch:
+            waiting = self._waiting_by_job.get(id(out.state))
+            if waiting is None:
+                self._waiting.append(out)
+                self._waiting_by_job[id(out.state)] = out
+            else:
+                absorb(waiting, out)
         if batch:
-            self._queue.put_nowait(batch)
+            self._wake.set()
 
     def close(self) -> None:
         """`run` returns after storing everything enqueued before this."""
-        self._queue.put_nowait(None)
+        self._closed = True
+        self._wake.set()
 
     async def run(self) -> None:
-        """Store each step's Deltas in order (a job's seq never overtakes), then settle."""
+        """Store the waiting Deltas in order (a job's seq never overtakes), then settle."""
         while True:
-            batch = await self._queue.get()
-            if batch is None:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._waiting, self._waiting_by_job = self._waiting, [], {}
+            if batch:
+                try:
+                    await self._store_and_settle(batch)
+                except Exception as e:  # a bug must not silently stop all publishing
+                    self.log.error("publisher_failed", error=f"{type(e).__name__}: {e}")
+            if self._closed and not self._waiting:
                 return
-            try:
-                await self._store_and_settle(batch)
-            except Exception as e:  # a bug must not silently stop all publishing
-                self.log.error("publisher_failed", error=f"{type(e).__name__}: {e}")
 
     async def publish(self, subject: str, data: bytes) -> bool:
         """Unfenced JetStream publish (for a job with no log of its own), briefly retried."""
@@ -94,7 +126,7 @@ class Outbox:
         self.log.warning("publish_retry", attempt=attempt, error=str(error))
 
     async def _store(self, batch: list[Outgoing]) -> list[Appended]:
-        """One atomic batch per step: a job has at most one Delta in it, so seq order holds.
+        """One atomic batch: a job has at most one Delta in it, so seq order holds.
         What was stored then goes to the API replicas that follow those jobs."""
         live = [o for o in batch if not o.state.lost]
         entries = [(o.state.events, encode_delta(o.delta)) for o in live]

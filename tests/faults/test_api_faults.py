@@ -116,13 +116,16 @@ async def _history_when_finished(stack: Stack, job_id: str):
         await nc.close()
 
 
-async def test_sigterm_drain_of_api_and_worker_under_load(bus_stack: Stack) -> None:
-    model = bus_stack.model_dir.name
+async def test_sigterm_drain_of_api_and_worker_under_load(
+    bus_stack: Stack, tiny_llama_long
+) -> None:
+    # Jobs long enough to still run when the worker's SIGTERM comes, on a fast CPU too.
+    model = tiny_llama_long.name
     flags = ("--max-num-seqs", "4", "--ack-wait", "3", "--drain-timeout", "0.3")
-    w0 = bus_stack.start_worker(*flags)
-    w1 = bus_stack.start_worker(*flags)
+    w0 = bus_stack.start_worker(*flags, model_dir=tiny_llama_long)
+    w1 = bus_stack.start_worker(*flags, model_dir=tiny_llama_long)
     api1, api2 = bus_stack.start_api(), bus_stack.start_api()
-    bodies = [body(model, i, 480) for i in range(12)]
+    bodies = [body(model, i, 3000) for i in range(12)]
     async with httpx.AsyncClient(timeout=120) as http:
         reads = [StreamRead() for _ in bodies]
         tasks = [
@@ -133,6 +136,10 @@ async def test_sigterm_drain_of_api_and_worker_under_load(bus_stack: Stack) -> N
         # API drain: new requests get 503 at once, open streams run to the end.
         api1.signal(signal.SIGTERM)
         await wait_for(lambda: _draining(http, api1.url), timeout_s=10)
+        refused = await http.post(f"{api1.url}/v1/completions", json=body(model, 0, 5))
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert (await http.get(f"{api1.url}/ready")).status_code == 503
         # Worker drain: running jobs get 0.3 s, the rest go back to the queue (nak) and
         # continue on the other worker after the tokens already sent.
         t0 = time.monotonic()
@@ -140,10 +147,6 @@ async def test_sigterm_drain_of_api_and_worker_under_load(bus_stack: Stack) -> N
         worker_exit = await asyncio.to_thread(w0.proc.wait, 30)
         worker_exit_s = time.monotonic() - t0
         handed = [e for e in w0.log_events() if e.get("event") == "jobs_handed_back"]
-        refused = await http.post(f"{api1.url}/v1/completions", json=body(model, 0, 5))
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["type"] == "service_unavailable"
-        assert (await http.get(f"{api1.url}/ready")).status_code == 503
         elsewhere = await http.post(f"{api2.url}/v1/completions", json=body(model, 0, 5, False))
         assert elsewhere.status_code == 200
         await asyncio.gather(*tasks)

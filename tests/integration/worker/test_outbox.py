@@ -88,8 +88,10 @@ async def test_deltas_are_stored_in_order_and_the_job_acked_after_the_last(nc: N
     state = await delivered_job(nc)
     jobs.admit(state)
     publisher = asyncio.create_task(outbox.run())
-    for token in (7, 8):
+    for token in (7, 8):  # each stored before the next comes
+        fence = state.events.fence
         outbox.enqueue([Outgoing(state, token_delta(state, token))])
+        await until(lambda fence=fence: state.events.fence > fence)
     # Stored but not finished: the message is still held (unacked) by this worker.
     await asyncio.sleep(0.3)
     assert await consumer_counts(nc) == (1, 0) and len(jobs) == 1
@@ -103,6 +105,34 @@ async def test_deltas_are_stored_in_order_and_the_job_acked_after_the_last(nc: N
     assert deltas[-1].finished and state.events.fence == last_seq
     assert await consumer_counts(nc) == (0, 0)  # acked: gone from the work queue
     assert len(jobs) == 0 and aborts.request_ids == []
+
+
+async def test_deltas_that_wait_behind_a_store_merge_per_job(nc: NATS) -> None:
+    """An engine faster than the store round trip: what a job makes meanwhile becomes one
+    Delta of the next batch, its seqs still contiguous and its action kept."""
+    jobs = RunningJobs()
+    outbox = make_outbox(nc, jobs, Aborts())
+    a, b = await delivered_job(nc), await delivered_job(nc)
+    jobs.admit(a)
+    jobs.admit(b)
+    publisher = asyncio.create_task(outbox.run())
+    outbox.enqueue([Outgoing(a, token_delta(a, 1)), Outgoing(b, token_delta(b, 1))])
+    await asyncio.sleep(0)  # the publisher takes that batch: its store is now in flight
+    for token in (2, 3, 4):
+        outbox.enqueue([Outgoing(a, token_delta(a, token)), Outgoing(b, token_delta(b, token))])
+    outbox.enqueue([Outgoing(a, final_delta(a, "length", "w1"), "ack")])
+    assert (a.next_seq, b.next_seq) == (2, 2)  # the waiting Deltas gave their seqs back
+    outbox.enqueue([Outgoing(b, token_delta(b, 5))])
+    outbox.close()
+    await asyncio.wait_for(publisher, 10)
+
+    for state, want in ((a, [[1], [2, 3, 4]]), (b, [[1], [2, 3, 4, 5]])):
+        deltas, _ = await read_job_events(nc.jetstream(), state.id)
+        assert [d.seq for d in deltas] == [0, 1]
+        assert [c.token_ids for d in deltas for c in d.chunks] == want
+    a_last = (await read_job_events(nc.jetstream(), a.id))[0][-1]
+    assert a_last.finished and a_last.chunks[0].finish_reason == "length"
+    assert a not in jobs.states() and b in jobs.states()  # a acked once stored; b runs on
 
 
 async def test_term_action_terminates_the_message(nc: NATS) -> None:

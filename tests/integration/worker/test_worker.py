@@ -265,7 +265,8 @@ async def test_jobs_of_a_stopped_worker_complete_on_the_other(
     flags = ("--max-num-seqs", "4", "--ack-wait", "3", "--drain-timeout", "0")
     workers = [bus_stack.start_worker(*flags, model_dir=tiny_llama_long) for _ in range(2)]
     bus.model = tiny_llama_long.name
-    jobs = [bus.make_job(PROMPT, max_tokens=1000, ignore_eos=True, seed=i) for i in range(4)]
+    # Long enough to be running still when the stop comes, on a fast CPU too.
+    jobs = [bus.make_job(PROMPT, max_tokens=3000, ignore_eos=True, seed=i) for i in range(4)]
     for job in jobs:
         await bus.submit(job)
     streams = [bus.deltas(job.id, timeout_s=120) for job in jobs]
@@ -285,7 +286,7 @@ async def test_jobs_of_a_stopped_worker_complete_on_the_other(
         rest = [d async for d in stream]
         last = rest[-1]
         assert last.finished and finish_reasons(rest) == {0: "length"}
-        assert last.usage.completion_tokens == 1000
+        assert last.usage.completion_tokens == 3000
         if job.id in doomed_jobs:
             assert last.worker_id.startswith(survivor.name + "-")
     await wait_until(lambda: _settled(bus), timeout_s=15)
