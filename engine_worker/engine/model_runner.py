@@ -10,6 +10,7 @@ from engine_worker.engine.attention.backend import AttentionBackend
 from engine_worker.engine.attention.metadata import AttentionMetadata
 from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.cuda_graphs import DecodeGraphs
+from engine_worker.engine.host_tensors import to_device
 from engine_worker.engine.models.llama import LlamaForCausalLM
 from engine_worker.engine.parallel.group import TensorParallel
 from engine_worker.engine.parallel.step_sync import receive_step, send_step, send_stop
@@ -87,6 +88,7 @@ def prepare_inputs(
         spec = seq.spec_token_ids
         known = (seq.token_ids + spec if spec else seq.token_ids)[start:end]
         if len(known) < n:  # the one token still being sampled (speculation is off then)
+            assert len(known) == n - 1, "at most one token of a sequence is in flight"
             on_device.append((len(input_ids) + len(known), seq))
             known.append(0)
         input_ids.extend(known)
@@ -106,7 +108,7 @@ def prepare_inputs(
     tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in items]
 
     def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+        return to_device(data, device, dtype)
 
     meta = AttentionMetadata(
         query_start_loc=tensor(query_start, torch.int32),
@@ -178,9 +180,8 @@ class ModelRunner:
             if previous is None:
                 raise RuntimeError("a step's input token is on the device, but no step sampled it")
             rows = [previous.row_of[seq.seq_id] for _, seq in inputs.on_device]
-            at = torch.tensor([i for i, _ in inputs.on_device], dtype=torch.int64)
-            where = at.to(self.device, non_blocking=True)
-            from_rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            where = to_device([i for i, _ in inputs.on_device], self.device, torch.int64)
+            from_rows = to_device(rows, self.device, torch.int64)
             inputs.input_ids[where] = previous.tokens[from_rows]
             inputs.on_device = []  # consumed; tensor-parallel ranks get the filled ids
         if self.parallel is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_worker.engine.host_tensors import to_device
 from engine_worker.engine.outputs import TokenLogprob
 from engine_worker.engine.sequence import Sequence
 
@@ -38,14 +39,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Mask what top-k, top-p and min-p exclude (rows of greedy sequences untouched)."""
-    device = logits.device
-    top_k = torch.tensor(
-        [s.params.top_k if s.params.top_k > 0 else logits.shape[-1] for s in seqs], device=device
-    )
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    if bool((top_k < logits.shape[-1]).any()) or bool((top_p < 1.0).any()):
+    """Mask what top-k, top-p and min-p exclude (rows of greedy sequences untouched).
+    Which filters run is decided from the host's parameters, never from device values."""
+    device, vocab = logits.device, logits.shape[-1]
+    if any(0 < s.params.top_k < vocab or s.params.top_p < 1.0 for s in seqs):
+        top_k = to_device([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device)
+        top_p = to_device([s.params.top_p for s in seqs], device)
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[-1], device=device)[None, :]
         drop = ranks >= top_k[:, None]
@@ -54,7 +53,8 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         drop |= cum_before >= top_p[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
-    if bool((min_p > 0).any()):
+    if any(s.params.min_p > 0 for s in seqs):
+        min_p = to_device([s.params.min_p for s in seqs], device)
         probs = logits.softmax(dim=-1)
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
@@ -67,8 +67,8 @@ def sampling_probs(
     """The distribution each row's token is drawn from: temperature, then top-k/top-p/min-p
     (penalties and grammar masks already applied); `temps` defaults to the rows' own."""
     if temps is None:
-        temps = torch.tensor(
-            [1.0 if s.params.greedy else s.params.temperature for s in seqs], device=logits.device
+        temps = to_device(
+            [1.0 if s.params.greedy else s.params.temperature for s in seqs], logits.device
         )
     return _filter(logits / temps[:, None], seqs).softmax(dim=-1)
 
@@ -110,7 +110,7 @@ class SampledRows:
         copy = SampledRows(
             host(self.tokens), host(self.chosen), host(self.top_vals), host(self.top_ids)
         )
-        copy.ready = torch.cuda.Event()
+        copy.ready = torch.cuda.Event(blocking=True)  # the host sleeps, it does not spin
         copy.ready.record()
         return copy
 
@@ -133,9 +133,9 @@ def sample_rows(
         apply_penalties(logits, seqs)
     tokens = argmax(logits)
     if not all(s.params.greedy for s in seqs):
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        temps = torch.tensor(
-            [1.0 if s.params.greedy else s.params.temperature for s in seqs], device=logits.device
+        greedy = to_device([s.params.greedy for s in seqs], logits.device)
+        temps = to_device(
+            [1.0 if s.params.greedy else s.params.temperature for s in seqs], logits.device
         )
         probs = sampling_probs(logits, seqs, temps)
         noise = torch.empty_like(probs)
