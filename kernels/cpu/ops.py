@@ -140,9 +140,10 @@ def linear_cpu(
 
 
 def decode_layer_cpu(
-    x: torch.Tensor,  # [T, hidden], T at most the streamed rows of its dtype
+    x: torch.Tensor,  # [T, hidden]
     residual: torch.Tensor | None,
     weights: list[torch.Tensor],  # input norm, qkv, o_proj, post norm, gate_up, down
+    packed: list[torch.Tensor],  # prepacked qkv, o_proj, gate_up, down; empty where none
     eps: float,
     positions: torch.Tensor,
     cos_sin: torch.Tensor,
@@ -156,7 +157,7 @@ def decode_layer_cpu(
     """One decoder layer in one call (decode_layer.cpp): the kernels the layer's modules
     call one by one, chained in C++; (MLP output, residual), the same bits."""
     out = _ops().decode_layer(
-        x, residual, weights, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
+        x, residual, weights, packed, STREAMED_MAX_ROWS[x.dtype], eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
         meta.query_start_loc, meta.seq_lens, meta.block_tables, num_heads, num_kv_heads,
         scale, PREFILL_TILE_TOKENS,
     )  # fmt: skip

@@ -186,11 +186,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual  # type: ignore[return-value]
 
 
-def fused_decode_weights(layer: DecoderLayer) -> list[torch.Tensor] | None:
-    """The layer's six weights for the CPU's one-call decoder layer (kernels/cpu/
-    decode_layer.cpp), or None where the layer is not exactly the chain that kernel runs:
-    the CPU backend's ops, plain Linears (not quantized, not sharded) without biases, fp32
-    or bf16 weights, no q/k norms."""
+def fused_decode_weights(
+    layer: DecoderLayer,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The layer's six weights and its Linears' four prepacked weights (empty tensors where
+    a Linear has none) for the CPU's one-call decoder layer (kernels/cpu/decode_layer.cpp),
+    or None where the layer is not exactly the chain that kernel runs: the CPU backend's
+    ops, plain Linears (not quantized, not sharded) without biases, fp32 or bf16 weights,
+    no q/k norms."""
     from kernels.cpu.ops import KERNEL_DTYPES, linear_cpu, rms_norm_cpu, silu_and_mul_cpu
     from kernels.cpu.packed_matmul import PackedMatmul
 
@@ -215,10 +218,17 @@ def fused_decode_weights(layer: DecoderLayer) -> list[torch.Tensor] | None:
         and mlp.reduce is _identity
     ):
         return None
-    return [
+    weights = [
         layer.input_norm.weight, attn.qkv.weight, attn.o_proj.weight,
         layer.post_attn_norm.weight, mlp.gate_up.weight, mlp.down.weight,
     ]  # fmt: skip
+    packed = [
+        lin.matmul.packed
+        if isinstance(lin.matmul, PackedMatmul) and lin.matmul.packs(lin.weight)
+        else lin.weight.new_empty(0)
+        for lin in linears
+    ]
+    return weights, packed
 
 
 class LlamaForCausalLM(nn.Module):
@@ -265,10 +275,10 @@ class LlamaForCausalLM(nn.Module):
             from kernels.cpu.ops import decode_layer_cpu
 
             attn = self.layers[0].attn
-            for weights, (k_cache, v_cache) in zip(fused, kv_caches, strict=True):
+            for (weights, packed), (k_cache, v_cache) in zip(fused, kv_caches, strict=True):
                 x, residual = decode_layer_cpu(
-                    x, residual, weights, self.norm.eps, positions, self.cos_sin, k_cache,
-                    v_cache, meta, attn.num_heads, attn.num_kv_heads, attn.scale,
+                    x, residual, weights, packed, self.norm.eps, positions, self.cos_sin,
+                    k_cache, v_cache, meta, attn.num_heads, attn.num_kv_heads, attn.scale,
                 )  # fmt: skip
             return self.norm(x, residual)[0]
         for layer, kv in zip(self.layers, kv_caches, strict=True):
@@ -277,13 +287,16 @@ class LlamaForCausalLM(nn.Module):
 
     def _fused_decode(self, backend: AttentionBackend, x: torch.Tensor) -> list | None:
         """Every layer's weights for the one-call CPU decoder layer when this step can take
-        it (the CPU backend, a decode step's few rows, every layer eligible), else None.
-        Decided once per backend; the rows each step."""
+        it (the CPU backend, fp32/bf16 rows, every layer eligible), else None. Any number of
+        rows: each matmul in it takes the kernel its Linear would for that many (a decode
+        step's few stream the weight; a verification step's or a prefill's take the
+        prepacked one), so only the Python around the kernels is saved. Decided once per
+        backend."""
         if getattr(backend, "name", None) != "cpu" or x.dim() != 2:
             return None
-        from kernels.cpu.ops import STREAMED_MAX_ROWS
+        from kernels.cpu.ops import KERNEL_DTYPES
 
-        if x.shape[0] > STREAMED_MAX_ROWS.get(x.dtype, 0):
+        if x.dtype not in KERNEL_DTYPES:
             return None
         cached = self.__dict__.get("_fused_cache")
         if cached is None or cached[0] is not backend:

@@ -1,6 +1,7 @@
-"""The one-call CPU decoder layer (kernels/cpu/decode_layer.cpp): a decode step's few rows
-through it give the same bits as the layer's modules calling the same kernels one by one,
-and the model takes it only where the layer is exactly that chain."""
+"""The one-call CPU decoder layer (kernels/cpu/decode_layer.cpp): a step's rows through it
+(decodes, prefills, past the streamed rows through the prepacked weights) give the same
+bits as the layer's modules calling the same kernels one by one, and the model takes it
+only where the layer is exactly that chain."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from engine_worker.engine.config import EngineConfig
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.models.llama import fused_decode_weights
 from kernels.cpu.ops import STREAMED_MAX_ROWS
+from kernels.cpu.packed_matmul import packing_available
 from shared.sampling_params import SamplingParams
 
 PROMPTS = [[1, 5, 9, 13, 2, 7], [1, 4, 4, 8], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
@@ -71,10 +73,14 @@ def test_taken_only_for_the_exact_chain(
 
     cpu = model_of(tiny_llama, attention_backend="cpu")
     assert all(fused_decode_weights(layer) is not None for layer in cpu.layers)
+    _, packed = fused_decode_weights(cpu.layers[0])
+    # Past the streamed rows each matmul takes its Linear's prepacked weight, where it has one.
+    assert len(packed) == 4 and all((p.numel() > 0) == packing_available() for p in packed)
     rows = STREAMED_MAX_ROWS[torch.float32]
     backend = type("B", (), {"name": "cpu"})()
-    assert cpu._fused_decode(backend, torch.zeros(rows, 8)) is not None
-    assert cpu._fused_decode(backend, torch.zeros(rows + 1, 8)) is None  # a prefill's rows
+    for n in (1, rows, rows + 1, 300):  # a decode step, a verification step, a prefill
+        assert cpu._fused_decode(backend, torch.zeros(n, 8)) is not None
+    assert cpu._fused_decode(backend, torch.zeros(4, 8, dtype=torch.float16)) is None
     int8 = model_of(tiny_llama, attention_backend="cpu", quantization="int8")
     qwen2 = model_of(tiny_qwen2, attention_backend="cpu")  # qkv biases
     qwen3 = model_of(tiny_qwen3, attention_backend="cpu")  # q/k norms
