@@ -242,14 +242,16 @@ async def test_registry_tokenizer_files_and_clean_exit(bus_stack: Stack, bus: Bu
 async def test_two_workers_share_load_and_lose_nothing(bus_stack: Stack, bus: BusClient) -> None:
     w0 = bus_stack.start_worker("--max-num-seqs", "4")
     w1 = bus_stack.start_worker("--max-num-seqs", "4")
-    jobs = [bus.make_job(PROMPT, max_tokens=40, ignore_eos=True) for _ in range(16)]
+    # Jobs long enough that the first worker to pull cannot finish all 16 before the
+    # other's pull arrives (40 tokens each did, once on a fast CPU).
+    jobs = [bus.make_job(PROMPT, max_tokens=300, ignore_eos=True) for _ in range(16)]
     for job in jobs:
         await bus.submit(job)
     results = await asyncio.gather(*(bus.collect(job.id) for job in jobs))
     seen_workers = set()
     for deltas in results:
         check_well_formed(deltas)
-        assert len(tokens_by_index(deltas)[0]) == 40
+        assert len(tokens_by_index(deltas)[0]) == 300
         seen_workers |= {d.worker_id for d in deltas}
     assert len(seen_workers) == 2, seen_workers
     assert w0.alive and w1.alive
