@@ -497,7 +497,10 @@ class LLMEngine:
         return outputs
 
     def _emit(
-        self, touched: dict[str, RequestState], embedded: list[Sequence], outputs: list
+        self,
+        touched: dict[str, RequestState],
+        embedded: list[Sequence],
+        outputs: list[RequestOutput],
     ) -> None:
         """An output per request a step advanced; finished requests leave the table."""
         for state in touched.values():
@@ -527,11 +530,9 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, previous: InFlightStep | None) -> InFlightStep:
         sample_mask = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in batch.items]
         step = self._launch_forward(batch, sample_mask, previous)
-        limit = self.max_model_len
         for seq in step.samplers:
             seq.num_inflight += 1
-            outputs = seq.num_tokens - seq.num_prompt_tokens
-            if outputs >= seq.params.max_tokens or seq.num_tokens >= limit:
+            if self._reaches_length(seq, seq.num_tokens):
                 seq.last_in_flight = True  # `_check_stop` ends it by length when it lands
         return step
 
@@ -747,11 +748,19 @@ class LLMEngine:
             reason, seq.stop_token_id = "stop", token
         elif token in p.stop_token_ids:
             reason, seq.stop_token_id = "stop", token
-        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif self._reaches_length(seq, len(seq.token_ids)):
             reason = "length"
         if reason:
             seq.finish_reason = reason
             seq.status = SequenceStatus.FINISHED
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the sequence ends by length once it holds `num_tokens` tokens: its
+        max_tokens or the model's length (counted with the token in flight, `_launch`)."""
+        return (
+            num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
+            or num_tokens >= self.max_model_len
+        )
 
     def _delta(self, seq: Sequence) -> CompletionDelta:
         # One slice of the new tokens (slicing all outputs first made each step O(length)).

@@ -6,10 +6,10 @@ size is the autoscaling signal. A redelivered job's Deltas already in LLM_EVENTS
 before it runs, so it (its worker crashed or was stopped) continues after the last stored
 token; a first delivery starts without that read, its first Delta fenced on an empty log,
 and one whose log had Deltas after all (a replayed dead letter) restarts from the log. A
-delivery beyond `max_deliver` is moved to LLM_DEAD instead of being run. Malformed jobs are logged and terminated (never
-redelivered). A job of a wire version newer than this worker reads (a newer API during a
-rolling upgrade) is not malformed: it is handed back with a delay for a worker that reads
-it (docs/upgrading.md). Cancels arrive on a core subject and either abort a running job
+delivery beyond `max_deliver` is moved to LLM_DEAD instead of being run. Malformed jobs
+are logged and terminated (never redelivered). A job of a wire version newer than this
+worker reads (a newer API during a rolling upgrade) is not malformed: it is handed back
+with a delay for a worker that reads it (docs/upgrading.md). Cancels arrive on a core subject and either abort a running job
 or are remembered for a queued one.
 """
 

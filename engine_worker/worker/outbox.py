@@ -4,11 +4,11 @@ Everything a worker says about a job goes through one queue drained by one task,
 job's Deltas are stored in seq order (a job at most once in a batch). What arrives while
 a batch is being stored waits as the next batch, where a job's later Deltas merge into
 its waiting one (`absorb`): one batch in flight and one waiting, however fast the engine
-steps, so the log never falls behind the engine by more than a store's round trip. A step's Deltas are stored with one atomic batch publish and one ack
-(`append_batch`), each on its job's subject and fenced on the job's previous Delta
-(shared/bus/event_log.py): a worker that lost the job to a takeover learns it here and
-drops the job without acking.
-Once stored, the step's Deltas go to the API replicas that follow their jobs, one core
+steps, so the log never falls behind the engine by more than a store's round trip. A
+batch is stored with one atomic batch publish and one ack (`append_batch`), each Delta
+on its job's subject and fenced on the job's previous Delta (shared/bus/event_log.py):
+a worker that lost the job to a takeover learns it here and drops the job without acking.
+Once stored, the batch's Deltas go to the API replicas that follow their jobs, one core
 message per replica (shared/bus/step_delivery.py).
 A job's message is acked (or terminated) only after its final Delta is stored, so a
 crash before that means redelivery, never a lost request.

@@ -157,9 +157,9 @@ def decode_layer_cpu(
     """One decoder layer in one call (decode_layer.cpp): the kernels the layer's modules
     call one by one, chained in C++; (MLP output, residual), the same bits."""
     out = _ops().decode_layer(
-        x, residual, weights, packed, STREAMED_MAX_ROWS[x.dtype], eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
-        meta.query_start_loc, meta.seq_lens, meta.block_tables, num_heads, num_kv_heads,
-        scale, PREFILL_TILE_TOKENS,
+        x, residual, weights, packed, STREAMED_MAX_ROWS[x.dtype], eps, positions, cos_sin,
+        k_cache, v_cache, meta.slot_mapping, meta.query_start_loc, meta.seq_lens,
+        meta.block_tables, num_heads, num_kv_heads, scale, PREFILL_TILE_TOKENS,
     )  # fmt: skip
     return out[0], out[1]
 

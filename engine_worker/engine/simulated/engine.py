@@ -93,19 +93,21 @@ class SimulatedEngine(LLMEngine):
         seconds = self._step_seconds(batch)
         start = max(now, self._device_free_at)
         self._device_free_at = start + seconds
-        self._account(start, seconds, sum(n for _, n in batch.items))
+        self._account(start, seconds, batch.num_tokens)
         samplers = self.scheduler.commit(batch)
         return InFlightStep(batch.items, samplers, done_at=self._device_free_at)
 
     def _read_tokens(self, step: InFlightStep) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Wait until the step's device time is up. Its tokens follow each sequence's
-        tokens known by then, which are all that precede them (the step before landed)."""
+        """The step's tokens once its device time is up. They follow each sequence's tokens
+        known by now, which are all that precede them (the step before has landed); the
+        host makes them before the wait, so that work overlaps the device time."""
+        allowed = self._allowed_ids()
+        tokens = [next_token(seq.token_ids, allowed) for seq in step.samplers]
+        logprobs = [_logprob(seq, t) for seq, t in zip(step.samplers, tokens, strict=True)]
         remaining = step.done_at - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
-        allowed = self._allowed_ids()
-        tokens = [next_token(seq.token_ids, allowed) for seq in step.samplers]
-        return tokens, [_logprob(seq, t) for seq, t in zip(step.samplers, tokens, strict=True)]
+        return tokens, logprobs
 
     def _step_seconds(self, batch: ScheduledBatch) -> float:
         shape = shape_of([(n, seq.num_computed_tokens + n) for seq, n in batch.items])
@@ -114,17 +116,10 @@ class SimulatedEngine(LLMEngine):
     def _forward_and_sample(
         self, batch: ScheduledBatch, sample_mask: list[bool]
     ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
-        start = time.perf_counter()
-        seconds = self._step_seconds(batch)
-        self._account(start, seconds, sum(n for _, n in batch.items))
-        samplers = self.scheduler.commit(batch)
-        tokens = [next_token(seq.token_ids, self._allowed_ids()) for seq in samplers]
-        logprobs = [_logprob(seq, t) for seq, t in zip(samplers, tokens, strict=True)]
-        # Wait out the rest of the device time (the host's own work above overlaps it).
-        remaining = seconds - (time.perf_counter() - start)
-        if remaining > 0:
-            time.sleep(remaining)
-        return samplers, tokens, logprobs
+        """A synchronous step: launched on the timeline and waited for at once."""
+        step = self._launch_forward(batch, sample_mask, None)
+        tokens, logprobs = self._read_tokens(step)
+        return step.samplers, tokens, logprobs
 
     def _allowed_ids(self) -> list[int]:
         """Resolved lazily: the worker adds the tokenizer's EOS ids after construction."""
