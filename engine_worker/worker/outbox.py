@@ -5,6 +5,9 @@ job's Deltas are stored in seq order (a job at most once in a batch). What arriv
 a batch is being stored waits as the next batch, where a job's later Deltas merge into
 its waiting one (`absorb`): one batch in flight and one waiting, however fast the engine
 steps, so the log never falls behind the engine by more than a store's round trip. A
+merged Delta stops growing at MERGED_DELTA_BYTES (a long store outage with logprobs or
+n > 1 would otherwise build one larger than NATS's max_payload): the job's next Delta then
+waits in the batch after it. A
 batch is stored with one atomic batch publish and one ack (`append_batch`), each Delta
 on its job's subject and fenced on the job's previous Delta (shared/bus/event_log.py):
 a worker that lost the job to a takeover learns it here and drops the job without acking.
@@ -17,6 +20,7 @@ crash before that means redelivery, never a lost request.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +32,15 @@ from engine_worker.worker.job_state import JobState, merge_chunks
 from engine_worker.worker.running import RunningJobs
 from shared.bus.event_log import Appended, append_batch
 from shared.bus.step_delivery import deliver_step
-from shared.messages import Delta, encode_delta
+from shared.messages import CompletionChunk, Delta, encode_delta
 from shared.metrics import WorkerMetrics
 from shared.retry import RetryPolicy, retry
 
 PUBLISH_RETRY = RetryPolicy(attempts=3, base_delay_s=0.2)  # an unfenced error Delta
 APPEND_RETRY_S = 30.0  # a Delta is retried this long (NATS restarting) before the job is dropped
+# A merged Delta's estimated encoded size past which a job's later Deltas are not merged
+# into it: a quarter of nats-server's default max_payload (1 MiB).
+MERGED_DELTA_BYTES = 256 * 1024
 
 
 @dataclass
@@ -43,6 +50,25 @@ class Outgoing:
     state: JobState
     delta: Delta
     action: str | None = None  # None (more to come), "ack" or "term"
+    _size: int = -1  # the Delta's estimated encoded bytes, once asked for
+
+    @property
+    def size(self) -> int:
+        """Counted only when a Delta may merge (the store lags), not on every step."""
+        if self._size < 0:
+            self._size = chunks_size(self.delta.chunks) + 4 * len(self.delta.embedding or ())
+        return self._size
+
+
+def chunks_size(chunks: list[CompletionChunk]) -> int:
+    """An upper estimate of chunks' msgpack bytes, from counts alone (no encoding): a
+    token id takes at most 5 bytes, a logprob entry a float64 and its alternatives'."""
+    size = 0
+    for c in chunks:
+        size += 16 + 5 * len(c.token_ids)
+        for _, _, top in c.logprobs or ():
+            size += 16 + 15 * len(top)
+    return size
 
 
 def absorb(waiting: Outgoing, later: Outgoing) -> None:
@@ -56,6 +82,7 @@ def absorb(waiting: Outgoing, later: Outgoing) -> None:
     first.error = then.error or first.error
     first.embedding = then.embedding if then.embedding is not None else first.embedding
     waiting.action = later.action or waiting.action
+    waiting._size = waiting.size + later.size
     later.state.next_seq -= 1
 
 
@@ -72,23 +99,43 @@ class Outbox:
     # An optimistic job (job_state.py) whose log turned out not to be empty: restart it from
     # the log (Intake.restart_from_log). Unset: such a job is dropped to redelivery.
     on_log_found: Callable[[JobState], None] | None = None
-    # The next batch: what was enqueued since the batch in flight was taken, a job's
-    # Deltas merged into one (keyed by the JobState's identity: a restarted job is new).
-    _waiting: list[Outgoing] = field(default_factory=list)
-    _waiting_by_job: dict[int, Outgoing] = field(default_factory=dict)
+    # The batches waiting behind the one in flight, oldest first (numbered from
+    # `_first_waiting`); there is more than one only when a merged Delta reached
+    # MERGED_DELTA_BYTES. A job's latest waiting Delta and its batch's number, keyed by
+    # the JobState's identity (a restarted job is new): its next Delta merges into it.
+    _waiting: deque[list[Outgoing]] = field(default_factory=deque)
+    _first_waiting: int = 0
+    _latest: dict[int, tuple[int, Outgoing]] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
 
     def enqueue(self, batch: list[Outgoing]) -> None:
         for out in batch:
-            waiting = self._waiting_by_job.get(id(out.state))
-            if waiting is None:
-                self._waiting.append(out)
-                self._waiting_by_job[id(out.state)] = out
-            else:
-                absorb(waiting, out)
+            latest = self._latest.get(id(out.state))
+            if latest is None:
+                number = self._first_waiting
+            elif latest[1].size + out.size <= MERGED_DELTA_BYTES:
+                absorb(latest[1], out)
+                continue
+            else:  # full: the job's next Delta waits one batch later
+                number = latest[0] + 1
+            while number >= self._first_waiting + len(self._waiting):
+                self._waiting.append([])
+            self._waiting[number - self._first_waiting].append(out)
+            self._latest[id(out.state)] = (number, out)
         if batch:
             self._wake.set()
+
+    def _take(self) -> list[Outgoing]:
+        """The oldest waiting batch, whose Deltas no later one merges into any more."""
+        if not self._waiting:
+            return []
+        batch = self._waiting.popleft()
+        for out in batch:
+            if self._latest[id(out.state)][1] is out:
+                del self._latest[id(out.state)]
+        self._first_waiting += 1
+        return batch
 
     def close(self) -> None:
         """`run` returns after storing everything enqueued before this."""
@@ -98,9 +145,10 @@ class Outbox:
     async def run(self) -> None:
         """Store the waiting Deltas in order (a job's seq never overtakes), then settle."""
         while True:
-            await self._wake.wait()
+            if not self._waiting:
+                await self._wake.wait()
             self._wake.clear()
-            batch, self._waiting, self._waiting_by_job = self._waiting, [], {}
+            batch = self._take()
             if batch:
                 try:
                     await self._store_and_settle(batch)

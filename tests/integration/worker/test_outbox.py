@@ -15,7 +15,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from engine_worker.worker.job_state import JobState, final_delta
-from engine_worker.worker.outbox import Outbox, Outgoing
+from engine_worker.worker.outbox import MERGED_DELTA_BYTES, Outbox, Outgoing
 from engine_worker.worker.running import RunningJobs
 from shared.bus.jetstream import ensure_jobs_consumer, ensure_streams
 from shared.bus.job_events import read_job_events
@@ -133,6 +133,59 @@ async def test_deltas_that_wait_behind_a_store_merge_per_job(nc: NATS) -> None:
     a_last = (await read_job_events(nc.jetstream(), a.id))[0][-1]
     assert a_last.finished and a_last.chunks[0].finish_reason == "length"
     assert a not in jobs.states() and b in jobs.states()  # a acked once stored; b runs on
+
+
+def logprob_delta(state: JobState, token: int, top: int) -> Delta:
+    """One token with `top` alternatives: about 15 bytes each on the wire."""
+    alts = [(t, -1.5) for t in range(top)]
+    chunk = CompletionChunk(0, [token], logprobs=[(token, -0.5, alts)])
+    delta = Delta(state.id, state.next_seq, [chunk], worker_id="w1")
+    state.next_seq += 1
+    return delta
+
+
+async def test_a_merged_delta_stops_growing_at_its_size_cap(nc: NATS) -> None:
+    """A store that lags long behind a job with logprobs: its waiting Deltas merge up to
+    MERGED_DELTA_BYTES, then go on in the batches after, each stored message under NATS's
+    max_payload, every token stored once and in order, seqs contiguous."""
+    jobs = RunningJobs()
+    outbox = make_outbox(nc, jobs, Aborts())
+    a, b = await delivered_job(nc), await delivered_job(nc)
+    jobs.admit(a)
+    jobs.admit(b)
+    publisher = asyncio.create_task(outbox.run())
+    outbox.enqueue([Outgoing(a, token_delta(a, 0)), Outgoing(b, token_delta(b, 0))])
+    await asyncio.sleep(0)  # that batch's store is in flight: everything below waits
+    per_token = Outgoing(a, logprob_delta(a, 0, 100)).size
+    a.next_seq -= 1
+    tokens = 3 * MERGED_DELTA_BYTES // per_token  # three merged Deltas' worth
+    for token in range(1, tokens + 1):
+        outbox.enqueue(
+            [Outgoing(a, logprob_delta(a, token, 100)), Outgoing(b, token_delta(b, token))]
+        )
+    assert len(outbox._waiting) >= 3  # a's later Deltas went to later batches
+    outbox.enqueue([Outgoing(a, final_delta(a, "length", "w1"), "ack")])
+    outbox.enqueue([Outgoing(b, final_delta(b, "length", "w1"), "ack")])
+    outbox.close()
+    await asyncio.wait_for(publisher, 30)
+
+    sub = await nc.jetstream().subscribe(events_subject(a.id), ordered_consumer=True)
+    sizes = []
+    for _ in range(a.next_seq):
+        sizes.append(len((await sub.next_msg(timeout=5)).data))
+    await sub.unsubscribe()
+    assert max(sizes) <= MERGED_DELTA_BYTES < 1024 * 1024
+    for state in (a, b):
+        deltas, _ = await read_job_events(nc.jetstream(), state.id)
+        assert [d.seq for d in deltas] == list(range(len(deltas)))
+        assert [t for d in deltas for c in d.chunks for t in c.token_ids] == list(range(tokens + 1))
+        assert deltas[-1].finished and state not in jobs.states()
+    a_deltas, _ = await read_job_events(nc.jetstream(), a.id)
+    assert len(a_deltas) >= 5  # the first, at least three capped merges, the final
+    assert [len(c.logprobs or []) for d in a_deltas[1:] for c in d.chunks] == [
+        len(c.token_ids) for d in a_deltas[1:] for c in d.chunks
+    ]
+    assert len((await read_job_events(nc.jetstream(), b.id))[0]) == 2  # b merged freely
 
 
 async def test_term_action_terminates_the_message(nc: NATS) -> None:
