@@ -16,6 +16,7 @@ and dequantizes elsewhere (the CPU path exists to test it, not to be fast).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_worker.engine.models.linear import Linear
+
+log = logging.getLogger(__name__)
 
 METHODS = ("int8", "fp8")
 INT8_MAX = 127.0
@@ -181,13 +184,21 @@ def quantize_model(
     if method not in QUANTIZED:
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     cls = QUANTIZED[method]
-    swapped = 0
+    swapped, device = 0, torch.device("cpu")
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
                 full = f"{prefix}.{name}" if prefix else name
                 reduce = whole_row_amax(full) if whole_row_amax is not None else None
                 amax = None if reduce is None else reduce(row_amax(child.weight.data))
+                device = child.weight.device
                 setattr(parent, name, cls(child, amax))
                 swapped += 1
+    if method == "fp8" and swapped and not _has_fp8_matmul(device):
+        log.warning(
+            "fp8 weights on %s: no fp8 matmul here, so every matmul widens its weight first "
+            "and runs slower than without quantization; fp8 is for GPUs of compute "
+            "capability 8.9+ (use --quantization int8 on this device)",
+            device,
+        )
     return swapped
