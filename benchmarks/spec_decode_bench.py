@@ -10,6 +10,12 @@ demo corpus with half of it copy/edit conversations (`TrainingPlan.copy_fraction
   way for fewer steps (this 2-core box is shared; its build time stays modest).
 Both use the demo's tokenizer. They are built once into .jetserve/models/ and reused.
 
+Both are a few MB, so their forward is bound by per-call overheads and arithmetic, not by
+weight bytes as batch-1 decoding of a real model is, and verifying several rows costs more
+than one. A third model, wide, is the small one padded with zero weights to hidden 1024 and
+intermediate 4096 (benchmarks/widen_checkpoint.py: 55M parameters, 218 MB in fp32, the
+size of issue 16's model): the small one's tokens at a real model's bytes per token.
+
 Arms, greedy, one request at a time, all in one run and interleaved prompt by prompt (so
 every arm sees the same machine load): each model plain and with prompt lookup
 (`--speculative-method ngram`), and the large one with the small one as its draft.
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from widen_checkpoint import widen_checkpoint
 
 from engine_worker.demo.checkpoint import (
     DemoModelShape,
@@ -90,6 +97,21 @@ def ensure_model(name: str, shape: DemoModelShape, plan: TrainingPlan) -> Path:
         build_demo_checkpoint(
             path, seed=0, steps=plan.steps, shape=shape, plan=plan, progress=print
         )
+    return path
+
+
+WIDE = ("spec-copy-wide", 1024, 4096)  # hidden and intermediate size of the widened small model
+
+
+def ensure_wide(small: Path) -> Path:
+    """The small model widened with zeros (rebuilt when the small one is newer)."""
+    name, hidden, intermediate = WIDE
+    path = MODELS / name
+    config = path / "config.json"
+    source = small / "model.safetensors"
+    if not config.exists() or config.stat().st_mtime < source.stat().st_mtime:
+        print(f"widening {small.name} to hidden {hidden}, intermediate {intermediate}", flush=True)
+        widen_checkpoint(small, path, hidden, intermediate)
     return path
 
 
@@ -157,6 +179,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n_prompts, max_tokens = (2, 24) if args.quick else (args.prompts, args.max_tokens)
     small, large = ensure_model(*SMALL), ensure_model(*LARGE)
+    wide = ensure_wide(small)
     if args.sampled:
         sampled_main(args, small, large, n_prompts, max_tokens)
         return
@@ -167,6 +190,8 @@ def main() -> None:
     arms = [
         Arm("plain", "small", LLM(str(small), **common)),
         Arm("ngram", "small", LLM(str(small), speculative_method="ngram", **spec, **common)),
+        Arm("plain", "wide", LLM(str(wide), **common)),
+        Arm("ngram", "wide", LLM(str(wide), speculative_method="ngram", **spec, **common)),
         Arm("plain", "large", LLM(str(large), **common)),
         Arm("ngram", "large", LLM(str(large), speculative_method="ngram", **spec, **common)),
         Arm(
@@ -192,9 +217,11 @@ def main() -> None:
             arm.run(prompt, params)
         print(f"prompt {i + 1}/{len(timed)} done", flush=True)
     load_after = os.getloadavg()
-    for model in ("small", "large"):
+    for model in ("small", "wide", "large"):
         outs = [a.outputs for a in arms if a.model == model]
         assert all(o == outs[0] for o in outs), f"greedy outputs differ across {model} arms"
+    # The widened model's tokens are the small one's up to float rounding (near-ties).
+    same_as_small = sum(w == m for w, m in zip(arms[2].outputs, arms[0].outputs, strict=True))
     rows = [a.summary() for a in arms]
     by = {(r["model"], r["arm"]): r for r in rows}
 
@@ -214,17 +241,25 @@ def main() -> None:
         **run_facts(load_before, load_after, timed, max_tokens, args.k),
         "models": {
             "small": {"path": str(small.relative_to(ROOT)), "shape": vars(SMALL[1])},
+            "wide": {
+                "path": str(wide.relative_to(ROOT)),
+                "shape": {"hidden_size": WIDE[1], "intermediate_size": WIDE[2]},
+                "what": "small padded with zero weights: its tokens, 55M parameters' bytes",
+                "prompts_with_the_small_models_tokens": f"{same_as_small}/{len(timed)}",
+            },
             "large": {"path": str(large.relative_to(ROOT)), "shape": vars(LARGE[1])},
         },
         "greedy_outputs_identical": True,
         "arms": rows,
         "speedup": {
             "small_ngram": ratio("small", "ngram"),
+            "wide_ngram": ratio("wide", "ngram"),
             "large_ngram": ratio("large", "ngram"),
             "large_draft_small": ratio("large", "draft(small)"),
         },
         "speedup_median_per_prompt": {
             "small_ngram": median_ratio("small", "ngram"),
+            "wide_ngram": median_ratio("wide", "ngram"),
             "large_ngram": median_ratio("large", "ngram"),
             "large_draft_small": median_ratio("large", "draft(small)"),
         },
@@ -322,6 +357,7 @@ def plot(result: dict, path: Path, ylabel: str = "output tokens/s (batch 1, gree
             fontsize=8,
         )
     load = result["load_average_before"][0]
+    ax.set_yscale("log")  # the wide model decodes ~50x slower than the small ones
     ax.set_ylabel(ylabel)
     ax.set_title(f"Speculative decoding on copy/edit prompts (CPU, load avg {load})", fontsize=10)
     fig.tight_layout()
