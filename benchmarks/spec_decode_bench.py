@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--k", type=int, default=8, help="--num-speculative-tokens")
     ap.add_argument("--out", default=None, help="default: results/spec_decode[_sampled].json")
+    ap.add_argument("--note", default="", help="what the JSON should say about this run")
     ap.add_argument(
         "--sampled", action="store_true", help="draft acceptance at temperature 1.0 (see above)"
     )
@@ -264,6 +265,8 @@ def main() -> None:
             "large_draft_small": median_ratio("large", "draft(small)"),
         },
     }
+    if args.note:
+        result["note"] = args.note
     out = Path(args.out)
     if not args.quick:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,6 +361,7 @@ def plot(result: dict, path: Path, ylabel: str = "output tokens/s (batch 1, gree
         )
     load = result["load_average_before"][0]
     ax.set_yscale("log")  # the wide model decodes ~50x slower than the small ones
+    ax.set_ylim(top=max(values) * 3)  # room for the top bar's note
     ax.set_ylabel(ylabel)
     ax.set_title(f"Speculative decoding on copy/edit prompts (CPU, load avg {load})", fontsize=10)
     fig.tight_layout()
