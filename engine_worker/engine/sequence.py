@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,6 +57,9 @@ class Sequence:
     # [proposals, vocab]: the distribution each proposal was drawn from (a draft model
     # sampling for an unseeded request), for rejection sampling; None: point masses.
     spec_draft_probs: torch.Tensor | None = None
+    # What the proposer keeps per sequence (prompt lookup: its tokens as an array),
+    # derived from `token_ids` alone, so it goes with the sequence and nothing restores it.
+    proposer_state: Any = None
     # Embedding sequences (params.pooling): fp32 sum of the hidden states computed so far
     # (reset when a preemption restarts the prefill), then the pooled vector.
     pooled_sum: torch.Tensor | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_worker.engine.speculative.ngram import NgramProposer, ngram_lookup
+from engine_worker.engine.speculative.ngram import NgramProposer, TokenArray, ngram_lookup
 
 
 def test_longest_suffix_wins_and_latest_match() -> None:
@@ -50,3 +50,25 @@ def test_proposal_is_what_followed_a_real_occurrence(tokens, n_max, k) -> None:
 def test_proposer_respects_limits() -> None:
     p = NgramProposer(n_max=2, n_min=1)
     assert p.propose([[1, 2, 1, 2, 1], [3, 3, 3]], [1, 0]) == [[2], []]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 5), min_size=1, max_size=700),
+    steps=st.lists(st.integers(1, 9), min_size=1, max_size=80),
+)
+def test_a_kept_token_array_proposes_what_the_list_does(tokens, steps) -> None:
+    """A sequence growing a few tokens a step (past the array's first capacity): the
+    array the proposer keeps for it stays its tokens, and so do the proposals."""
+    p, array, grown = NgramProposer(n_max=3, n_min=1), TokenArray(), 1
+    for n in steps:
+        grown = min(len(tokens), grown + n)
+        history = tokens[:grown]
+        assert p.propose([history], [4], [array]) == p.propose([history], [4])
+        assert array.data[: array.size].tolist() == history
+
+
+def test_a_token_array_starts_again_on_a_history_that_is_not_its_extension() -> None:
+    array = TokenArray()
+    array.sync([1, 2, 3, 4])
+    assert array.sync([7, 8]).tolist() == [7, 8]
