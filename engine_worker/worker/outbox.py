@@ -7,14 +7,13 @@ its waiting one (`absorb`): one batch in flight and one waiting, however fast th
 steps, so the log never falls behind the engine by more than a store's round trip. A
 merged Delta stops growing at MERGED_DELTA_BYTES (a long store outage with logprobs or
 n > 1 would otherwise build one larger than NATS's max_payload): the job's next Delta then
-waits in the batch after it. A
-batch is stored with one atomic batch publish and one ack (`append_batch`), each Delta
-on its job's subject and fenced on the job's previous Delta (shared/bus/event_log.py):
-a worker that lost the job to a takeover learns it here and drops the job without acking.
-Once stored, the batch's Deltas go to the API replicas that follow their jobs, one core
-message per replica (shared/bus/step_delivery.py).
-A job's message is acked (or terminated) only after its final Delta is stored, so a
-crash before that means redelivery, never a lost request.
+waits in the batch after it. A batch is stored with one atomic batch publish and one ack
+(`append_batch`), each Delta on its job's subject and fenced on the job's previous Delta
+(shared/bus/event_log.py): a worker that lost the job to a takeover learns it here and
+drops the job without acking. Once stored, the batch's Deltas go to the API replicas that
+follow their jobs, one core message per replica (shared/bus/step_delivery.py). A job's
+message is acked (or terminated) only after its final Delta is stored, so a crash before
+that means redelivery, never a lost request.
 """
 
 from __future__ import annotations
