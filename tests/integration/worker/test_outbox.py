@@ -70,6 +70,18 @@ def make_outbox(nc: NATS, jobs: RunningJobs, aborts: Aborts, registry=None) -> O
     return Outbox(nc, nc.jetstream(), jobs, aborts, metrics, MODEL, log, retry_for_s=2.0)
 
 
+async def two_running_jobs(
+    nc: NATS,
+) -> tuple[RunningJobs, Outbox, JobState, JobState, asyncio.Task]:
+    """Two delivered jobs admitted to a running outbox's publisher."""
+    jobs = RunningJobs()
+    outbox = make_outbox(nc, jobs, Aborts())
+    a, b = await delivered_job(nc), await delivered_job(nc)
+    jobs.admit(a)
+    jobs.admit(b)
+    return jobs, outbox, a, b, asyncio.create_task(outbox.run())
+
+
 async def until(predicate, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -110,12 +122,7 @@ async def test_deltas_are_stored_in_order_and_the_job_acked_after_the_last(nc: N
 async def test_deltas_that_wait_behind_a_store_merge_per_job(nc: NATS) -> None:
     """An engine faster than the store round trip: what a job makes meanwhile becomes one
     Delta of the next batch, its seqs still contiguous and its action kept."""
-    jobs = RunningJobs()
-    outbox = make_outbox(nc, jobs, Aborts())
-    a, b = await delivered_job(nc), await delivered_job(nc)
-    jobs.admit(a)
-    jobs.admit(b)
-    publisher = asyncio.create_task(outbox.run())
+    jobs, outbox, a, b, publisher = await two_running_jobs(nc)
     outbox.enqueue([Outgoing(a, token_delta(a, 1)), Outgoing(b, token_delta(b, 1))])
     await asyncio.sleep(0)  # the publisher takes that batch: its store is now in flight
     for token in (2, 3, 4):
@@ -148,12 +155,7 @@ async def test_a_merged_delta_stops_growing_at_its_size_cap(nc: NATS) -> None:
     """A store that lags long behind a job with logprobs: its waiting Deltas merge up to
     MERGED_DELTA_BYTES, then go on in the batches after, each stored message under NATS's
     max_payload, every token stored once and in order, seqs contiguous."""
-    jobs = RunningJobs()
-    outbox = make_outbox(nc, jobs, Aborts())
-    a, b = await delivered_job(nc), await delivered_job(nc)
-    jobs.admit(a)
-    jobs.admit(b)
-    publisher = asyncio.create_task(outbox.run())
+    jobs, outbox, a, b, publisher = await two_running_jobs(nc)
     outbox.enqueue([Outgoing(a, token_delta(a, 0)), Outgoing(b, token_delta(b, 0))])
     await asyncio.sleep(0)  # that batch's store is in flight: everything below waits
     per_token = Outgoing(a, logprob_delta(a, 0, 100)).size
