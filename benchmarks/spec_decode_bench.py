@@ -12,13 +12,15 @@ Both use the demo's tokenizer. They are built once into .jetserve/models/ and re
 
 Both are a few MB, so their forward is bound by per-call overheads and arithmetic, not by
 weight bytes as batch-1 decoding of a real model is, and verifying several rows costs more
-than one. A third model, wide, is the small one padded with zero weights to hidden 1024 and
-intermediate 4096 (benchmarks/widen_checkpoint.py: 55M parameters, 218 MB in fp32, the
-size of issue 16's model): the small one's tokens at a real model's bytes per token.
+than one. So each is also run widened: padded with zero weights to hidden 1024 and
+intermediate 4096 (benchmarks/widen_checkpoint.py; small-wide has 55M parameters, 218 MB
+in fp32, the size of issue 16's model), its tokens at a real model's bytes per token.
+large-wide also runs with the (unwidened) small model as its draft: a draft that is a
+small fraction of its target's bytes, as drafts are.
 
 Arms, greedy, one request at a time, all in one run and interleaved prompt by prompt (so
 every arm sees the same machine load): each model plain and with prompt lookup
-(`--speculative-method ngram`), and the large one with the small one as its draft.
+(`--speculative-method ngram`), and the large ones with the small one as their draft.
 Greedy tokens must be identical across the arms of a model (checked). Timed prompts are
 never the warm-up's (no prefix-cache reuse across them).
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from widen_checkpoint import widen_checkpoint
 
 from engine_worker.demo.checkpoint import (
@@ -100,19 +104,26 @@ def ensure_model(name: str, shape: DemoModelShape, plan: TrainingPlan) -> Path:
     return path
 
 
-WIDE = ("spec-copy-wide", 1024, 4096)  # hidden and intermediate size of the widened small model
+# Hidden and intermediate size the copy models are widened to (zero weights): 55M
+# parameters for the small one, 218 MB in fp32, issue 16's size.
+WIDE_HIDDEN, WIDE_INTERMEDIATE = 1024, 4096
 
 
-def ensure_wide(small: Path) -> Path:
-    """The small model widened with zeros (rebuilt when the small one is newer)."""
-    name, hidden, intermediate = WIDE
-    path = MODELS / name
+def ensure_wide(source: Path) -> Path:
+    """`source` widened with zeros into `<name>-wide` (rebuilt when the source is newer)."""
+    path = MODELS / f"{source.name}-wide"
     config = path / "config.json"
-    source = small / "model.safetensors"
-    if not config.exists() or config.stat().st_mtime < source.stat().st_mtime:
-        print(f"widening {small.name} to hidden {hidden}, intermediate {intermediate}", flush=True)
-        widen_checkpoint(small, path, hidden, intermediate)
+    weights = source / "model.safetensors"
+    if not config.exists() or config.stat().st_mtime < weights.stat().st_mtime:
+        print(f"widening {source.name} to hidden {WIDE_HIDDEN}", flush=True)
+        widen_checkpoint(source, path, WIDE_HIDDEN, WIDE_INTERMEDIATE)
     return path
+
+
+def parameters_millions(path: Path) -> float:
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        count = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return round(count / 1e6, 1)
 
 
 def copy_prompts(llm: LLM, n: int) -> list[list[int]]:
@@ -180,32 +191,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n_prompts, max_tokens = (2, 24) if args.quick else (args.prompts, args.max_tokens)
     small, large = ensure_model(*SMALL), ensure_model(*LARGE)
-    wide = ensure_wide(small)
     if args.sampled:
         sampled_main(args, small, large, n_prompts, max_tokens)
         return
+    wide, large_wide = ensure_wide(small), ensure_wide(large)
     args.out = args.out or str(RESULTS / "spec_decode.json")
     load_before = os.getloadavg()
     common = dict(num_kv_blocks=512, block_size=16, max_model_len=1024)
     spec = dict(num_speculative_tokens=args.k)
+    ngram = dict(speculative_method="ngram", **spec)
+    draft = dict(speculative_method="draft", speculative_model=str(small), **spec)
+    # model name -> (checkpoint, its speculating arms); every model also runs plain.
+    models = {
+        "small": (small, {"ngram": ngram}),
+        "small-wide": (wide, {"ngram": ngram}),
+        "large": (large, {"ngram": ngram, "draft(small)": draft}),
+        "large-wide": (large_wide, {"ngram": ngram, "draft(small)": draft}),
+    }
     arms = [
-        Arm("plain", "small", LLM(str(small), **common)),
-        Arm("ngram", "small", LLM(str(small), speculative_method="ngram", **spec, **common)),
-        Arm("plain", "wide", LLM(str(wide), **common)),
-        Arm("ngram", "wide", LLM(str(wide), speculative_method="ngram", **spec, **common)),
-        Arm("plain", "large", LLM(str(large), **common)),
-        Arm("ngram", "large", LLM(str(large), speculative_method="ngram", **spec, **common)),
-        Arm(
-            "draft(small)",
-            "large",
-            LLM(
-                str(large),
-                speculative_method="draft",
-                speculative_model=str(small),
-                **spec,
-                **common,
-            ),
-        ),
+        Arm(arm, model, LLM(str(path), **flags, **common))
+        for model, (path, speculating) in models.items()
+        for arm, flags in {"plain": {}, **speculating}.items()
     ]
     prompts = copy_prompts(arms[0].llm, n_prompts + 1)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -218,11 +224,20 @@ def main() -> None:
             arm.run(prompt, params)
         print(f"prompt {i + 1}/{len(timed)} done", flush=True)
     load_after = os.getloadavg()
-    for model in ("small", "wide", "large"):
+    for model in models:
         outs = [a.outputs for a in arms if a.model == model]
         assert all(o == outs[0] for o in outs), f"greedy outputs differ across {model} arms"
-    # The widened model's tokens are the small one's up to float rounding (near-ties).
-    same_as_small = sum(w == m for w, m in zip(arms[2].outputs, arms[0].outputs, strict=True))
+    plain = {a.model: a.outputs for a in arms if a.name == "plain"}
+
+    def same_tokens(model: str) -> str:
+        """Prompts where the widened model decoded its source's tokens (all, up to float
+        rounding at near-ties)."""
+        same = sum(w == m for w, m in zip(plain[f"{model}-wide"], plain[model], strict=True))
+        return f"{same}/{len(timed)}"
+
+    def key(arm: Arm) -> str:
+        return f"{arm.model}_{arm.name}".replace("-", "_").replace("(", "_").replace(")", "")
+
     rows = [a.summary() for a in arms]
     by = {(r["model"], r["arm"]): r for r in rows}
 
@@ -242,27 +257,23 @@ def main() -> None:
         **run_facts(load_before, load_after, timed, max_tokens, args.k),
         "models": {
             "small": {"path": str(small.relative_to(ROOT)), "shape": vars(SMALL[1])},
-            "wide": {
-                "path": str(wide.relative_to(ROOT)),
-                "shape": {"hidden_size": WIDE[1], "intermediate_size": WIDE[2]},
-                "what": "small padded with zero weights: its tokens, 55M parameters' bytes",
-                "prompts_with_the_small_models_tokens": f"{same_as_small}/{len(timed)}",
-            },
             "large": {"path": str(large.relative_to(ROOT)), "shape": vars(LARGE[1])},
+            **{
+                f"{model}-wide": {
+                    "path": str(path.relative_to(ROOT)),
+                    "shape": {"hidden_size": WIDE_HIDDEN, "intermediate_size": WIDE_INTERMEDIATE},
+                    "what": f"{model} padded with zero weights: its tokens at a real size",
+                    "parameters_millions": parameters_millions(path),
+                    "prompts_with_the_source_models_tokens": same_tokens(model),
+                }
+                for model, path in (("small", wide), ("large", large_wide))
+            },
         },
         "greedy_outputs_identical": True,
         "arms": rows,
-        "speedup": {
-            "small_ngram": ratio("small", "ngram"),
-            "wide_ngram": ratio("wide", "ngram"),
-            "large_ngram": ratio("large", "ngram"),
-            "large_draft_small": ratio("large", "draft(small)"),
-        },
+        "speedup": {key(a): ratio(a.model, a.name) for a in arms if a.name != "plain"},
         "speedup_median_per_prompt": {
-            "small_ngram": median_ratio("small", "ngram"),
-            "wide_ngram": median_ratio("wide", "ngram"),
-            "large_ngram": median_ratio("large", "ngram"),
-            "large_draft_small": median_ratio("large", "draft(small)"),
+            key(a): median_ratio(a.model, a.name) for a in arms if a.name != "plain"
         },
     }
     if args.note:
@@ -344,7 +355,7 @@ def plot(result: dict, path: Path, ylabel: str = "output tokens/s (batch 1, gree
     rows = result["arms"]
     labels = [f"{r['model']}\n{r['arm']}" for r in rows]
     values = [r["tokens_per_s"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     bars = ax.bar(labels, values, color=["#888" if r["arm"] == "plain" else "#2a7" for r in rows])
     for bar, r in zip(bars, rows, strict=True):
         note = (
@@ -360,7 +371,7 @@ def plot(result: dict, path: Path, ylabel: str = "output tokens/s (batch 1, gree
             fontsize=8,
         )
     load = result["load_average_before"][0]
-    ax.set_yscale("log")  # the wide model decodes ~50x slower than the small ones
+    ax.set_yscale("log")  # the widened models decode ~20-50x slower than the others
     ax.set_ylim(top=max(values) * 3)  # room for the top bar's note
     ax.set_ylabel(ylabel)
     ax.set_title(f"Speculative decoding on copy/edit prompts (CPU, load avg {load})", fontsize=10)
