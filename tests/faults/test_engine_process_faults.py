@@ -17,6 +17,8 @@ import signal
 import time
 from pathlib import Path
 
+import nats.errors
+
 from tests.support.engine_process import engine_pid, process_gone, wait_gone
 from tests.support.faults import Collector, report, submit_watched, takeover, worker_of
 from tests.support.polling import wait_for
@@ -90,6 +92,8 @@ async def test_worker_kill9_leaves_no_engine_process(bus_stack: Stack, bus: BusC
     worker.proc.wait(10)
     gone = await asyncio.to_thread(wait_gone, child, 15.0)
     collector.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    # The collector only showed the job running; its own end, cancelled or out of time
+    # (its budget counts the worker's start, slow on a loaded box), is not what is tested.
+    with contextlib.suppress(asyncio.CancelledError, nats.errors.TimeoutError):
         await collector.wait()
     assert gone, f"engine process {child} outlived its worker"
