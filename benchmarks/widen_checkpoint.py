@@ -50,9 +50,10 @@ def widen_tensor(name: str, t: torch.Tensor, h: int, hidden: int, inter: int) ->
     """One checkpoint tensor of the widened model (Hugging Face Llama names)."""
     if name.endswith("norm.weight"):  # input, post-attention and final norms
         return pad(t * (h / hidden) ** 0.5, (hidden,))
-    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        return pad(t, (t.shape[0], hidden))
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+    # Rows of these are vocab entries or attention features, which keep their count;
+    # only the hidden side widens.
+    widen_columns = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj")
+    if name.endswith(tuple(f"{part}.weight" for part in widen_columns)):
         return pad(t, (t.shape[0], hidden))
     if name.endswith("o_proj.weight"):
         return pad(t, (hidden, t.shape[1]))

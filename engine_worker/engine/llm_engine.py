@@ -44,7 +44,7 @@ from engine_worker.engine.scheduler import ScheduledBatch, Scheduler
 from engine_worker.engine.sequence import Sequence, SequenceStatus
 from engine_worker.engine.speculative.counters import SpecCounters
 from engine_worker.engine.speculative.draft_model import DraftModelProposer, load_draft_model
-from engine_worker.engine.speculative.ngram import NgramProposer, TokenArray
+from engine_worker.engine.speculative.ngram import NgramProposer
 from engine_worker.engine.speculative.verify import verify
 from engine_worker.engine.structured.constraint import SequenceConstraint
 from engine_worker.engine.structured.grammars import DEFAULT_CACHE_SIZE, GrammarCache
@@ -630,15 +630,8 @@ class LLMEngine:
             for seq, limit in zip(seqs, limits, strict=True):
                 seq.spec_token_ids = [0] * limit  # room the scheduler reserves; fill() proposes
             return
-        histories = [s.token_ids for s in seqs]
-        if isinstance(self.proposer, NgramProposer):
-            for seq in seqs:
-                if seq.proposer_state is None:
-                    seq.proposer_state = TokenArray()
-            arrays = [s.proposer_state for s in seqs]
-            proposals = self.proposer.propose(histories, limits, arrays)
-        else:  # another proposer of histories (the tests install an oracle)
-            proposals = self.proposer.propose(histories, limits)
+        # Prompt lookup, or another proposer of sequences (the tests install an oracle).
+        proposals = self.proposer.propose(seqs, limits)
         for seq, proposal in zip(seqs, proposals, strict=True):
             seq.spec_token_ids = proposal
 

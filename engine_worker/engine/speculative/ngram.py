@@ -8,8 +8,12 @@ quote, code changes), and costs one verification row per proposed token elsewher
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from engine_worker.engine.sequence import Sequence
 
 
 @dataclass
@@ -74,20 +78,13 @@ class NgramProposer:
     n_max: int
     n_min: int
 
-    def propose(
-        self,
-        histories: list[list[int]],
-        limits: list[int],
-        arrays: list[TokenArray] | None = None,
-    ) -> list[list[int]]:
-        """Proposals per sequence (its tokens so far), at most `limits[i]` tokens each;
-        `arrays`: a TokenArray per sequence, brought up to date here."""
-        if arrays is None:
-            return [
-                ngram_lookup(tokens, self.n_max, self.n_min, limit)
-                for tokens, limit in zip(histories, limits, strict=True)
-            ]
-        return [
-            ngram_lookup(tokens, self.n_max, self.n_min, limit, array.sync(tokens))
-            for tokens, limit, array in zip(histories, limits, arrays, strict=True)
-        ]
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
+        """Proposals per sequence, at most `limits[i]` tokens each. A sequence keeps the
+        TokenArray of its tokens in `proposer_state`, brought up to date here."""
+        out = []
+        for seq, limit in zip(seqs, limits, strict=True):
+            if seq.proposer_state is None:
+                seq.proposer_state = TokenArray()
+            array = seq.proposer_state.sync(seq.token_ids)
+            out.append(ngram_lookup(seq.token_ids, self.n_max, self.n_min, limit, array))
+        return out

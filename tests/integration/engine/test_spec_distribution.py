@@ -47,10 +47,10 @@ class GreedyDraft:
             self.cache[history] = int(logits.argmax())
         return self.cache[history]
 
-    def propose(self, histories: list[list[int]], limits: list[int]) -> list[list[int]]:
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         out = []
-        for history, limit in zip(histories, limits, strict=True):
-            h, guess = tuple(history), []
+        for seq, limit in zip(seqs, limits, strict=True):
+            h, guess = tuple(seq.token_ids), []
             for _ in range(limit):
                 guess.append(self.next_greedy(h))
                 h = (*h, guess[-1])

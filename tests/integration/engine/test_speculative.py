@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from engine_worker.engine.llm import LLM
+from engine_worker.engine.sequence import Sequence
 from shared.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -41,10 +42,11 @@ class OracleProposer:
         self.p_wrong = p_wrong
         self.calls = 0
 
-    def propose(self, histories: list[list[int]], limits: list[int]) -> list[list[int]]:
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         self.calls += 1
         out = []
-        for history, limit in zip(histories, limits, strict=True):
+        for seq, limit in zip(seqs, limits, strict=True):
+            history = seq.token_ids
             truth = next((t for t in self.truths if t[: len(history)] == history), None)
             guess = list(truth[len(history) : len(history) + limit]) if truth else []
             for i in range(len(guess)):

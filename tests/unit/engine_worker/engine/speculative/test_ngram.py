@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine_worker.engine.sequence import Sequence
 from engine_worker.engine.speculative.ngram import NgramProposer, TokenArray, ngram_lookup
+from shared.sampling_params import SamplingParams
+
+
+def sequence(tokens: list[int]) -> Sequence:
+    return Sequence(0, "r", 0, list(tokens), len(tokens), SamplingParams(), 0, 0)
 
 
 def test_longest_suffix_wins_and_latest_match() -> None:
@@ -49,7 +55,8 @@ def test_proposal_is_what_followed_a_real_occurrence(tokens, n_max, k) -> None:
 
 def test_proposer_respects_limits() -> None:
     p = NgramProposer(n_max=2, n_min=1)
-    assert p.propose([[1, 2, 1, 2, 1], [3, 3, 3]], [1, 0]) == [[2], []]
+    seqs = [sequence([1, 2, 1, 2, 1]), sequence([3, 3, 3])]
+    assert p.propose(seqs, [1, 0]) == [[2], []]
 
 
 @settings(max_examples=100, deadline=None)
@@ -59,13 +66,14 @@ def test_proposer_respects_limits() -> None:
 )
 def test_a_kept_token_array_proposes_what_the_list_does(tokens, steps) -> None:
     """A sequence growing a few tokens a step (past the array's first capacity): the
-    array the proposer keeps for it stays its tokens, and so do the proposals."""
-    p, array, grown = NgramProposer(n_max=3, n_min=1), TokenArray(), 1
+    array the proposer keeps on it stays its tokens, and the proposals are the list's."""
+    p, seq, grown = NgramProposer(n_max=3, n_min=1), sequence(tokens[:1]), 1
     for n in steps:
         grown = min(len(tokens), grown + n)
-        history = tokens[:grown]
-        assert p.propose([history], [4], [array]) == p.propose([history], [4])
-        assert array.data[: array.size].tolist() == history
+        seq.token_ids.extend(tokens[len(seq.token_ids) : grown])
+        assert p.propose([seq], [4]) == [ngram_lookup(tokens[:grown], 3, 1, 4)]
+        array = seq.proposer_state
+        assert array.data[: array.size].tolist() == tokens[:grown]
 
 
 def test_a_token_array_starts_again_on_a_history_that_is_not_its_extension() -> None:
