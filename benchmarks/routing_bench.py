@@ -11,7 +11,8 @@ never the previous reply: a lower bound on the hit rate real chats get.) Users s
 few ms apart. By default each runs its turns back to back (closed loop: a faster arm
 also sends more turns per second, so part of what it saves shows as throughput, not as
 TTFT); with `--think-s` each turn is sent at a fixed instant (the previous turn's instant
-+ think-s, later only if the previous turn is still running), the same in every arm.
++ think-s, later only if the previous turn is still running), the same in every arm, and
+`--think-jitter` draws each think time around think-s (seeded), as people's differ.
 
 Workers run the simulated device (`--load-format simulated`: Llama-3.1-8B on an L4 by
 default, the real scheduler and block manager with a roofline clock). `--cells` lists
@@ -105,6 +106,24 @@ def make_chats(args: argparse.Namespace, vocab: int, reserved: int) -> list[Chat
     ]
 
 
+def send_offsets(args: argparse.Namespace) -> list[list[float]]:
+    """Per user, the seconds after the start at which each turn is due: user u starts at
+    u x stagger, and each think time is think-s, or with --think-jitter j a seeded draw
+    from think-s x [1 - j, 1 + j]. Closed loop (think-s 0): only the first turns' starts
+    count. Without jitter every burst arrives in user order, so on a shared queue the
+    workers' alternating pulls give a user the same worker turn after turn: a stickiness
+    that arrivals of people, whose think times differ, do not give it."""
+    rng = random.Random(args.seed + 1)
+    out = []
+    for u in range(args.users):
+        due, row = u * args.stagger_ms / 1000, []
+        for _ in range(args.turns):
+            row.append(due)
+            due += args.think_s * (1 + args.think_jitter * (2 * rng.random() - 1))
+        out.append(row)
+    return out
+
+
 # ---- one request ---------------------------------------------------------------------------
 
 
@@ -148,18 +167,17 @@ async def run_chats(url: str, model: str, chats: list[Chat], args: argparse.Name
 
         async def user(u: int, chat: Chat) -> None:
             nonlocal late
-            due = t0 + u * args.stagger_ms / 1000
             for t in range(args.turns):
-                wait = due - time.perf_counter()
+                # Closed loop (think 0): each turn after the last one ends. Scheduled: at
+                # its instant of `send_offsets`, the same in every arm.
+                wait = t0 + offsets[u][t] - time.perf_counter()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 elif t > 0 and args.think_s > 0 and wait < -0.005:
                     late += 1  # the previous turn outlasted the think time
                 turns.append(await stream_turn(client, model, chat.prompt(t), args.max_tokens))
-                # Closed loop (think 0): the next turn at once. Scheduled: at a fixed time
-                # after the previous one was due, the same instants in every arm.
-                due = due + args.think_s if args.think_s > 0 else time.perf_counter()
 
+        offsets = send_offsets(args)
         t0 = time.perf_counter()
         await asyncio.gather(*(user(u, c) for u, c in enumerate(chats)))
         wall = time.perf_counter() - t0
@@ -433,6 +451,7 @@ def plot(report: dict, path: Path) -> None:
         f"prefix routing, simulated {report['profile']}: {wl['users']} users x {wl['turns']} turns,"
         f" {wl['system_prompts']} system prompts of {wl['system_len']} tokens, "
         + (f"a turn every {wl['think_s']} s " if wl.get("think_s") else "closed loop ")
+        + (f"+-{wl['think_jitter']:.0%} " if wl.get("think_jitter") else "")
         + f"(shared 2-core CPU, load avg {load[0]:.1f} at start, {load[1]:.1f} at end)",
         fontsize=10,
     )
@@ -468,6 +487,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    ">0: turn k of user u is sent at u x stagger + k x think-s (or when turn "
                    "k-1 ends, if later: counted in late_turns), so every arm gets the same "
                    "arrivals")  # fmt: skip
+    p.add_argument("--think-jitter", type=float, default=0.0,
+                   help="scheduled arrivals: each think time drawn from think-s x [1 - j, "
+                   "1 + j] (seeded, the same in every arm); 0 keeps every burst in user "
+                   "order")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small workload on 2 workers")
     p.add_argument("--model", help="model folder for the tokenizer (default: a tiny checkpoint)")
@@ -542,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 "route_fallback",
                 "stagger_ms",
                 "think_s",
+                "think_jitter",
                 "seed",
                 "rounds",
             )

@@ -162,7 +162,10 @@ async def stream_completion(
                 if not tally.feed(data, time.perf_counter()):
                     return res
     except httpx.HTTPError as e:
-        res.error = f"{type(e).__name__}: {e}"
+        # How far the stream got tells a connection lost mid-stream from one that never
+        # carried the request (a pooled connection the server had just closed).
+        at = f"after {tally.chunks} chunks, {time.perf_counter() - res.start:.2f} s"
+        res.error = f"{type(e).__name__} {at}: {e}"
         return res
     return tally.finish()
 
