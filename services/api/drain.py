@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import signal
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         self.state.draining = True
-        self._loop.call_soon_threadsafe(self._start_drain)
+        # A fresh context: the signal may land while a request's log context (its job_id)
+        # is current, and the drain's log lines belong to no request.
+        self._loop.call_soon_threadsafe(self._start_drain, context=contextvars.Context())
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.ensure_future(self._drain())

@@ -124,7 +124,10 @@ async def test_sigterm_drain_of_api_and_worker_under_load(
     flags = ("--max-num-seqs", "4", "--ack-wait", "3", "--drain-timeout", "0.3")
     w0 = bus_stack.start_worker(*flags, model_dir=tiny_llama_long)
     w1 = bus_stack.start_worker(*flags, model_dir=tiny_llama_long)
-    api1, api2 = bus_stack.start_api(), bus_stack.start_api()
+    # After both SIGTERMs one worker runs all 12 jobs, 4 at a time: three waves of 3000
+    # tokens, 38 s on a slow CPU. The API's drain must outlast them (its default is 30 s).
+    api1 = bus_stack.start_api("--drain-timeout", "110")
+    api2 = bus_stack.start_api()
     bodies = [body(model, i, 3000) for i in range(12)]
     async with httpx.AsyncClient(timeout=120) as http:
         reads = [StreamRead() for _ in bodies]
