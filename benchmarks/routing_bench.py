@@ -1,5 +1,5 @@
-"""Prefix routing benchmark: multi-turn chat on 2 and 4 simulated GPU workers, routing on
-vs off in one run, against one worker that has all the memory.
+"""Prefix routing benchmark: multi-turn chat on 2 and 4 workers (simulated GPUs or CPU
+workers), routing on vs off in one run, against one worker that has all the memory.
 
 Workload: `--users` users, each a conversation of `--turns` turns on one of
 `--system-prompts` shared system prompts. Turn k's prompt is the system prompt, the
@@ -15,7 +15,9 @@ TTFT); with `--think-s` each turn is sent at a fixed instant (the previous turn'
 `--think-jitter` draws each think time around think-s (seeded), as people's differ.
 
 Workers run the simulated device (`--load-format simulated`: Llama-3.1-8B on an L4 by
-default, the real scheduler and block manager with a roofline clock). `--cells` lists
+default, the real scheduler and block manager with a roofline clock); with `--engine cpu`
+they run the real engine on CPU (`--engine-threads` torch threads each), by default on a
+random ~52M Llama with the demo tokenizer, built once. `--cells` lists
 the cluster shapes, `WxB` (W workers of B KV blocks) or `W` (the KV cache cut so that all
 workers together hold the workload's distinct blocks once): a prefix cached on two
 workers then pushes another out, so where a prefix is cached matters. Arms, each on a
@@ -40,6 +42,9 @@ arms of one run see the same load (rounds alternate their order).
 
     python benchmarks/routing_bench.py                 # the four cells of docs/routing.md
     python benchmarks/routing_bench.py --quick         # a smoke run, seconds
+    python benchmarks/routing_bench.py --engine cpu --cells 2,4 --system-len 256 \
+        --user-len 128 --reply-len 128 --users 16 --think-s 8 --think-jitter 0.5 \
+        --out benchmarks/results/routing_cpu.json       # CPU workers
 Writes benchmarks/results/routing.json (`--out`) and a PNG beside it.
 """
 
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -192,12 +198,19 @@ async def run_chats(url: str, model: str, chats: list[Chat], args: argparse.Name
     }
 
 
+def engine_args(args: argparse.Namespace) -> list[str]:
+    """The worker flags of `--engine`."""
+    if args.engine == "cpu":  # the real engine on the model's weights, fp32
+        return ["--engine-threads", str(args.engine_threads)]
+    return ["--load-format", "simulated", "--simulate-profile", args.profile]
+
+
 # ---- the stack -----------------------------------------------------------------------------
 
 
 @dataclass
 class Stack:
-    """nats-server, simulated workers and one API replica, as subprocesses."""
+    """nats-server, workers (simulated or CPU) and one API replica, as subprocesses."""
 
     model: str
     args: argparse.Namespace
@@ -226,8 +239,7 @@ class Stack:
                 [*cli, "worker", "--model", self.model, "--model-name", "chat",
                  "--nats-url", nats_url, "--metrics-host", "127.0.0.1",
                  "--metrics-port", str(port), "--worker-id", f"w{i}",
-                 "--load-format", "simulated", "--simulate-profile", self.args.profile,
-                 "--max-num-seqs", str(self.args.max_num_seqs),
+                 *engine_args(self.args), "--max-num-seqs", str(self.args.max_num_seqs),
                  "--block-size", str(BLOCK_SIZE), "--num-kv-blocks", str(self.blocks),
                  "--route-fallback", str(self.args.route_fallback)],
                 worker_env,
@@ -447,8 +459,14 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     wl = report["workload"]
     load = report["load_avg_start"][0], report.get("load_avg_end", [0.0])[0]
+    engine = (
+        f"CPU workers ({report['model']['name']}, {report['model']['params_millions']}M, "
+        f"{wl['engine_threads']} thread each)"
+        if report.get("engine") == "cpu"
+        else f"simulated {report['profile']}"
+    )
     fig.suptitle(
-        f"prefix routing, simulated {report['profile']}: {wl['users']} users x {wl['turns']} turns,"
+        f"prefix routing, {engine}: {wl['users']} users x {wl['turns']} turns,"
         f" {wl['system_prompts']} system prompts of {wl['system_len']} tokens, "
         + (f"a turn every {wl['think_s']} s " if wl.get("think_s") else "closed loop ")
         + (f"+-{wl['think_jitter']:.0%} " if wl.get("think_jitter") else "")
@@ -469,7 +487,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # An L4: prefill (what a cached prefix saves) dominates time to first token there, as
     # it does on any GPU under load; on an H100 the 8B model's prefill (~40 ms per 1k
     # tokens) is below what a shared 2-core host adds to every request.
-    p.add_argument("--profile", default="l4-llama3-8b")
+    p.add_argument("--engine", choices=("simulated", "cpu"), default="simulated",
+                   help="simulated: the simulated GPU (--profile); cpu: the real engine on "
+                   "CPU, on --model or a random Llama of --model-preset with the demo "
+                   "tokenizer")  # fmt: skip
+    p.add_argument("--profile", default="l4-llama3-8b", help="the simulated device")
+    p.add_argument("--model-preset", default="llama50m",
+                   help="--engine cpu without --model: this preset of "
+                   "benchmarks/serving_checkpoints.py")  # fmt: skip
+    p.add_argument("--engine-threads", type=int, default=1,
+                   help="--engine cpu: torch threads of each worker")  # fmt: skip
     p.add_argument("--users", type=int, default=24)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-prompts", type=int, default=4)
@@ -493,7 +520,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "order")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small workload on 2 workers")
-    p.add_argument("--model", help="model folder for the tokenizer (default: a tiny checkpoint)")
+    p.add_argument("--model", help="model folder: the tokenizer, and with --engine cpu the "
+                   "weights (default: a tiny checkpoint; --engine cpu: --model-preset)")  # fmt: skip
     p.add_argument("--out", default=str(RESULTS / "routing.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -502,6 +530,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or "queue" not in args.arms.split(","):
         p.error(f"--arms: need queue and known arms, got {args.arms}")
     return args
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, int, int]:
+    """(folder, vocab size, first non-special id): --model; else for CPU workers the
+    preset, built once; else a tiny checkpoint, only its tokenizer used."""
+    if args.engine == "cpu" or args.model:
+        preset = None if args.model else args.model_preset
+        return sb.resolve_model(argparse.Namespace(quick=False, model=args.model,
+                                                   model_preset=preset))  # fmt: skip
+    from tests.support.model_factory import build_tiny_checkpoint
+
+    model = build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="jetserve-tiny-")))
+    return str(model), int(json.loads((model / "config.json").read_text())["vocab_size"]), 8
+
+
+def model_info(path: str) -> dict:
+    """Name and size of the served model, for the report (the CPU arms' cost model)."""
+    from safetensors import safe_open
+
+    params = 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            params += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return {"name": Path(path).name, "params": params, "params_millions": round(params / 1e6, 1)}
 
 
 def parse_cells(spec: str, working_set: int) -> list[tuple[int, int]]:
@@ -531,22 +583,17 @@ def write(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model:
-        model = args.model
-    else:
-        from tests.support.model_factory import build_tiny_checkpoint
-
-        model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="jetserve-tiny-"))))
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    args.vocab = int(cfg["vocab_size"])
-    chats = make_chats(args, args.vocab, reserved=8)
+    model, args.vocab, reserved = resolve_model(args)
+    chats = make_chats(args, args.vocab, reserved=max(reserved, 8))
     working_set = distinct_blocks(chats, args)
     arms = args.arms.split(",")
     print(f"workload: {len(chats)} users x {args.turns} turns, {working_set} distinct blocks",
           flush=True)  # fmt: skip
     report = {
         "benchmark": "routing",
-        "profile": args.profile,
+        "engine": args.engine,
+        "profile": args.profile if args.engine == "simulated" else None,
+        "model": model_info(model) if args.engine == "cpu" else None,
         "machine": {**sb.machine(), "shared": "2-core x86_64 box shared with other jobs"},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "arms": {**{a: ARMS[a] for a in arms}, "single": ("queue", "queue")},
@@ -568,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                 "think_jitter",
                 "seed",
                 "rounds",
+                "engine_threads",
             )
         },
         "distinct_blocks": working_set,
