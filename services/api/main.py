@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         # The drain already gave open requests --drain-timeout (help: "this long"); after
         # it, uvicorn's own shutdown only flushes what is written and closes.
         timeout_graceful_shutdown=0.5,

@@ -19,6 +19,14 @@ class ApiSettings(BusSettings):
         env="API_DRAIN_TIMEOUT",
         help="on SIGTERM, new requests get 503 while open streams get this long to finish",
     )
+    keep_alive_timeout_s: float = setting(
+        75.0,
+        gt=0,
+        help="an idle HTTP keep-alive connection is closed after this long. Keep it above "
+        "the idle timeouts of clients (httpx's pool: 5 s) and load balancers in front "
+        "(often 60 s): with equal ones a request can be sent on a connection the API is "
+        "just closing, and fails",
+    )
     routing: Literal["queue", "prefix"] = setting(
         "queue",
         help="where jobs go: `queue`, the model's shared queue (the first free worker takes "
