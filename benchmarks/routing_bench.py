@@ -42,9 +42,9 @@ arms of one run see the same load (rounds alternate their order).
 
     python benchmarks/routing_bench.py                 # the four cells of docs/routing.md
     python benchmarks/routing_bench.py --quick         # a smoke run, seconds
-    python benchmarks/routing_bench.py --engine cpu --cells 2,4 --system-len 256 \
-        --user-len 128 --reply-len 128 --users 16 --think-s 8 --think-jitter 0.5 \
-        --out benchmarks/results/routing_cpu.json       # CPU workers
+    python benchmarks/routing_bench.py --engine cpu --cells 2,4 --users 16 --system-len 256 \
+        --user-len 128 --reply-len 128 --think-s 10 --think-jitter 0.5 \
+        --out benchmarks/results/routing_cpu.json       # CPU workers, as docs/routing.md
 Writes benchmarks/results/routing.json (`--out`) and a PNG beside it.
 """
 
