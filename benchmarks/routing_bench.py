@@ -535,14 +535,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_model(args: argparse.Namespace) -> tuple[str, int, int]:
     """(folder, vocab size, first non-special id): --model; else for CPU workers the
     preset, built once; else a tiny checkpoint, only its tokenizer used."""
-    if args.engine == "cpu" or args.model:
-        preset = None if args.model else args.model_preset
-        return sb.resolve_model(argparse.Namespace(quick=False, model=args.model,
-                                                   model_preset=preset))  # fmt: skip
-    from tests.support.model_factory import build_tiny_checkpoint
-
-    model = build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="jetserve-tiny-")))
-    return str(model), int(json.loads((model / "config.json").read_text())["vocab_size"]), 8
+    return sb.resolve_model(
+        argparse.Namespace(
+            quick=args.engine == "simulated" and not args.model,
+            model=args.model,
+            model_preset=args.model_preset if args.engine == "cpu" else None,
+        )
+    )
 
 
 def model_info(path: str) -> dict:
