@@ -8,50 +8,39 @@ balancer with a 60 s idle timeout hits the same race every time a backend closes
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 from urllib.parse import urlsplit
 
 from tests.support.stack import Stack
 
-HEALTH = b"GET /health HTTP/1.1\r\nHost: api\r\n\r\n"
-
-
-def health(sock: socket.socket) -> bool:
-    """Ask for /health on `sock` and read the whole answer (headers and body)."""
-    sock.sendall(HEALTH)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return False
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head.startswith(b"HTTP/1.1 200")
-
 
 def open_after_idle(url: str, idle_s: float) -> bool:
     """Whether a keep-alive connection that has served one request is still open, and
-    serves another, after `idle_s` seconds of silence."""
+    serves another on the same socket, after `idle_s` seconds of silence."""
     parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-        assert health(sock)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        sock = conn.sock
         time.sleep(idle_s)
         sock.settimeout(0.2)
         try:
-            if sock.recv(1) == b"":
+            if sock.recv(1, socket.MSG_PEEK) == b"":
                 return False  # the server closed it while idle
         except TimeoutError:
             pass  # nothing to read: still open
         sock.settimeout(5)
-        return health(sock)
+        conn.request("GET", "/health")
+        second = conn.getresponse()
+        second.read()
+        return second.status == 200 and conn.sock is sock
+    finally:
+        conn.close()
 
 
 def test_an_idle_connection_outlives_the_clients_5s_pool_expiry(bus_stack: Stack) -> None:
