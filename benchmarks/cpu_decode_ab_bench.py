@@ -75,7 +75,7 @@ def decode_step_gflop(dims: dict, rows: int) -> float:
 class EngineArm:
     """The engine of whichever tree is on PYTHONPATH, warmed up once."""
 
-    def __init__(self, model: Path, wl: dict, dims: dict) -> None:
+    def __init__(self, model: Path, wl: dict, dims: dict, engine_args: dict) -> None:
         from engine_worker.engine.config import EngineConfig
         from engine_worker.engine.llm_engine import LLMEngine
 
@@ -86,6 +86,7 @@ class EngineArm:
                 max_num_seqs=wl["n"],
                 max_num_batched_tokens=4096,
                 kv_cache_memory=1 << 29,
+                **engine_args,
             )
         )
         self._add(prompts(wl["n"], wl["prompt_len"], wl["vocab"], 10**6), 4, "warm")
@@ -138,6 +139,7 @@ class EngineArm:
             "seconds": round(self.seconds, 3),
             "prefix_hit_rate": round(self.eng.block_manager.prefix_hit_rate, 4),
             "tokens_digest": digest(tokens),
+            "tokens": tokens,
         }
 
     def profile(self, seed: int) -> dict:
@@ -218,12 +220,13 @@ class HfArm:
             "output_tok_per_cpu_s": round(wl["n"] * wl["new"] / cpu, 1),
             "seconds": round(seconds, 3),
             "tokens_digest": digest(out[:, wl["prompt_len"] :].tolist()),
+            "tokens": out[:, wl["prompt_len"] :].tolist(),
         }
 
 
-def serve(kind: str, model: Path, wl: dict, dims: dict) -> None:
+def serve(kind: str, model: Path, wl: dict, dims: dict, engine_args: dict) -> None:
     """An arm process: build once, then run what the parent asks, one JSON line each."""
-    arm = EngineArm(model, wl, dims) if kind == "engine" else HfArm(model, wl, dims)
+    arm = EngineArm(model, wl, dims, engine_args) if kind == "engine" else HfArm(model, wl, dims)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -351,6 +354,11 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def sequences_equal(got: list[list[int]], ref: list[list[int]]) -> float:
+    """The share of sequences whose greedy tokens are all the reference's."""
+    return round(sum(g == r for g, r in zip(got, ref, strict=True)) / len(ref), 3)
+
+
 def summarize(runs: list[dict], profiles: list[dict] | None) -> dict:
     out = {
         "output_tok_per_s_median": statistics.median(r["output_tok_per_s"] for r in runs),
@@ -381,12 +389,20 @@ def main() -> int:
         help="torch threads of every arm (default: torch's own, the core count); 1 keeps a "
         "busy box's preemptions out of the threads' barriers",
     )
+    ap.add_argument(
+        "--after-engine-args",
+        type=json.loads,
+        default={},
+        help='engine settings of the "after" arm only, as JSON, e.g. \'{"kv_cache_dtype": '
+        '"bfloat16"}\' with --before HEAD: one tree, two configurations (greedy tokens may '
+        "then differ where a setting changes the numerics)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_decode_ab.json")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # imports the engine of the tree on PYTHONPATH, nothing of ROOT's
         kind, model = args.child[0], Path(args.child[1])
-        serve(kind, model, json.loads(args.child[2]), json.loads(args.child[3]))
+        serve(kind, model, *(json.loads(a) for a in args.child[2:5]))
         return 0
     sys.path.insert(0, str(ROOT))
     from benchmarks.issue16_model import DIMS, QUICK_DIMS, make_model
@@ -404,6 +420,7 @@ def main() -> int:
             "shared": "a box shared with other jobs: compare the arms of this one run",
         },
         "threads": args.threads or os.cpu_count(),
+        "after_engine_args": args.after_engine_args,
         "load_average_start": load_average(),
         "rounds": [],
     }
@@ -422,7 +439,8 @@ def main() -> int:
         try:
             for name, tree in trees.items():
                 kind = "hf" if name == "hf_static" else "engine"
-                spec = [kind, str(model), json.dumps(wl), json.dumps(dims)]
+                engine_args = args.after_engine_args if name == "after" else {}
+                spec = [kind, str(model), json.dumps(wl), json.dumps(dims), json.dumps(engine_args)]
                 arms[name] = Arm(name, tree, spec, args.threads, Path(tmp) / f"{name}.log")
                 print(f"arm {name} ready", flush=True)
             engines = ["before", "after"]
@@ -442,7 +460,11 @@ def main() -> int:
                                 pending.discard(name)
                     chunk += 1
                 row["hf_static"] = arms["hf_static"].ask({"run": r})
+                row["after_sequences_equal_to_hf"] = sequences_equal(
+                    row["after"]["tokens"], row["hf_static"]["tokens"]
+                )
                 for name in trees:
+                    row[name].pop("tokens")
                     print(f"round {r} {name}: {json.dumps(row[name])}", flush=True)
                 row["tokens_identical"] = len({row[a]["tokens_digest"] for a in trees}) == 1
                 results["rounds"].append(row)
@@ -481,6 +503,7 @@ def main() -> int:
         s["after"]["output_tok_per_cpu_s_median"] / s["before"]["output_tok_per_cpu_s_median"], 3
     )
     s["greedy_tokens_identical_all_arms"] = all(r["tokens_identical"] for r in rounds)
+    s["after_sequences_equal_to_hf_per_round"] = [r["after_sequences_equal_to_hf"] for r in rounds]
     results["summary"] = s
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

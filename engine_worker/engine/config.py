@@ -150,3 +150,17 @@ class EngineConfig(EngineSettings):
             fast_bf16 = checkpoint == torch.bfloat16 and cpu_has_amx()
             return torch.bfloat16 if fast_bf16 else torch.float32
         return checkpoint
+
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """'auto' is the model's dtype. Another must be the model's or, under an fp32
+        model, a 16-bit one: the kernels widen a narrower cache on the load and sum in
+        fp32, and a cache wider than the model would only cost bytes."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        kv = DTYPES[self.kv_cache_dtype]
+        if kv != model_dtype and model_dtype != torch.float32:
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} under a {str(model_dtype)[6:]} model: "
+                "a cache other than the model's dtype needs a float32 model"
+            )
+        return kv

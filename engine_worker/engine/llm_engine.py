@@ -123,6 +123,7 @@ class LLMEngine:
         if parallel is not None:
             self.device = rank_device(self.device, parallel.rank)
         self.dtype = config.resolve_dtype(self.model_config, self.device)
+        self.kv_dtype = config.resolve_kv_cache_dtype(self.dtype)
         mc = self.model_config
         limit = config.max_model_len or mc.max_position_embeddings
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
@@ -171,7 +172,7 @@ class LLMEngine:
         if parallel is not None:  # every rank sized its own share; all must hold as many
             num_blocks = parallel.min_over_ranks(num_blocks)
         self._init_scheduling(num_blocks, limit)
-        kv = allocate_kv_cache(self.rank_config, num_blocks, block_size, self.dtype, self.device)
+        kv = allocate_kv_cache(self.rank_config, num_blocks, block_size, self.kv_dtype, self.device)
         # Decode graphs would have to capture the ranks' collectives: eager under TP.
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and parallel is None
         backend = select_backend(
@@ -190,7 +191,7 @@ class LLMEngine:
             )
         elif draft is not None:
             self.proposer = DraftModelProposer(
-                draft, num_blocks, block_size, self.dtype, self.device, backend_name
+                draft, num_blocks, block_size, self.kv_dtype, self.device, backend_name
             )
 
     def _num_kv_blocks(
@@ -217,14 +218,14 @@ class LLMEngine:
                 config.block_size,
                 tokens,
                 config.max_num_seqs,
-                self.dtype,
+                self.kv_dtype,
                 self.device,
             )
 
         budget = kv_cache_bytes(config, self.device, profile)
-        per_block = [kv_bytes_per_block(mc, config.block_size, self.dtype)]
+        per_block = [kv_bytes_per_block(mc, config.block_size, self.kv_dtype)]
         if draft is not None:
-            per_block.append(kv_bytes_per_block(draft.cfg, config.block_size, self.dtype))
+            per_block.append(kv_bytes_per_block(draft.cfg, config.block_size, self.kv_dtype))
         return blocks_in_budget(budget, per_block)
 
     def _init_scheduling(self, num_blocks: int, limit: int) -> None:

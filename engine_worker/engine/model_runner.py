@@ -249,14 +249,14 @@ def profile_step(
     block_size: int,
     num_tokens: int,
     num_samples: int,
-    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
     device: torch.device,
 ) -> int:
     """Run the largest step once (a prefill of `num_tokens` dummy tokens, then logits and a
     sort for `num_samples` rows, as the sampler does) so its activation peak can be
     measured; returns the bytes of the small probe KV cache it used, not to be counted."""
     num_blocks = -(-num_tokens // block_size)
-    kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype, device)
+    kv = allocate_kv_cache(cfg, num_blocks, block_size, kv_dtype, device)
     seq = Sequence(
         seq_id=-1,
         request_id="memory-profile",
@@ -272,4 +272,4 @@ def profile_step(
     hidden = model(inputs.input_ids, inputs.positions, kv, inputs.meta, backend)
     logits = model.compute_logits(hidden[-1:].expand(num_samples, -1).contiguous())
     torch.sort(torch.softmax(logits, dim=-1), dim=-1)
-    return num_blocks * kv_bytes_per_block(cfg, block_size, dtype)
+    return num_blocks * kv_bytes_per_block(cfg, block_size, kv_dtype)

@@ -21,6 +21,8 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16_vec.h"
+#include "cache_types.h"
 #include "rotary_head.h"
 #include "vec_exp.h"
 
@@ -114,13 +116,14 @@ inline void accumulate_position(const float* p, const T* v, float* acc, int64_t 
 
 // One work item: the query rows of `num_tokens` consecutive tokens of one sequence times
 // the `group` query heads that share one kv head. K/V of each context block are read in
-// place through the block table; an online softmax carries the running max and sum.
-template <typename T>
+// place through the block table; an online softmax carries the running max and sum. T is
+// the query's and output's dtype, C the cache's (cache_types.h).
+template <typename T, typename C>
 struct AttentionItem {
   const T* q;
   int64_t q_stride_t, q_stride_h;
-  const T* k_cache;
-  const T* v_cache;
+  const C* k_cache;
+  const C* v_cache;
   int64_t c_stride_b, c_stride_s, c_stride_h;
   const int32_t* block_table;
   T* out;
@@ -129,8 +132,8 @@ struct AttentionItem {
   float scale;
 };
 
-template <typename T>
-void attend(const AttentionItem<T>& a, int64_t kv_head, int64_t first_token, int64_t num_tokens,
+template <typename T, typename C>
+void attend(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token, int64_t num_tokens,
             int64_t context_len, int64_t seq_len, std::vector<float>& scratch) {
   const int64_t D = a.head_dim, G = a.group, rows = num_tokens * G, bs = a.block_size;
   scratch.resize(static_cast<size_t>(rows * (2 * D + 2 + bs)));
@@ -153,8 +156,8 @@ void attend(const AttentionItem<T>& a, int64_t kv_head, int64_t first_token, int
   const int64_t reach = std::min(seq_len, context_len + first_token + num_tokens);
   for (int64_t start = 0; start < reach; start += bs) {
     const int64_t block = a.block_table[start / bs];
-    const T* kb = a.k_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
-    const T* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const C* kb = a.k_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const C* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
     const int64_t in_block = std::min(bs, reach - start);
     for (int64_t j = 0; j < in_block; ++j) scores_of_position(qf, kb + j * a.c_stride_s, p + j, rows, D, bs);
     for (int64_t r = 0; r < rows; ++r) {
@@ -214,24 +217,29 @@ inline __m512 lane_sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
+// 16 cache elements as fp32: a bf16 cache widens on the load (a shift), so it reads half
+// the bytes for the same arithmetic.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) { return jsk::widen_bf16(p); }
+
 // Scores of one row against positions [0, n) of a group (n <= 16), as one vector; lanes
 // from n on are kNegLarge.
-template <int DV>
-inline __m512 group_scores(const float* q, const float* k, int64_t k_stride, int64_t n) {
+template <int DV, typename C>
+inline __m512 group_scores(const float* q, const C* k, int64_t k_stride, int64_t n) {
   __m512 qv[DV];
   for (int v = 0; v < DV; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
   __m512 dots[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) {
     if (i < n) {
-      const float* kr = k + i * k_stride;
-      __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-      __m512 b = DV > 1 ? _mm512_mul_ps(qv[1], _mm512_loadu_ps(kr + 16)) : _mm512_setzero_ps();
+      const C* kr = k + i * k_stride;
+      __m512 a = _mm512_mul_ps(qv[0], load16(kr));
+      __m512 b = DV > 1 ? _mm512_mul_ps(qv[1], load16(kr + 16)) : _mm512_setzero_ps();
       for (int v = 2; v + 1 < DV; v += 2) {
-        a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kr + 16 * v), a);
-        b = _mm512_fmadd_ps(qv[v + 1], _mm512_loadu_ps(kr + 16 * v + 16), b);
+        a = _mm512_fmadd_ps(qv[v], load16(kr + 16 * v), a);
+        b = _mm512_fmadd_ps(qv[v + 1], load16(kr + 16 * v + 16), b);
       }
-      if (DV > 2 && DV % 2) a = _mm512_fmadd_ps(qv[DV - 1], _mm512_loadu_ps(kr + 16 * (DV - 1)), a);
+      if (DV > 2 && DV % 2) a = _mm512_fmadd_ps(qv[DV - 1], load16(kr + 16 * (DV - 1)), a);
       dots[i] = _mm512_add_ps(a, b);
     } else {
       dots[i] = _mm512_setzero_ps();
@@ -243,18 +251,18 @@ inline __m512 group_scores(const float* q, const float* k, int64_t k_stride, int
 
 // acc[r] = acc[r] * alpha[r] + sum_i p[r][i] * v_i over RB rows and the group's n
 // positions; acc rows live in registers for the whole group.
-template <int DV, int RB>
+template <int DV, int RB, typename C>
 inline void group_values(float* acc, int64_t D, const float* p, const float* alpha,
-                         const float* v, int64_t v_stride, int64_t n) {
+                         const C* v, int64_t v_stride, int64_t n) {
   __m512 a[RB][DV];
   for (int r = 0; r < RB; ++r) {
     const __m512 s = _mm512_set1_ps(alpha[r]);
     for (int d = 0; d < DV; ++d) a[r][d] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * d), s);
   }
   for (int64_t i = 0; i < n; ++i) {
-    const float* vr = v + i * v_stride;
+    const C* vr = v + i * v_stride;
     __m512 vv[DV];
-    for (int d = 0; d < DV; ++d) vv[d] = _mm512_loadu_ps(vr + 16 * d);
+    for (int d = 0; d < DV; ++d) vv[d] = load16(vr + 16 * d);
     for (int r = 0; r < RB; ++r) {
       const __m512 pr = _mm512_set1_ps(p[r * 16 + i]);
       for (int d = 0; d < DV; ++d) a[r][d] = _mm512_fmadd_ps(pr, vv[d], a[r][d]);
@@ -264,8 +272,8 @@ inline void group_values(float* acc, int64_t D, const float* p, const float* alp
     for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * D + 16 * d, a[r][d]);
 }
 
-template <int DV>
-void attend_avx512(const AttentionItem<float>& a, int64_t kv_head, int64_t first_token,
+template <int DV, typename C>
+void attend_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t first_token,
                    int64_t num_tokens, int64_t context_len, int64_t seq_len,
                    std::vector<float>& scratch) {
   constexpr int64_t D = 16 * DV;
@@ -289,12 +297,12 @@ void attend_avx512(const AttentionItem<float>& a, int64_t kv_head, int64_t first
   const int64_t reach = std::min(seq_len, context_len + first_token + num_tokens);
   for (int64_t start = 0; start < reach; start += bs) {
     const int64_t block = a.block_table[start / bs];
-    const float* kb = a.k_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
-    const float* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const C* kb = a.k_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const C* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
     const int64_t in_block = std::min(bs, reach - start);
     for (int64_t g = 0; g < in_block; g += 16) {
       const int64_t n = std::min<int64_t>(16, in_block - g);
-      const float* kg = kb + g * a.c_stride_s;
+      const C* kg = kb + g * a.c_stride_s;
       int64_t live_rows = 0;  // rows are in token order: those that see this group come first
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t visible = context_len + first_token + r / G + 1 - (start + g);
@@ -315,12 +323,12 @@ void attend_avx512(const AttentionItem<float>& a, int64_t kv_head, int64_t first
         m[r] = m_new;
         _mm512_storeu_ps(p + r * 16, pv);
       }
-      const float* vg = vb + g * a.c_stride_s;
+      const C* vg = vb + g * a.c_stride_s;
       int64_t r = 0;
       for (; r + RB <= live_rows; r += RB)
-        group_values<DV, RB>(acc + r * D, D, p + r * 16, alpha + r, vg, a.c_stride_s, n);
+        group_values<DV, RB, C>(acc + r * D, D, p + r * 16, alpha + r, vg, a.c_stride_s, n);
       for (; r < live_rows; ++r)
-        group_values<DV, 1>(acc + r * D, D, p + r * 16, alpha + r, vg, a.c_stride_s, n);
+        group_values<DV, 1, C>(acc + r * D, D, p + r * 16, alpha + r, vg, a.c_stride_s, n);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -332,13 +340,15 @@ void attend_avx512(const AttentionItem<float>& a, int64_t kv_head, int64_t first
 }
 #endif  // __AVX512F__
 
-// The fp32 AVX-512 path for the head dims it is built for, else the generic loops.
-template <typename T>
-inline void attend_any(const AttentionItem<T>& a, int64_t kv_head, int64_t first_token,
+// The AVX-512 path (an fp32 query over an fp32 or bf16 cache) for the head dims it is
+// built for, else the generic loops.
+template <typename T, typename C>
+inline void attend_any(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token,
                        int64_t num_tokens, int64_t context_len, int64_t seq_len,
                        std::vector<float>& scratch) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> &&
+                (std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16>)) {
     switch (a.head_dim) {
       case 16: return attend_avx512<1>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);
       case 32: return attend_avx512<2>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);
@@ -370,7 +380,6 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
                               double scale, int64_t tile_tokens) {
   check_cache(k_cache, v_cache);
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query is [T, heads, head_dim]");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type(), "query and cache dtypes differ");
   TORCH_CHECK(query_start_loc.scalar_type() == at::kInt &&
                   seq_lens.scalar_type() == at::kInt &&
                   block_tables.scalar_type() == at::kInt,
@@ -396,13 +405,15 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
   }
   const int64_t total = first_item[num_seqs];
   if (total == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
-        AttentionItem<scalar_t> a{query.data_ptr<scalar_t>(),
+  jsk::dispatch_with_cache(
+      query.scalar_type(), k_cache.scalar_type(), "paged_attention", [&](auto t, auto c) {
+        using scalar_t = decltype(t);
+        using cache_t = decltype(c);
+        AttentionItem<scalar_t, cache_t> a{query.data_ptr<scalar_t>(),
                                   query.stride(0),
                                   query.stride(1),
-                                  k_cache.data_ptr<scalar_t>(),
-                                  v_cache.data_ptr<scalar_t>(),
+                                  k_cache.data_ptr<cache_t>(),
+                                  v_cache.data_ptr<cache_t>(),
                                   k_cache.stride(0),
                                   k_cache.stride(1),
                                   k_cache.stride(2),
@@ -418,7 +429,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
         const int64_t table_stride = block_tables.stride(0);
         at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
           std::vector<float> scratch;
-          AttentionItem<scalar_t> item = a;
+          AttentionItem<scalar_t, cache_t> item = a;
           for (int64_t i = begin; i < end; ++i) {
             const int64_t b =
                 std::upper_bound(first_item.begin(), first_item.end(), i) - first_item.begin() - 1;
@@ -443,30 +454,30 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
   check_cache(k_cache, v_cache);
   TORCH_CHECK(key.dim() == 3 && key.stride(2) == 1 && value.stride(2) == 1,
               "key/value are [T, kv_heads, head_dim] with a contiguous head dim");
-  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() &&
-                  value.scalar_type() == k_cache.scalar_type(),
-              "key/value and cache dtypes differ");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               "slot_mapping is contiguous int64");
   const int64_t num_tokens = key.size(0), heads = key.size(1), dim = key.size(2);
   const int64_t block_size = k_cache.size(1);
   const int64_t capacity = k_cache.size(0) * block_size;
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_kv", [&] {
+  jsk::dispatch_with_cache(key.scalar_type(), k_cache.scalar_type(), "write_kv", [&](auto t, auto c) {
+    using scalar_t = decltype(t);
+    using cache_t = decltype(c);
     const scalar_t* k = key.data_ptr<scalar_t>();
     const scalar_t* v = value.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    cache_t* kc = k_cache.data_ptr<cache_t>();
+    cache_t* vc = v_cache.data_ptr<cache_t>();
     for (int64_t t = 0; t < num_tokens; ++t) {
       const int64_t slot = slots[t];
       if (slot < 0) continue;
       TORCH_CHECK(slot < capacity, "slot ", slot, " is outside the cache");
       const int64_t base = (slot / block_size) * k_cache.stride(0) + (slot % block_size) * k_cache.stride(1);
       for (int64_t h = 0; h < heads; ++h) {
-        std::memcpy(kc + base + h * k_cache.stride(2), k + t * key.stride(0) + h * key.stride(1),
-                    dim * sizeof(scalar_t));
-        std::memcpy(vc + base + h * v_cache.stride(2),
-                    v + t * value.stride(0) + h * value.stride(1), dim * sizeof(scalar_t));
+        jsk::store_row(kc + base + h * k_cache.stride(2), k + t * key.stride(0) + h * key.stride(1),
+                       dim);
+        jsk::store_row(vc + base + h * v_cache.stride(2),
+                       v + t * value.stride(0) + h * value.stride(1), dim);
       }
     }
   });

@@ -11,6 +11,7 @@
 
 #include <cstring>
 
+#include "cache_types.h"
 #include "rotary_head.h"
 
 // qkv [T, (Hq + 2 Hkv) D] with contiguous rows (q heads, then k, then v); positions int64
@@ -29,7 +30,6 @@ at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& positions,
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 &&
                   qkv.size(1) == (num_heads + 2 * num_kv_heads) * dim,
               "qkv is [T, (heads + 2 kv_heads) * head_dim] with contiguous rows");
-  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type(), "qkv and cache dtypes differ");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                   slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               "positions and slot_mapping are contiguous int64");
@@ -50,27 +50,29 @@ at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& positions,
   auto q_out = at::empty({num_tokens, num_heads, dim}, qkv.options());
   const float* table = cos_sin.data_ptr<float>();
   const int64_t s0 = k_cache.stride(0), s1 = k_cache.stride(1), s2 = k_cache.stride(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_write_kv",
-                                  [&] {
+  jsk::dispatch_with_cache(qkv.scalar_type(), k_cache.scalar_type(), "rotary_write_kv",
+                           [&](auto t_, auto c_) {
+    using scalar_t = decltype(t_);
+    using cache_t = decltype(c_);
     const scalar_t* src = qkv.data_ptr<scalar_t>();
     scalar_t* q = q_out.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    cache_t* kc = k_cache.data_ptr<cache_t>();
+    cache_t* vc = v_cache.data_ptr<cache_t>();
     const int64_t ld = qkv.stride(0);
     at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const float* cs = table + pos[t] * dim;
         const scalar_t* row = src + t * ld;
         for (int64_t h = 0; h < num_heads; ++h)
-          jsk::rotate_head<scalar_t>(row + h * dim, q + (t * num_heads + h) * dim, cs, half);
+          jsk::rotate_head(row + h * dim, q + (t * num_heads + h) * dim, cs, half);
         const int64_t slot = slots[t];
         if (slot < 0) continue;
         const int64_t base = (slot / block_size) * s0 + (slot % block_size) * s1;
         const scalar_t* k = row + num_heads * dim;
         const scalar_t* v = k + num_kv_heads * dim;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          jsk::rotate_head<scalar_t>(k + h * dim, kc + base + h * s2, cs, half);
-          std::memcpy(vc + base + h * s2, v + h * dim, dim * sizeof(scalar_t));
+          jsk::rotate_head(k + h * dim, kc + base + h * s2, cs, half);
+          jsk::store_row(vc + base + h * s2, v + h * dim, dim);
         }
       }
     });

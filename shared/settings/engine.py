@@ -18,8 +18,16 @@ class EngineSettings(Settings):
     device: str = setting("auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto",
-        help="weights and KV cache dtype; auto keeps the checkpoint's on GPU, and on CPU "
-        "float32 (bfloat16 for a bfloat16 checkpoint where the CPU has AMX)",
+        help="weights' and compute dtype (and the KV cache's, unless --kv-cache-dtype); auto "
+        "keeps the checkpoint's on GPU, and on CPU float32 (bfloat16 for a bfloat16 "
+        "checkpoint where the CPU has AMX)",
+    )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto",
+        help="KV cache dtype: auto is --dtype's; under a float32 model, bfloat16 or float16 "
+        "halve the cache's bytes (twice the tokens in the same memory, half the bytes "
+        "attention reads per context token) at the cost of rounding K and V once when "
+        "stored; attention still sums in float32",
     )
     block_size: int = setting(
         16,

@@ -101,13 +101,14 @@ class DraftModelProposer:
         model: LlamaForCausalLM,
         num_blocks: int,
         block_size: int,
-        dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         device: torch.device,
         backend_name: str,
     ) -> None:
         """`model` from `load_draft_model`; its cache gets `num_blocks` blocks, as many as
-        the target's (the KV budget paid for both: kv_budget.py `blocks_in_budget`)."""
-        kv = allocate_kv_cache(model.cfg, num_blocks, block_size, dtype, device)
+        the target's (the KV budget paid for both: kv_budget.py `blocks_in_budget`), in the
+        target's KV cache dtype."""
+        kv = allocate_kv_cache(model.cfg, num_blocks, block_size, kv_dtype, device)
         self.config = model.cfg
         self.runner = ModelRunner(
             model, kv, select_backend(backend_name, device), block_size, device

@@ -4,6 +4,7 @@ after a cached prefix), GQA groups, head dims, block sizes and permuted block ta
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -103,6 +104,39 @@ def test_half_precision_storage() -> None:
         torch.testing.assert_close(out.double(), ref, atol=TOLERANCE[dtype], rtol=0)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=ragged_batches(), cache_dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_fp32_query_over_a_half_precision_cache(
+    batch: PagedBatch, cache_dtype: torch.dtype
+) -> None:
+    """--kv-cache-dtype under an fp32 model: the cache's rounding is the only one, so the
+    kernel equals the float64 attention over the rounded cache to fp32 accuracy (the
+    bf16 path widens in the AVX-512 loads, fp16 takes the generic loops)."""
+    batch.k_cache, batch.v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
+    scale = batch.query.shape[-1] ** -0.5
+    out = run_cpu(batch, scale)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), dense_reference(batch, scale), atol=2e-5, rtol=0)
+    ref = paged_attention_ref(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        scale,
+        num_decodes=batch.num_decodes,
+    )
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
+def test_refuses_a_cache_wider_than_the_query() -> None:
+    batch = build_paged_batch([1], [5], 2, 1, 16, 4, dtype=torch.bfloat16)
+    batch.k_cache, batch.v_cache = batch.k_cache.float(), batch.v_cache.float()
+    with pytest.raises(RuntimeError, match="takes a BFloat16 cache"):
+        run_cpu(batch, 0.25)
+
+
 def test_strided_query_as_the_model_passes_it() -> None:
     """The model hands over q as a view of the fused qkv output (token stride > heads x dim)."""
     batch = build_paged_batch([1, 5], [20, 9], 4, 2, 32, 8)
@@ -122,8 +156,12 @@ def test_strided_query_as_the_model_passes_it() -> None:
     block_size=st.sampled_from([1, 4, 16]),
     skip=st.integers(0, 3),
     seed=st.integers(0, 2**16),
+    cache_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
-def test_write_kv_matches_reference(num_tokens: int, block_size: int, skip: int, seed: int) -> None:
+def test_write_kv_matches_reference(
+    num_tokens: int, block_size: int, skip: int, seed: int, cache_dtype: torch.dtype
+) -> None:
+    """fp32 keys and values into a cache of any dtype: rounded once, as torch rounds."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = -(-num_tokens // block_size) + 2
     shape = (num_blocks, block_size, 2, 16)
@@ -133,7 +171,7 @@ def test_write_kv_matches_reference(num_tokens: int, block_size: int, skip: int,
         torch.randn(num_tokens, 2, 16, generator=g),
         torch.randn(num_tokens, 2, 16, generator=g),
     )
-    caches = [torch.randn(shape, generator=g) for _ in range(2)]
+    caches = [torch.randn(shape, generator=g).to(cache_dtype) for _ in range(2)]
     mine = [c.clone() for c in caches]
     write_kv_cache_ref(key, value, caches[0], caches[1], slots)
     write_kv_cache_cpu(key, value, mine[0], mine[1], slots)

@@ -56,6 +56,34 @@ def test_equals_rotary_then_write_kv(
     torch.testing.assert_close(got_q, torch_q, atol=atol, rtol=0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    cache_dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_fp32_rows_into_a_half_precision_cache(
+    tokens: int, cache_dtype: torch.dtype, seed: int
+) -> None:
+    """--kv-cache-dtype under an fp32 model: q stays fp32 and exact; k is rotated in fp32
+    and rounded once into the cache, so the cache holds what the fp32 path computed,
+    rounded (no double rounding)."""
+    hq, hkv, head_dim = 4, 2, 64
+    g = torch.Generator().manual_seed(seed)
+    cos_sin = build_cos_sin_cache(head_dim, 400, 10000.0)
+    positions = torch.randint(0, 400, (tokens,), generator=g)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=g)
+    slots = torch.randperm(40 * 4, generator=g)[:tokens]
+    shape = (40, 4, hkv, head_dim)
+    k32, v32 = torch.zeros(shape), torch.zeros(shape)
+    want_q = rotary_write_kv_cpu(qkv, positions, cos_sin, k32, v32, slots, hq, hkv)
+    k_half, v_half = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+    got_q = rotary_write_kv_cpu(qkv, positions, cos_sin, k_half, v_half, slots, hq, hkv)
+    assert got_q.dtype == torch.float32 and torch.equal(got_q, want_q)
+    assert torch.equal(k_half, k32.to(cache_dtype))
+    assert torch.equal(v_half, v32.to(cache_dtype))
+
+
 def test_refuses_bad_positions_slots_and_shapes() -> None:
     cos_sin = build_cos_sin_cache(16, 8, 10000.0)
     cache = torch.zeros(2, 4, 1, 16)
