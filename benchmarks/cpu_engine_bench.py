@@ -259,9 +259,31 @@ def bf16_arm(path: Path, dims: dict, wl: dict, hf_fp32_tokens: list[list[int]]) 
 # ---------------------------------------------------------------- quality
 
 
+def paged_logits(model, cfg, row: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
+    """Logits of every position of `row` as the engine computes them: one prefill through
+    the CPU backend, whose attention reads K/V back from a paged cache of `kv_dtype`."""
+    from engine_worker.engine.attention.backend import select_backend
+    from engine_worker.engine.model_runner import allocate_kv_cache, prepare_inputs
+    from engine_worker.engine.sequence import Sequence
+    from shared.sampling_params import SamplingParams
+
+    block_size, cpu = 16, torch.device("cpu")
+    blocks = -(-len(row) // block_size)
+    kv = allocate_kv_cache(cfg, blocks, block_size, kv_dtype, cpu)
+    seq = Sequence(
+        seq_id=0, request_id="quality", index=0, token_ids=list(row),
+        num_prompt_tokens=len(row), params=SamplingParams(), priority=0, arrival=0,
+        block_table=list(range(blocks)),
+    )  # fmt: skip
+    inputs = prepare_inputs([(seq, len(row))], [True], block_size, cpu)
+    hidden = model(inputs.input_ids, inputs.positions, kv, inputs.meta, select_backend("auto", cpu))
+    return model.compute_logits(hidden)
+
+
 def quality(demo_dir: Path, methods: list[str], docs: int) -> dict:
     """Teacher-forced on held-out demo text: top-1 agreement with fp32, and perplexity.
-    `methods`: quantizations, or "bf16" (bf16 weights and activations)."""
+    `methods`: quantizations, "bf16" (bf16 weights and activations), or "kv_bf16"/
+    "kv_fp32" (fp32 weights through the paged forward with a bf16/fp32 KV cache)."""
     from tokenizers import Tokenizer
 
     from engine_worker.demo.corpus import demo_corpus
@@ -276,18 +298,22 @@ def quality(demo_dir: Path, methods: list[str], docs: int) -> dict:
         dtype = torch.bfloat16 if method == "bf16" else torch.float32
         m = build_model(cfg, dtype, torch.device("cpu"), max_positions=512)
         load_weights(m, demo_dir)
-        if method not in ("fp32", "bf16"):
+        if method not in ("fp32", "bf16") and not method.startswith("kv_"):
             quantize_model(m, method)
         return m
 
-    def logits_of(model) -> list[torch.Tensor]:
+    def logits_of(method: str) -> list[torch.Tensor]:
+        model = model_for(method)
         with torch.inference_mode():
+            if method.startswith("kv_"):
+                kv = torch.bfloat16 if method == "kv_bf16" else torch.float32
+                return [paged_logits(model, cfg, r, kv) for r in rows]
             return [model.forward_causal(torch.tensor([r]))[0] for r in rows]
 
-    base = logits_of(model_for("fp32"))
+    base = logits_of("fp32")
     out = {}
     for method in ["fp32", *methods]:
-        logits = base if method == "fp32" else logits_of(model_for(method))
+        logits = base if method == "fp32" else logits_of(method)
         nll, agree, count = 0.0, 0, 0
         for r, lg, ref in zip(rows, logits, base, strict=True):
             targets = torch.tensor(r[1:])
@@ -470,7 +496,9 @@ def main() -> int:
             demo = ensure_demo_checkpoint(args.demo_model)
         results["quality"] = {
             "model": "jetserve demo model (seed 0), held-out demo-corpus documents (seed 987654)",
-            **quality(demo, ["int8", "fp8", "bf16"], docs=20 if args.quick else 300),
+            **quality(
+                demo, ["int8", "fp8", "bf16", "kv_fp32", "kv_bf16"], docs=20 if args.quick else 300
+            ),
         }
     print("quality", results["quality"], flush=True)
     results["machine"]["load_average_end"] = load_average()

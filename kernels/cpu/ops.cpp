@@ -217,10 +217,13 @@ inline __m512 lane_sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
-// 16 cache elements as fp32: a bf16 cache widens on the load (a shift), so it reads half
-// the bytes for the same arithmetic.
+// 16 cache elements as fp32: a bf16 cache widens on the load (a shift), an fp16 one with
+// vcvtph2ps, so either reads half the bytes for the same arithmetic.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) { return jsk::widen_bf16(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // Scores of one row against positions [0, n) of a group (n <= 16), as one vector; lanes
 // from n on are kNegLarge.
@@ -340,15 +343,14 @@ void attend_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t fi
 }
 #endif  // __AVX512F__
 
-// The AVX-512 path (an fp32 query over an fp32 or bf16 cache) for the head dims it is
-// built for, else the generic loops.
+// The AVX-512 path (an fp32 query over an fp32, bf16 or fp16 cache) for the head dims it
+// is built for, else the generic loops.
 template <typename T, typename C>
 inline void attend_any(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token,
                        int64_t num_tokens, int64_t context_len, int64_t seq_len,
                        std::vector<float>& scratch) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float> &&
-                (std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16>)) {
+  if constexpr (std::is_same_v<T, float>) {
     switch (a.head_dim) {
       case 16: return attend_avx512<1>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);
       case 32: return attend_avx512<2>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);

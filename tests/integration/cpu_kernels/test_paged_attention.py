@@ -111,7 +111,7 @@ def test_fp32_query_over_a_half_precision_cache(
 ) -> None:
     """--kv-cache-dtype under an fp32 model: the cache's rounding is the only one, so the
     kernel equals the float64 attention over the rounded cache to fp32 accuracy (the
-    bf16 path widens in the AVX-512 loads, fp16 takes the generic loops)."""
+    AVX-512 loads widen either; head dim 80 takes the generic loops)."""
     batch.k_cache, batch.v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
     scale = batch.query.shape[-1] ** -0.5
     out = run_cpu(batch, scale)
