@@ -397,7 +397,7 @@ def encode_delta(d: Delta) -> bytes:
             chunks.append(
                 {
                     "index": c.index,
-                    "token_ids": list(c.token_ids),
+                    "token_ids": c.token_ids,
                     "logprobs": None,
                     "finish_reason": c.finish_reason,
                 }

@@ -108,18 +108,13 @@ def batch_frames(batch_id: str, entries: list[tuple[EventLog, bytes]]) -> bytes:
     One pass with the header bytes every message shares built once: per message only
     its number, fence and sizes are formatted (this runs for every Delta of a step).
     """
-    shared = f"NATS/1.0\r\n{BATCH_ID}: {batch_id}\r\n{BATCH_SEQ}: ".encode()
+    shared = f"NATS/1.0\r\n{BATCH_ID}: {batch_id}\r\n{BATCH_SEQ}: "  # ASCII: len is bytes
+    fence_key = f"\r\n{EXPECTED_LAST_SUBJECT_SEQ}: "
     parts: list[bytes] = []
     for i, (log, data) in enumerate(entries, start=1):
-        own = f"{i}\r\n{EXPECTED_LAST_SUBJECT_SEQ}: {log.fence}\r\n\r\n".encode()
-        hlen = len(shared) + len(own)
-        parts += (
-            f"HPUB {log.subject} {hlen} {hlen + len(data)}\r\n".encode(),
-            shared,
-            own,
-            data,
-            b"\r\n",
-        )
+        own = f"{shared}{i}{fence_key}{log.fence}\r\n\r\n"
+        hlen = len(own)
+        parts += (f"HPUB {log.subject} {hlen} {hlen + len(data)}\r\n{own}".encode(), data, b"\r\n")
     return b"".join(parts)
 
 

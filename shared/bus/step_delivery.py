@@ -28,11 +28,13 @@ def step_messages(stored: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]
     the order given per subject; Deltas no replica follows live are left out."""
     groups: dict[str, list[list[bytes]]] = {}
     sizes: dict[str, int] = {}
+    unfollowed: set[str] = set()  # a subject is checked once a step, not once a Delta
     for subject, data in stored:
-        if not is_steps_subject(subject):
-            continue
         parts = groups.get(subject)
         if parts is None:
+            if subject in unfollowed or not is_steps_subject(subject):
+                unfollowed.add(subject)
+                continue
             parts = groups[subject] = [[]]
             sizes[subject] = 0
         if parts[-1] and sizes[subject] + len(data) > STEP_MESSAGE_BYTES:
