@@ -47,10 +47,6 @@ MATMUL_OPS = (
 )
 
 
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(2, vocab) for _ in range(length)] for _ in range(n)]
@@ -405,6 +401,7 @@ def main() -> int:
         serve(kind, model, *(json.loads(a) for a in args.child[2:5]))
         return 0
     sys.path.insert(0, str(ROOT))
+    from benchmarks.box_load import LOAD_NOTE, load_average
     from benchmarks.issue16_model import DIMS, QUICK_DIMS, make_model
 
     dims = QUICK_DIMS if args.quick else DIMS
@@ -417,7 +414,7 @@ def main() -> int:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "summary": f"{os.cpu_count()}-core {platform.machine()}",
-            "shared": "a box shared with other jobs: compare the arms of this one run",
+            "load_note": LOAD_NOTE,
         },
         "threads": args.threads or os.cpu_count(),
         "after_engine_args": args.after_engine_args,

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.box_load import LOAD_NOTE, load_average
 from benchmarks.issue16_model import DIMS, QUICK_DIMS
 from benchmarks.random_llama import save_random_llama
 from engine_worker.engine.config import EngineConfig, cpu_has_amx, load_model_config
@@ -48,10 +49,6 @@ from shared.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_CPP_F32_ISSUE = 141.0  # tok/s, issue 16's side-by-side measurement on this box
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -396,8 +393,7 @@ def main() -> int:
             "cores": os.cpu_count(),
             "threads": args.threads,
             "load_average_start": load_average(),
-            "shared": "a 2-core box shared with other jobs: absolute numbers move with the "
-            "load; compare arms of this one run",
+            "load_note": LOAD_NOTE,
         },
     }
     amx = ", AMX" if cpu_has_amx() else ""

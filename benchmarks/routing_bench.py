@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving_bench as sb  # noqa: E402  (sibling scripts, not a package)
 import stack_processes as sp  # noqa: E402
+from box_load import LOAD_NOTE  # noqa: E402
 
 BLOCK_SIZE = 16
 
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": args.engine,
         "profile": args.profile if args.engine == "simulated" else None,
         "model": model_info(model) if args.engine == "cpu" else None,
-        "machine": {**sb.machine(), "shared": "2-core x86_64 box shared with other jobs"},
+        "machine": {**sb.machine(), "load_note": LOAD_NOTE},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "arms": {**{a: ARMS[a] for a in arms}, "single": ("queue", "queue")},
         "workload": {
