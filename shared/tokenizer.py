@@ -90,6 +90,15 @@ class TokenizerBundle:
         return ids
 
     @cached_property
+    def byte_fallback_decoder(self) -> bool:
+        """Whether the decoder renders <0xXX> byte tokens (SentencePiece-style): there
+        the tokenizers library's DecodeStream and a one-shot decode can disagree on
+        invalid byte runs, so streaming keeps its own window
+        (services/api/streaming/detokenizer.py)."""
+        decoder = json.loads(self.tokenizer.to_str()).get("decoder")
+        return '"ByteFallback"' in json.dumps(decoder)
+
+    @cached_property
     def max_token_bytes(self) -> int:
         """UTF-8 length of the longest vocabulary entry (added tokens included): an upper
         bound on how many bytes of text one token can stand for, so a text longer than

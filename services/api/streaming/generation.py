@@ -76,7 +76,11 @@ def new_choice_state(model: ServedModel, prepared: PreparedRequest, scope: str) 
     """`scope` ("<job_id>:<choice>") seeds the choice's tool call ids."""
     plan = prepared.output_plan
     return ChoiceState(
-        IncrementalDetokenizer(model.tokenizer.tokenizer, prepared.skip_special_tokens),
+        IncrementalDetokenizer(
+            model.tokenizer.tokenizer,
+            prepared.skip_special_tokens,
+            use_decode_stream=not model.tokenizer.byte_fallback_decoder,
+        ),
         StopStringMatcher(prepared.stop),
         output=plan.parser(scope) if plan is not None else None,
     )

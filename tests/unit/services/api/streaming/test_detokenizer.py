@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from services.api.streaming.detokenizer import IncrementalDetokenizer
+from shared.tokenizer import TokenizerBundle
 from tests.support.model_factory import train_tokenizer
 
 TEXT = "Olá! Ça va? Grüße aus Köln — 東京は晴れです。 Emoji: 🚀✨ and numbers 12345 67.89."
@@ -51,9 +52,14 @@ def metaspace() -> Tokenizer:
     return _metaspace_tokenizer()
 
 
-def stream(tok: Tokenizer, ids: list[int], cuts: list[int]) -> list[str]:
-    """Feed `ids` in chunks ending at `cuts`; return every piece emitted, flush included."""
-    detok = IncrementalDetokenizer(tok)
+def stream(
+    tok: Tokenizer, ids: list[int], cuts: list[int], use_decode_stream: bool | None = None
+) -> list[str]:
+    """Feed `ids` in chunks ending at `cuts`; return every piece emitted, flush included.
+    By default the way the API streams with this tokenizer (generation.py)."""
+    if use_decode_stream is None:
+        use_decode_stream = not TokenizerBundle(tok, {}).byte_fallback_decoder
+    detok = IncrementalDetokenizer(tok, use_decode_stream=use_decode_stream)
     pieces, start = [], 0
     for end in [*sorted(set(cuts)), len(ids)]:
         if end > start:
@@ -102,11 +108,31 @@ def ids_and_cuts(draw, vocab_size: int):
     return ids, cuts
 
 
+@pytest.mark.parametrize("use_decode_stream", [True, False])
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_random_token_streams_concatenate_to_full_decode_bytelevel(bytelevel, data):
+def test_random_token_streams_concatenate_to_full_decode_bytelevel(
+    bytelevel, use_decode_stream, data
+):
     ids, cuts = data.draw(ids_and_cuts(bytelevel.get_vocab_size()))
-    assert "".join(stream(bytelevel, ids, cuts)) == bytelevel.decode(ids)
+    assert "".join(stream(bytelevel, ids, cuts, use_decode_stream)) == bytelevel.decode(ids)
+
+
+def test_byte_fallback_decoders_keep_the_python_window(bytelevel, metaspace):
+    assert not TokenizerBundle(bytelevel, {}).byte_fallback_decoder
+    assert TokenizerBundle(metaspace, {}).byte_fallback_decoder
+
+
+def test_a_refused_decode_stream_step_hands_over_to_the_window(metaspace):
+    """An invalid byte run makes DecodeStream refuse a step (its decode no longer starts
+    with the text emitted); from there the Python window carries on, and the pieces are
+    the window's own."""
+    ids = [metaspace.token_to_id(t) for t in ("<0x49>", "<0xBD>", "<0x33>", "q")]
+    streamed = IncrementalDetokenizer(metaspace, use_decode_stream=True)
+    pieces = [streamed.add([i]) for i in ids] + [streamed.flush()]
+    assert streamed._stream is None  # it did refuse
+    assert pieces == stream(metaspace, ids, list(range(1, len(ids))), use_decode_stream=False)
+    assert pieces == ["I", "", "", "\ufffd\ufffdq", ""]
 
 
 @settings(max_examples=300, deadline=None)
