@@ -95,8 +95,8 @@ class TokenizerBundle:
         the tokenizers library's DecodeStream and a one-shot decode can disagree on
         invalid byte runs, so streaming keeps its own window
         (services/api/streaming/detokenizer.py)."""
-        decoder = json.loads(self.tokenizer.to_str()).get("decoder")
-        return '"ByteFallback"' in json.dumps(decoder)
+        decoder = self.tokenizer.decoder  # its own JSON only, not the whole tokenizer's
+        return decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
 
     @cached_property
     def max_token_bytes(self) -> int:

@@ -193,7 +193,8 @@ void attend(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token, 
 }
 
 #if defined(__AVX512F__)
-// The fp32 path on AVX-512 (what -march=native gives on current x86 servers): the generic
+// The fp32-query path on AVX-512 (what -march=native gives on current x86 servers), over an
+// fp32, bf16 or fp16 cache, each element widened to fp32 as it is loaded: the generic
 // loops above spend most of their time on one horizontal sum per (row, position) and on
 // accumulator rows that go through memory for every position. Here a group of 16
 // positions is scored with one transposed reduction (16 dot-product vectors -> one vector

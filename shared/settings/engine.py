@@ -27,7 +27,8 @@ class EngineSettings(Settings):
         help="KV cache dtype: auto is --dtype's; under a float32 model, bfloat16 or float16 "
         "halve the cache's bytes (twice the tokens in the same memory, half the bytes "
         "attention reads per context token) at the cost of rounding K and V once when "
-        "stored; attention still sums in float32",
+        "stored; attention still sums in float32. bfloat16 keeps float32's range; float16 "
+        "turns K or V beyond 65504 into inf",
     )
     block_size: int = setting(
         16,
