@@ -52,6 +52,22 @@ def run_cpu(batch: PagedBatch, scale: float, tile_tokens: int = 16) -> torch.Ten
     )
 
 
+def assert_matches_references(out: torch.Tensor, batch: PagedBatch, scale: float) -> None:
+    """fp32 output against the float64 dense attention and the torch backend, to 2e-5."""
+    torch.testing.assert_close(out.double(), dense_reference(batch, scale), atol=2e-5, rtol=0)
+    ref = paged_attention_ref(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        scale,
+        num_decodes=batch.num_decodes,
+    )
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
 @st.composite
 def ragged_batches(draw: st.DrawFn) -> PagedBatch:
     query_lens, seq_lens = [], []
@@ -80,18 +96,7 @@ def test_matches_dense_reference(batch: PagedBatch, tile_tokens: int) -> None:
     scale = batch.query.shape[-1] ** -0.5
     out = run_cpu(batch, scale, tile_tokens)
     assert out.shape == batch.query.shape and out.dtype == batch.query.dtype
-    torch.testing.assert_close(out.double(), dense_reference(batch, scale), atol=2e-5, rtol=0)
-    ref = paged_attention_ref(
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.block_tables,
-        scale,
-        num_decodes=batch.num_decodes,
-    )
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    assert_matches_references(out, batch, scale)
 
 
 def test_half_precision_storage() -> None:
@@ -116,18 +121,7 @@ def test_fp32_query_over_a_half_precision_cache(
     scale = batch.query.shape[-1] ** -0.5
     out = run_cpu(batch, scale)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), dense_reference(batch, scale), atol=2e-5, rtol=0)
-    ref = paged_attention_ref(
-        batch.query,
-        batch.k_cache,
-        batch.v_cache,
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.block_tables,
-        scale,
-        num_decodes=batch.num_decodes,
-    )
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    assert_matches_references(out, batch, scale)
 
 
 def test_refuses_a_cache_wider_than_the_query() -> None:
