@@ -260,20 +260,11 @@ def paged_logits(model, cfg, row: list[int], kv_dtype: torch.dtype) -> torch.Ten
     """Logits of every position of `row` as the engine computes them: one prefill through
     the CPU backend, whose attention reads K/V back from a paged cache of `kv_dtype`."""
     from engine_worker.engine.attention.backend import select_backend
-    from engine_worker.engine.model_runner import allocate_kv_cache, prepare_inputs
-    from engine_worker.engine.sequence import Sequence
-    from shared.sampling_params import SamplingParams
+    from engine_worker.engine.model_runner import prefill_alone
 
-    block_size, cpu = 16, torch.device("cpu")
-    blocks = -(-len(row) // block_size)
-    kv = allocate_kv_cache(cfg, blocks, block_size, kv_dtype, cpu)
-    seq = Sequence(
-        seq_id=0, request_id="quality", index=0, token_ids=list(row),
-        num_prompt_tokens=len(row), params=SamplingParams(), priority=0, arrival=0,
-        block_table=list(range(blocks)),
-    )  # fmt: skip
-    inputs = prepare_inputs([(seq, len(row))], [True], block_size, cpu)
-    hidden = model(inputs.input_ids, inputs.positions, kv, inputs.meta, select_backend("auto", cpu))
+    cpu = torch.device("cpu")
+    backend = select_backend("auto", cpu)
+    hidden, _ = prefill_alone(model, cfg, backend, row, 16, kv_dtype, cpu)
     return model.compute_logits(hidden)
 
 

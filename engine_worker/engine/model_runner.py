@@ -255,21 +255,37 @@ def profile_step(
     """Run the largest step once (a prefill of `num_tokens` dummy tokens, then logits and a
     sort for `num_samples` rows, as the sampler does) so its activation peak can be
     measured; returns the bytes of the small probe KV cache it used, not to be counted."""
-    num_blocks = -(-num_tokens // block_size)
+    hidden, kv = prefill_alone(model, cfg, backend, [0] * num_tokens, block_size, kv_dtype, device)
+    logits = model.compute_logits(hidden[-1:].expand(num_samples, -1).contiguous())
+    torch.sort(torch.softmax(logits, dim=-1), dim=-1)
+    num_blocks = kv[0][0].shape[0]  # the probe cache is held until here, past the peak
+    return num_blocks * kv_bytes_per_block(cfg, block_size, kv_dtype)
+
+
+def prefill_alone(
+    model: LlamaForCausalLM,
+    cfg: ModelConfig,
+    backend: AttentionBackend,
+    token_ids: list[int],
+    block_size: int,
+    kv_dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One sequence's whole prefill through the engine's paged forward, in a cache of its
+    own (blocks in order): its hidden states and that cache. The memory probe above, and
+    benchmarks that read teacher-forced logits as the engine computes them."""
+    num_blocks = -(-len(token_ids) // block_size)
     kv = allocate_kv_cache(cfg, num_blocks, block_size, kv_dtype, device)
     seq = Sequence(
         seq_id=-1,
-        request_id="memory-profile",
+        request_id="prefill-alone",
         index=0,
-        token_ids=[0] * num_tokens,
-        num_prompt_tokens=num_tokens,
+        token_ids=list(token_ids),
+        num_prompt_tokens=len(token_ids),
         params=SamplingParams(),
         priority=0,
         arrival=0,
         block_table=list(range(num_blocks)),
     )
-    inputs = prepare_inputs([(seq, num_tokens)], [True], block_size, device)
-    hidden = model(inputs.input_ids, inputs.positions, kv, inputs.meta, backend)
-    logits = model.compute_logits(hidden[-1:].expand(num_samples, -1).contiguous())
-    torch.sort(torch.softmax(logits, dim=-1), dim=-1)
-    return num_blocks * kv_bytes_per_block(cfg, block_size, kv_dtype)
+    inputs = prepare_inputs([(seq, len(token_ids))], [True], block_size, device)
+    return model(inputs.input_ids, inputs.positions, kv, inputs.meta, backend), kv

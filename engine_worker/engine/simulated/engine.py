@@ -64,9 +64,8 @@ class SimulatedEngine(LLMEngine):
         self.model_dir = Path(config.model)
         self.model_config = load_model_config(self.model_dir)
         self.device = torch.device("cpu")
-        self.dtype = self.kv_dtype = torch.bfloat16
-        if config.kv_cache_dtype not in ("auto", "bfloat16"):
-            raise ValueError("the simulated profiles model a bfloat16 KV cache")
+        self.dtype = torch.bfloat16  # the profiles model a bf16 model and KV cache
+        self.kv_dtype = config.resolve_kv_cache_dtype(self.dtype)
         limit = config.max_model_len or self.profile.model.max_position_embeddings
         num_blocks = config.num_kv_blocks or self.profile.num_kv_blocks(config.block_size)
         self._init_scheduling(num_blocks, limit)
