@@ -342,6 +342,146 @@ void attend_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t fi
     for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
   }
 }
+
+// A decode item (one query token: its G rows, the query heads over this KV head, all see
+// the whole context) takes the context a chunk of whole blocks at a time, in three passes:
+// every score of the chunk (a running vector max, no horizontal reduction per group), one
+// softmax per row over the chunk (one horizontal max and sum, one rescale of the
+// accumulators), then the values with the accumulators in registers across the chunk.
+// What bounds it is memory, not arithmetic: a block sits anywhere in the cache, and one
+// head's rows of consecutive positions lie other heads' bytes apart, so the hardware
+// prefetcher cannot run ahead. The score pass asks for the next block's keys and this
+// block's values itself. A chunk's values (kDecodeChunkBytes) stay in L1 for the value
+// pass, which reads them once per RB rows.
+constexpr int64_t kDecodeChunkBytes = 32 * 1024;  // 16 and 64 KiB measured no better
+
+// Asks for n rows of `bytes` each, `stride` elements apart, a cache line at a time, into
+// L1 (ToL1) or L2.
+template <bool ToL1, typename C>
+inline void prefetch_rows(const C* p, int64_t stride, int64_t n, int64_t bytes) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* row = reinterpret_cast<const char*>(p + i * stride);
+    for (int64_t off = 0; off < bytes; off += 64) {
+      if constexpr (ToL1)
+        _mm_prefetch(row + off, _MM_HINT_T0);
+      else
+        _mm_prefetch(row + off, _MM_HINT_T1);
+    }
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_i p[r][i] * v_i for RB rows over the chunk's cn positions
+// from c0, read through the block table.
+template <int DV, int RB, typename C>
+inline void chunk_values(float* acc, const float* p, int64_t p_stride, const float* alpha,
+                         const AttentionItem<float, C>& a, int64_t kv_head, int64_t c0,
+                         int64_t cn) {
+  constexpr int64_t D = 16 * DV;
+  __m512 acc_r[RB][DV];
+  for (int r = 0; r < RB; ++r) {
+    const __m512 s = _mm512_set1_ps(alpha[r]);
+    for (int d = 0; d < DV; ++d)
+      acc_r[r][d] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * d), s);
+  }
+  const int64_t bs = a.block_size;
+  for (int64_t b0 = c0; b0 < c0 + cn; b0 += bs) {
+    const int64_t block = a.block_table[b0 / bs];
+    const C* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+    const float* pb = p + (b0 - c0);
+    const int64_t in_block = std::min(bs, c0 + cn - b0);
+    for (int64_t i = 0; i < in_block; ++i) {
+      const C* vr = vb + i * a.c_stride_s;
+      __m512 vv[DV];
+      for (int d = 0; d < DV; ++d) vv[d] = load16(vr + 16 * d);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 pr = _mm512_set1_ps(pb[r * p_stride + i]);
+        for (int d = 0; d < DV; ++d) acc_r[r][d] = _mm512_fmadd_ps(pr, vv[d], acc_r[r][d]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * D + 16 * d, acc_r[r][d]);
+}
+
+// `seen`: the positions the token attends to (its own included).
+template <int DV, typename C>
+void attend_decode_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t token,
+                          int64_t seen, std::vector<float>& scratch) {
+  constexpr int64_t D = 16 * DV;
+  constexpr int RB = DV <= 4 ? 4 : 2;  // RB * DV accumulators: 16 registers
+  const int64_t G = a.group, bs = a.block_size;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
+  const int64_t chunk = std::max<int64_t>(1, kDecodeChunkBytes / row_bytes / bs) * bs;
+  scratch.resize(static_cast<size_t>(G * (2 * D + 3 + 16 + chunk)));
+  float* qf = scratch.data();
+  float* acc = qf + G * D;
+  float* m = acc + G * D;
+  float* l = m + G;
+  float* alpha = l + G;
+  float* mx = alpha + G;  // [G, 16]: the chunk's running max, lane-wise
+  float* s = mx + G * 16;  // [G, chunk]: scores, then probabilities
+  for (int64_t r = 0; r < G; ++r) {
+    const float* src = a.q + token * a.q_stride_t + (kv_head * G + r) * a.q_stride_h;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = src[d] * a.scale;
+    std::fill(acc + r * D, acc + (r + 1) * D, 0.0f);
+    m[r] = kNegLarge;
+    l[r] = 0.0f;
+  }
+  for (int64_t c0 = 0; c0 < seen; c0 += chunk) {
+    const int64_t cn = std::min(chunk, seen - c0);
+    for (int64_t r = 0; r < G; ++r) _mm512_storeu_ps(mx + r * 16, _mm512_set1_ps(kNegLarge));
+    for (int64_t b0 = c0; b0 < c0 + cn; b0 += bs) {
+      const int64_t block = a.block_table[b0 / bs];
+      const C* kb = a.k_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
+      const int64_t in_block = std::min(bs, c0 + cn - b0);
+      // The next block's keys now, this block's values for the value pass.
+      if (b0 + bs < seen)
+        prefetch_rows<true>(
+            a.k_cache + a.block_table[b0 / bs + 1] * a.c_stride_b + kv_head * a.c_stride_h,
+            a.c_stride_s, std::min(bs, seen - b0 - bs), row_bytes);
+      prefetch_rows<false>(a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h,
+                           a.c_stride_s, in_block, row_bytes);
+      for (int64_t g = 0; g < in_block; g += 16) {
+        const int64_t n = std::min<int64_t>(16, in_block - g);
+        const __mmask16 live = static_cast<__mmask16>((1u << n) - 1u);
+        const C* kg = kb + g * a.c_stride_s;
+        float* sg = s + (b0 - c0 + g);
+        for (int64_t r = 0; r < G; ++r) {
+          const __m512 sc = group_scores<DV>(qf + r * D, kg, a.c_stride_s, n);
+          _mm512_mask_storeu_ps(sg + r * chunk, live, sc);
+          _mm512_storeu_ps(mx + r * 16, _mm512_max_ps(_mm512_loadu_ps(mx + r * 16), sc));
+        }
+      }
+    }
+    for (int64_t r = 0; r < G; ++r) {
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(_mm512_loadu_ps(mx + r * 16)));
+      const __m512 mv = _mm512_set1_ps(m_new);
+      float* sr = s + r * chunk;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < cn; j += 16) {
+        const __mmask16 live = cn - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << (cn - j)) - 1u);
+        const __m512 pv = _mm512_maskz_mov_ps(
+            live, jsk::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sr + j), mv)));
+        _mm512_mask_storeu_ps(sr + j, live, pv);
+        sum = _mm512_add_ps(sum, pv);
+      }
+      alpha[r] = exp_nonpositive(m[r] - m_new);
+      l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+      m[r] = m_new;
+    }
+    int64_t r = 0;
+    for (; r + RB <= G; r += RB)
+      chunk_values<DV, RB, C>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
+    for (; r < G; ++r)
+      chunk_values<DV, 1, C>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
+  }
+  for (int64_t r = 0; r < G; ++r) {
+    float* dst = a.out + token * a.o_stride_t + (kv_head * G + r) * a.o_stride_h;
+    const float inv = 1.0f / l[r];
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+  }
+}
 #endif  // __AVX512F__
 
 // The AVX-512 path (an fp32 query over an fp32, bf16 or fp16 cache) for the head dims it
@@ -352,6 +492,16 @@ inline void attend_any(const AttentionItem<T, C>& a, int64_t kv_head, int64_t fi
                        std::vector<float>& scratch) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
+    if (num_tokens == 1) {  // a decode, or a chunk's last tile of one token
+      const int64_t n = std::min(seq_len, context_len + first_token + 1);  // what it sees
+      switch (a.head_dim) {
+        case 16: return attend_decode_avx512<1>(a, kv_head, first_token, n, scratch);
+        case 32: return attend_decode_avx512<2>(a, kv_head, first_token, n, scratch);
+        case 64: return attend_decode_avx512<4>(a, kv_head, first_token, n, scratch);
+        case 128: return attend_decode_avx512<8>(a, kv_head, first_token, n, scratch);
+        default: break;
+      }
+    }
     switch (a.head_dim) {
       case 16: return attend_avx512<1>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);
       case 32: return attend_avx512<2>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);

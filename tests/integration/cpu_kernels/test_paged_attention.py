@@ -124,6 +124,34 @@ def test_fp32_query_over_a_half_precision_cache(
     assert_matches_references(out, batch, scale)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seq_lens=st.lists(st.integers(1, 1300), min_size=1, max_size=3),
+    head_dim=st.sampled_from([16, 64, 128]),
+    block_size=st.sampled_from([1, 16, 48]),
+    cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    sharpness=st.sampled_from([1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_decodes_over_contexts_of_many_chunks(
+    seq_lens: list[int],
+    head_dim: int,
+    block_size: int,
+    cache_dtype: torch.dtype,
+    sharpness: float,
+    seed: int,
+) -> None:
+    """The decode path takes the context a chunk (32 KiB of values: 64-1024 positions
+    here) at a time, with one softmax per chunk: contexts of several chunks, and sharp
+    scores whose maxima move from chunk to chunk, still equal the float64 attention."""
+    batch = build_paged_batch([1] * len(seq_lens), seq_lens, 8, 2, head_dim, block_size, seed=seed)
+    batch.query *= sharpness
+    batch.k_cache, batch.v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
+    scale = head_dim**-0.5
+    out = run_cpu(batch, scale)
+    assert_matches_references(out, batch, scale)
+
+
 def test_refuses_a_cache_wider_than_the_query() -> None:
     batch = build_paged_batch([1], [5], 2, 1, 16, 4, dtype=torch.bfloat16)
     batch.k_cache, batch.v_cache = batch.k_cache.float(), batch.v_cache.float()
