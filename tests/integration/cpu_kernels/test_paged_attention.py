@@ -141,7 +141,7 @@ def test_decodes_over_contexts_of_many_chunks(
     sharpness: float,
     seed: int,
 ) -> None:
-    """The decode path takes the context a chunk (32 KiB of values: 64-1024 positions
+    """The decode path takes the context a chunk (16 KiB of values: 32-512 positions
     here) at a time, with one softmax per chunk: contexts of several chunks, and sharp
     scores whose maxima move from chunk to chunk, still equal the float64 attention."""
     batch = build_paged_batch([1] * len(seq_lens), seq_lens, 8, 2, head_dim, block_size, seed=seed)
