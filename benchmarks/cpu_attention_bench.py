@@ -1,0 +1,199 @@
+"""The C++ CPU paged attention alone, at decode shapes: time per call, per unit of work
+and GFLOP/s, with the cache warm (it fits the caches) and cold (200 MB touched between
+calls, as a decode step's weights do).
+
+The unit is one (sequence, KV head, 16 context positions) with all of that head's query
+rows: what the kernel's inner loops handle at a time. Its budget: the matmuls around it
+run at ~150-250 GFLOP/s here, and attention is ~2 x 2 x rows x D FLOPs per position, so at
+64 dims and 4 rows a unit at matmul speed would take 50-90 ns.
+
+    python benchmarks/cpu_attention_bench.py [--before REV] \
+        [--out benchmarks/results/cpu_attention.json]
+
+`--before REV` builds that commit's kernels beside this checkout's (their op namespace
+renamed) and times the two in alternation, call by call, on the same tensors: on a box
+whose speed moves by tens of percent from minute to minute, separate runs cannot tell
+a 20% change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.box_load import LOAD_NOTE, load_average
+from kernels.cpu.build import CFLAGS
+from kernels.cpu.ops import available, paged_attention_cpu
+from tests.support.paged_batch import build_paged_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (label, sequences, context tokens, query heads, KV heads, head dim): the issue-16
+# benchmark model's decode step (8 layers of 8/2 heads of 64), longer contexts, and
+# Llama-3.1-8B's heads (32/8 of 128).
+SHAPES = [
+    ("64x96 8/2x64", 64, 96, 8, 2, 64),
+    ("64x512 8/2x64", 64, 512, 8, 2, 64),
+    ("8x2048 8/2x64", 8, 2048, 8, 2, 64),
+    ("16x512 32/8x128", 16, 512, 32, 8, 128),
+]
+BLOCK_SIZE = 16
+EVICT_BYTES = 200 * 2**20
+
+
+def build_before(rev: str, into: Path) -> object:
+    """`rev`'s CPU kernels as ``torch.ops.jetserve_cpu_before``: its sources with the op
+    namespace renamed, built with this checkout's flags (the libraries load RTLD_LOCAL,
+    so neither binds to the other's symbols)."""
+    from torch.utils.cpp_extension import load
+
+    archive = subprocess.run(
+        ["git", "archive", rev, "kernels/cpu"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    sources = sorted((into / "kernels" / "cpu").glob("*.cpp"))
+    for src in sources:
+        text = src.read_text().replace("(jetserve_cpu,", "(jetserve_cpu_before,")
+        src.write_text(text)
+    print(f"building {rev}'s kernels (a minute or two)", flush=True)
+    load(
+        name="jetserve_cpu_before",
+        sources=[str(s) for s in sources],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(into),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.jetserve_cpu_before
+
+
+def time_calls(calls: dict, reps: int, evict: torch.Tensor | None) -> dict[str, float]:
+    """Median seconds of each call over `reps`, the calls alternating, each after touching
+    `evict` if given."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            if evict is not None:
+                evict.add_(1.0)
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(
+    shape: tuple, cache_dtype: torch.dtype, reps: int, evict: torch.Tensor, before: object
+) -> dict[str, dict]:
+    """This checkout's kernel ("after") and, if given, `before`'s, on the same tensors."""
+    label, seqs, ctx, hq, hkv, d = shape
+    batch = build_paged_batch([1] * seqs, [ctx] * seqs, hq, hkv, d, BLOCK_SIZE, seed=1)
+    k_cache, v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
+    args = (batch.query, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+            batch.block_tables, d**-0.5)  # fmt: skip
+    calls = {"after": lambda: paged_attention_cpu(*args)}
+    if before is not None:
+        calls["before"] = lambda: before.paged_attention(*args, 16)  # type: ignore[attr-defined]
+        torch.testing.assert_close(calls["before"](), calls["after"](), atol=1e-4, rtol=0)
+    for _ in range(3):
+        for call in calls.values():
+            call()
+    warm = time_calls(calls, reps, None)
+    cold = time_calls(calls, max(reps // 4, 5), evict)
+    units = seqs * hkv * -(-ctx // 16)
+    flops = 4 * seqs * hq * ctx * d  # q.k and p.v, 2 FLOPs a multiply-add
+    return {
+        arm: {
+            "shape": label,
+            "cache_dtype": str(cache_dtype).removeprefix("torch."),
+            "kv_bytes": 2 * seqs * ctx * hkv * d * k_cache.element_size(),
+            "warm_us": round(warm[arm] * 1e6, 1),
+            "cold_us": round(cold[arm] * 1e6, 1),
+            "warm_ns_per_unit": round(warm[arm] * 1e9 / units, 1),
+            "cold_ns_per_unit": round(cold[arm] * 1e9 / units, 1),
+            "warm_gflop_s": round(flops / warm[arm] / 1e9, 1),
+            "cold_gflop_s": round(flops / cold[arm] / 1e9, 1),
+        }
+        for arm in calls
+    }
+
+
+def plot(rows: list[dict], before: list[dict] | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['shape']} {r['cache_dtype']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("warm", "cold"), strict=True):
+        y = range(len(rows))
+        after = [r[f"{key}_gflop_s"] for r in rows]
+        if before:
+            ax.barh([i + 0.2 for i in y], [r[f"{key}_gflop_s"] for r in before], 0.4,
+                    label="before")  # fmt: skip
+            ax.barh([i - 0.2 for i in y], after, 0.4, label="after")
+            ax.legend()
+        else:
+            ax.barh(list(y), after)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("GFLOP/s")
+        ax.set_title(f"paged attention, decode, cache {key}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--before", help="a git commit whose kernels to time alongside")
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "cpu_attention.json")
+    )
+    args = parser.parse_args()
+    if not available():
+        sys.exit("the C++ CPU kernels cannot be built on this host")
+    torch.set_num_threads(args.threads)
+    evict = torch.zeros(EVICT_BYTES // 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        before = build_before(args.before, Path(tmp)) if args.before else None
+        load_before = load_average()
+        arms: dict[str, list[dict]] = {}
+        for shape in SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                for arm, row in measure(shape, dtype, args.reps, evict, before).items():
+                    arms.setdefault(arm, []).append(row)
+                    print(arm, json.dumps(row), flush=True)
+    result = {
+        "benchmark": "cpu_attention",
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "torch": torch.__version__,
+        "before_commit": args.before,
+        "block_size": BLOCK_SIZE,
+        "unit": "one (sequence, KV head, 16 positions) with all its query rows",
+        "load_avg": {"before": load_before, "after": load_average()},
+        "load_note": LOAD_NOTE,
+        "rows": arms["after"],
+        "before_rows": arms.get("before"),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(arms["after"], arms.get("before"), out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

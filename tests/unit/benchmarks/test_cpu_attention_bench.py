@@ -1,0 +1,31 @@
+"""The attention benchmark's measuring step: both arms time the same tensors, and a row
+says what it timed (shape, bytes, per-unit time, GFLOP/s)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.cpu.build import cpu_ops
+from kernels.cpu.ops import available
+
+pytestmark = pytest.mark.skipif(not available(), reason="the C++ CPU kernels do not build here")
+
+
+def test_measure_times_both_arms_on_one_batch() -> None:
+    from benchmarks.cpu_attention_bench import measure
+
+    shape = ("2x40 4/2x16", 2, 40, 4, 2, 16)
+    evict = torch.zeros(1024)
+    # This checkout's own ops stand in for an older build: same contract, no compile.
+    rows = measure(shape, torch.bfloat16, reps=3, evict=evict, before=cpu_ops())
+    assert set(rows) == {"after", "before"}
+    for row in rows.values():
+        assert row["shape"] == "2x40 4/2x16" and row["cache_dtype"] == "bfloat16"
+        assert row["kv_bytes"] == 2 * 2 * 40 * 2 * 16 * 2
+        assert row["warm_us"] > 0 and row["cold_us"] > 0
+        # 2 sequences x 2 KV heads x 3 groups of 16 positions
+        assert row["warm_ns_per_unit"] == pytest.approx(row["warm_us"] * 1e3 / 12, rel=0.01)
+        flops = 4 * 2 * 4 * 40 * 16
+        # rounded to 0.1 GFLOP/s
+        assert row["warm_gflop_s"] == pytest.approx(flops / row["warm_us"] / 1e3, abs=0.06)
