@@ -241,8 +241,16 @@ def serve(kind: str, model: Path, wl: dict, dims: dict, engine_args: dict) -> No
 class Arm:
     """The parent's handle on one arm process."""
 
-    def __init__(self, name: str, tree: Path, spec: list[str], threads: int | None, log: Path):
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+    def __init__(
+        self,
+        name: str,
+        tree: Path,
+        spec: list[str],
+        threads: int | None,
+        log: Path,
+        extra_env: dict[str, str] | None = None,
+    ):
+        env = {**os.environ, **(extra_env or {}), "PYTHONPATH": str(tree)}
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
         self.name = name
@@ -393,6 +401,18 @@ def main() -> int:
         '"bfloat16"}\' with --before HEAD: one tree, two configurations (greedy tokens may '
         "then differ where a setting changes the numerics)",
     )
+    ap.add_argument(
+        "--after-env",
+        type=json.loads,
+        default={},
+        help='environment variables of the "after" arm only, as JSON, e.g. '
+        '\'{"THP_MEM_ALLOC_ENABLE": "1"}\' (torch\'s huge-page allocations)',
+    )
+    ap.add_argument(
+        "--workload",
+        help="N,PROMPT,NEW: sequences, prompt tokens, new tokens (default 64,64,64, the "
+        "issue's); e.g. 16,1024,64 for long contexts, where attention weighs more",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_decode_ab.json")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -406,6 +426,8 @@ def main() -> int:
 
     dims = QUICK_DIMS if args.quick else DIMS
     wl = dict(n=8, prompt_len=16, new=8) if args.quick else dict(n=64, prompt_len=64, new=64)
+    if args.workload:
+        wl = dict(zip(("n", "prompt_len", "new"), map(int, args.workload.split(",")), strict=True))
     wl["vocab"] = dims["vocab_size"]
 
     results: dict = {
@@ -418,6 +440,7 @@ def main() -> int:
         },
         "threads": args.threads or os.cpu_count(),
         "after_engine_args": args.after_engine_args,
+        "after_env": args.after_env,
         "load_average_start": load_average(),
         "rounds": [],
     }
@@ -438,7 +461,9 @@ def main() -> int:
                 kind = "hf" if name == "hf_static" else "engine"
                 engine_args = args.after_engine_args if name == "after" else {}
                 spec = [kind, str(model), json.dumps(wl), json.dumps(dims), json.dumps(engine_args)]
-                arms[name] = Arm(name, tree, spec, args.threads, Path(tmp) / f"{name}.log")
+                env = args.after_env if name == "after" else None
+                log = Path(tmp) / f"{name}.log"
+                arms[name] = Arm(name, tree, spec, args.threads, log, env)
                 print(f"arm {name} ready", flush=True)
             engines = ["before", "after"]
             for r in range(args.rounds):
