@@ -47,6 +47,12 @@ SHAPES = [
     ("8x2048 8/2x64", 8, 2048, 8, 2, 64),
     ("16x512 32/8x128", 16, 512, 32, 8, 128),
 ]
+# (model dtype: the query's and output's, KV cache dtype)
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),  # --kv-cache-dtype bfloat16 under fp32 weights
+    (torch.bfloat16, torch.bfloat16),  # a bf16 model
+]
 BLOCK_SIZE = 16
 EVICT_BYTES = 200 * 2**20
 
@@ -93,18 +99,25 @@ def time_calls(calls: dict, reps: int, evict: torch.Tensor | None) -> dict[str, 
 
 
 def measure(
-    shape: tuple, cache_dtype: torch.dtype, reps: int, evict: torch.Tensor, before: object
+    shape: tuple,
+    dtypes: tuple[torch.dtype, torch.dtype],
+    reps: int,
+    evict: torch.Tensor,
+    before: object,
 ) -> dict[str, dict]:
     """This checkout's kernel ("after") and, if given, `before`'s, on the same tensors."""
     label, seqs, ctx, hq, hkv, d = shape
     batch = build_paged_batch([1] * seqs, [ctx] * seqs, hq, hkv, d, BLOCK_SIZE, seed=1)
+    model_dtype, cache_dtype = dtypes
     k_cache, v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
-    args = (batch.query, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+    query = batch.query.to(model_dtype)
+    args = (query, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
             batch.block_tables, d**-0.5)  # fmt: skip
     calls = {"after": lambda: paged_attention_cpu(*args)}
     if before is not None:
         calls["before"] = lambda: before.paged_attention(*args, 16)  # type: ignore[attr-defined]
-        torch.testing.assert_close(calls["before"](), calls["after"](), atol=1e-4, rtol=0)
+        atol = 1e-4 if model_dtype == torch.float32 else 2e-2  # a 16-bit output's ulp
+        torch.testing.assert_close(calls["before"](), calls["after"](), atol=atol, rtol=0)
     for _ in range(3):
         for call in calls.values():
             call()
@@ -115,6 +128,7 @@ def measure(
     return {
         arm: {
             "shape": label,
+            "model_dtype": str(model_dtype).removeprefix("torch."),
             "cache_dtype": str(cache_dtype).removeprefix("torch."),
             "kv_bytes": 2 * seqs * ctx * hkv * d * k_cache.element_size(),
             "warm_us": round(warm[arm] * 1e6, 1),
@@ -134,7 +148,7 @@ def plot(rows: list[dict], before: list[dict] | None, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['shape']} {r['cache_dtype']}" for r in rows]
+    labels = [f"{r['shape']} {r.get('model_dtype', 'float32')}/{r['cache_dtype']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key in zip(axes, ("warm", "cold"), strict=True):
         y = range(len(rows))
@@ -172,8 +186,8 @@ def main() -> None:
         load_before = load_average()
         arms: dict[str, list[dict]] = {}
         for shape in SHAPES:
-            for dtype in (torch.float32, torch.bfloat16):
-                for arm, row in measure(shape, dtype, args.reps, evict, before).items():
+            for dtypes in DTYPES:
+                for arm, row in measure(shape, dtypes, args.reps, evict, before).items():
                     arms.setdefault(arm, []).append(row)
                     print(arm, json.dumps(row), flush=True)
     result = {

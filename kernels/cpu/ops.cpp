@@ -373,9 +373,9 @@ inline void prefetch_rows(const C* p, int64_t stride, int64_t n, int64_t bytes) 
 
 // acc[r] = acc[r] * alpha[r] + sum_i p[r][i] * v_i for RB rows over the chunk's cn positions
 // from c0, read through the block table.
-template <int DV, int RB, typename C>
+template <int DV, int RB, typename T, typename C>
 inline void chunk_values(float* acc, const float* p, int64_t p_stride, const float* alpha,
-                         const AttentionItem<float, C>& a, int64_t kv_head, int64_t c0,
+                         const AttentionItem<T, C>& a, int64_t kv_head, int64_t c0,
                          int64_t cn) {
   constexpr int64_t D = 16 * DV;
   __m512 acc_r[RB][DV];
@@ -404,9 +404,11 @@ inline void chunk_values(float* acc, const float* p, int64_t p_stride, const flo
     for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * D + 16 * d, acc_r[r][d]);
 }
 
-// `seen`: the positions the token attends to (its own included).
-template <int DV, typename C>
-void attend_decode_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t token,
+// `seen`: the positions the token attends to (its own included). T, the query's and
+// output's dtype, is only read and written at the ends: everything between is fp32, so a
+// bf16 or fp16 model takes this path too.
+template <int DV, typename T, typename C>
+void attend_decode_avx512(const AttentionItem<T, C>& a, int64_t kv_head, int64_t token,
                           int64_t seen, std::vector<float>& scratch) {
   constexpr int64_t D = 16 * DV;
   constexpr int RB = DV <= 4 ? 4 : 2;  // RB * DV accumulators: 16 registers
@@ -422,8 +424,8 @@ void attend_decode_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int
   float* mx = alpha + G;  // [G, 16]: the chunk's running max, lane-wise
   float* s = mx + G * 16;  // [G, chunk]: scores, then probabilities
   for (int64_t r = 0; r < G; ++r) {
-    const float* src = a.q + token * a.q_stride_t + (kv_head * G + r) * a.q_stride_h;
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = src[d] * a.scale;
+    const T* src = a.q + token * a.q_stride_t + (kv_head * G + r) * a.q_stride_h;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = as_float(src[d]) * a.scale;
     std::fill(acc + r * D, acc + (r + 1) * D, 0.0f);
     m[r] = kNegLarge;
     l[r] = 0.0f;
@@ -473,26 +475,27 @@ void attend_decode_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int
     }
     int64_t r = 0;
     for (; r + RB <= G; r += RB)
-      chunk_values<DV, RB, C>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
+      chunk_values<DV, RB>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
     for (; r < G; ++r)
-      chunk_values<DV, 1, C>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
+      chunk_values<DV, 1>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
   }
   for (int64_t r = 0; r < G; ++r) {
-    float* dst = a.out + token * a.o_stride_t + (kv_head * G + r) * a.o_stride_h;
+    T* dst = a.out + token * a.o_stride_t + (kv_head * G + r) * a.o_stride_h;
     const float inv = 1.0f / l[r];
-    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
   }
 }
 #endif  // __AVX512F__
 
-// The AVX-512 path (an fp32 query over an fp32, bf16 or fp16 cache) for the head dims it
-// is built for, else the generic loops.
+// The AVX-512 paths for the head dims they are built for: a decode item in any query dtype
+// over an fp32, bf16 or fp16 cache; an item of several tokens with an fp32 query. Else
+// the generic loops.
 template <typename T, typename C>
 inline void attend_any(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token,
                        int64_t num_tokens, int64_t context_len, int64_t seq_len,
                        std::vector<float>& scratch) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<C, double>) {  // load16 widens fp32, bf16 and fp16
     if (num_tokens == 1) {  // a decode, or a chunk's last tile of one token
       const int64_t n = std::min(seq_len, context_len + first_token + 1);  // what it sees
       switch (a.head_dim) {
@@ -503,6 +506,8 @@ inline void attend_any(const AttentionItem<T, C>& a, int64_t kv_head, int64_t fi
         default: break;
       }
     }
+  }
+  if constexpr (std::is_same_v<T, float>) {
     switch (a.head_dim) {
       case 16: return attend_avx512<1>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);
       case 32: return attend_avx512<2>(a, kv_head, first_token, num_tokens, context_len, seq_len, scratch);
