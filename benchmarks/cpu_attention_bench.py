@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.box_load import LOAD_NOTE, load_average
-from kernels.cpu.build import CFLAGS
+from kernels.cpu.build import compile_library
 from kernels.cpu.ops import available, paged_attention_cpu
 from tests.support.paged_batch import build_paged_batch
 
@@ -61,8 +61,6 @@ def build_before(rev: str, into: Path) -> object:
     """`rev`'s CPU kernels as ``torch.ops.jetserve_cpu_before``: its sources with the op
     namespace renamed, built with this checkout's flags (the libraries load RTLD_LOCAL,
     so neither binds to the other's symbols)."""
-    from torch.utils.cpp_extension import load
-
     archive = subprocess.run(
         ["git", "archive", rev, "kernels/cpu"], cwd=ROOT, capture_output=True, check=True
     ).stdout
@@ -72,24 +70,31 @@ def build_before(rev: str, into: Path) -> object:
         text = src.read_text().replace("(jetserve_cpu,", "(jetserve_cpu_before,")
         src.write_text(text)
     print(f"building {rev}'s kernels (a minute or two)", flush=True)
-    load(
-        name="jetserve_cpu_before",
-        sources=[str(s) for s in sources],
-        extra_cflags=CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(into),
-        is_python_module=False,
-        verbose=False,
-    )
+    compile_library("jetserve_cpu_before", sources, into)
     return torch.ops.jetserve_cpu_before
+
+
+def resolve(rev: str) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def describe_checkout() -> str:
+    """This checkout's commit, marked when its kernels differ from it."""
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kernels/cpu"], cwd=ROOT)
+    return resolve("HEAD") + (" with uncommitted kernel changes" if dirty.returncode else "")
 
 
 def time_calls(calls: dict, reps: int, evict: torch.Tensor | None) -> dict[str, float]:
     """Median seconds of each call over `reps`, the calls alternating, each after touching
     `evict` if given."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
     for _ in range(reps):
-        for name, call in calls.items():
+        order.reverse()  # neither arm always runs right after the eviction or the other
+        for name in order:
+            call = calls[name]
             if evict is not None:
                 evict.add_(1.0)
             t0 = time.perf_counter()
@@ -194,7 +199,9 @@ def main() -> None:
         "benchmark": "cpu_attention",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
         "torch": torch.__version__,
-        "before_commit": args.before,
+        "before_commit": resolve(args.before) if args.before else None,
+        "after_commit": describe_checkout(),
+        "reps": {"warm": args.reps, "cold": max(args.reps // 4, 5)},
         "block_size": BLOCK_SIZE,
         "unit": "one (sequence, KV head, 16 positions) with all its query rows",
         "load_avg": {"before": load_before, "after": load_average()},

@@ -461,7 +461,7 @@ def main() -> int:
                 kind = "hf" if name == "hf_static" else "engine"
                 engine_args = args.after_engine_args if name == "after" else {}
                 spec = [kind, str(model), json.dumps(wl), json.dumps(dims), json.dumps(engine_args)]
-                env = args.after_env if name == "after" else None
+                env = {k: str(v) for k, v in args.after_env.items()} if name == "after" else None
                 log = Path(tmp) / f"{name}.log"
                 arms[name] = Arm(name, tree, spec, args.threads, log, env)
                 print(f"arm {name} ready", flush=True)

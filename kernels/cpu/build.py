@@ -86,24 +86,30 @@ def cache_dir() -> Path:
     return Path(root) / "jetserve"
 
 
+def compile_library(name: str, sources: list[Path], build_directory: Path) -> None:
+    """Compile `sources` with this package's flags into ``build_directory/name.so`` and
+    load it (its ops register themselves)."""
+    from torch.utils.cpp_extension import load
+
+    load(
+        name=name,
+        sources=[str(source) for source in sources],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_directory),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
 def _build(name: str, target: Path) -> None:
     """Compile into a private folder, then rename the library into place: a build that
     dies half way (a worker killed while starting) leaves no lock or partial file that
     would stall the next process, and concurrent builders never share a folder."""
-    from torch.utils.cpp_extension import load
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        load(
-            name=name,
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(staging),
-            is_python_module=False,
-            verbose=False,
-        )
+        compile_library(name, SOURCES, staging)
         os.replace(staging / f"{name}.so", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

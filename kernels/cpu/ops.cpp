@@ -253,27 +253,49 @@ inline __m512 group_scores(const float* q, const C* k, int64_t k_stride, int64_t
   return _mm512_mask_blend_ps(live, _mm512_set1_ps(kNegLarge), lane_sums16(dots));
 }
 
+// RB accumulator rows of DV vectors, held in registers while values are added into them.
+template <int DV, int RB>
+struct RowAccumulators {
+  __m512 a[RB][DV];
+
+  // acc[r] * alpha[r], rows D floats apart.
+  inline void load(const float* acc, int64_t D, const float* alpha) {
+    for (int r = 0; r < RB; ++r) {
+      const __m512 s = _mm512_set1_ps(alpha[r]);
+      for (int d = 0; d < DV; ++d) a[r][d] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * d), s);
+    }
+  }
+
+  inline void store(float* acc, int64_t D) const {
+    for (int r = 0; r < RB; ++r)
+      for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * D + 16 * d, a[r][d]);
+  }
+
+  // a[r] += sum_i p[r * p_stride + i] * v_i over n value rows `v_stride` apart: each row
+  // is loaded once for all RB accumulator rows.
+  template <typename C>
+  inline void add(const float* p, int64_t p_stride, const C* v, int64_t v_stride, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      const C* vr = v + i * v_stride;
+      __m512 vv[DV];
+      for (int d = 0; d < DV; ++d) vv[d] = load16(vr + 16 * d);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 pr = _mm512_set1_ps(p[r * p_stride + i]);
+        for (int d = 0; d < DV; ++d) a[r][d] = _mm512_fmadd_ps(pr, vv[d], a[r][d]);
+      }
+    }
+  }
+};
+
 // acc[r] = acc[r] * alpha[r] + sum_i p[r][i] * v_i over RB rows and the group's n
 // positions; acc rows live in registers for the whole group.
 template <int DV, int RB, typename C>
 inline void group_values(float* acc, int64_t D, const float* p, const float* alpha,
                          const C* v, int64_t v_stride, int64_t n) {
-  __m512 a[RB][DV];
-  for (int r = 0; r < RB; ++r) {
-    const __m512 s = _mm512_set1_ps(alpha[r]);
-    for (int d = 0; d < DV; ++d) a[r][d] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * d), s);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const C* vr = v + i * v_stride;
-    __m512 vv[DV];
-    for (int d = 0; d < DV; ++d) vv[d] = load16(vr + 16 * d);
-    for (int r = 0; r < RB; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * 16 + i]);
-      for (int d = 0; d < DV; ++d) a[r][d] = _mm512_fmadd_ps(pr, vv[d], a[r][d]);
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * D + 16 * d, a[r][d]);
+  RowAccumulators<DV, RB> rows;
+  rows.load(acc, D, alpha);
+  rows.add(p, 16, v, v_stride, n);
+  rows.store(acc, D);
 }
 
 template <int DV, typename C>
@@ -351,8 +373,8 @@ void attend_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t fi
 // What bounds it is memory, not arithmetic: a block sits anywhere in the cache, and one
 // head's rows of consecutive positions lie other heads' bytes apart, so the hardware
 // prefetcher cannot run ahead. The score pass asks for the next block's keys and this
-// block's values itself. A chunk's values (kDecodeChunkBytes) stay in L1 for the value
-// pass, which reads them once per RB rows.
+// block's values (into L2) itself. A chunk holds about kDecodeChunkBytes of values, which
+// the value pass reads once per RB rows: after the first, from L1.
 // 8, 16 and 32 KiB measured alike at 64-dim heads; 16 was the best at 128 in fp32.
 constexpr int64_t kDecodeChunkBytes = 16 * 1024;
 
@@ -372,36 +394,19 @@ inline void prefetch_rows(const C* p, int64_t stride, int64_t n, int64_t bytes) 
 }
 
 // acc[r] = acc[r] * alpha[r] + sum_i p[r][i] * v_i for RB rows over the chunk's cn positions
-// from c0, read through the block table.
+// from c0, read through the block table; acc rows live in registers for the whole chunk.
 template <int DV, int RB, typename T, typename C>
 inline void chunk_values(float* acc, const float* p, int64_t p_stride, const float* alpha,
                          const AttentionItem<T, C>& a, int64_t kv_head, int64_t c0,
                          int64_t cn) {
-  constexpr int64_t D = 16 * DV;
-  __m512 acc_r[RB][DV];
-  for (int r = 0; r < RB; ++r) {
-    const __m512 s = _mm512_set1_ps(alpha[r]);
-    for (int d = 0; d < DV; ++d)
-      acc_r[r][d] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * d), s);
-  }
+  RowAccumulators<DV, RB> rows;
+  rows.load(acc, 16 * DV, alpha);
   const int64_t bs = a.block_size;
   for (int64_t b0 = c0; b0 < c0 + cn; b0 += bs) {
-    const int64_t block = a.block_table[b0 / bs];
-    const C* vb = a.v_cache + block * a.c_stride_b + kv_head * a.c_stride_h;
-    const float* pb = p + (b0 - c0);
-    const int64_t in_block = std::min(bs, c0 + cn - b0);
-    for (int64_t i = 0; i < in_block; ++i) {
-      const C* vr = vb + i * a.c_stride_s;
-      __m512 vv[DV];
-      for (int d = 0; d < DV; ++d) vv[d] = load16(vr + 16 * d);
-      for (int r = 0; r < RB; ++r) {
-        const __m512 pr = _mm512_set1_ps(pb[r * p_stride + i]);
-        for (int d = 0; d < DV; ++d) acc_r[r][d] = _mm512_fmadd_ps(pr, vv[d], acc_r[r][d]);
-      }
-    }
+    const C* vb = a.v_cache + a.block_table[b0 / bs] * a.c_stride_b + kv_head * a.c_stride_h;
+    rows.add(p + (b0 - c0), p_stride, vb, a.c_stride_s, std::min(bs, c0 + cn - b0));
   }
-  for (int r = 0; r < RB; ++r)
-    for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * D + 16 * d, acc_r[r][d]);
+  rows.store(acc, 16 * DV);
 }
 
 // `seen`: the positions the token attends to (its own included). T, the query's and
@@ -411,7 +416,7 @@ template <int DV, typename T, typename C>
 void attend_decode_avx512(const AttentionItem<T, C>& a, int64_t kv_head, int64_t token,
                           int64_t seen, std::vector<float>& scratch) {
   constexpr int64_t D = 16 * DV;
-  constexpr int RB = DV <= 4 ? 4 : 2;  // RB * DV accumulators: 16 registers
+  constexpr int RB = DV <= 4 ? 4 : 2;  // RB * DV accumulators: at most 16 registers
   const int64_t G = a.group, bs = a.block_size;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
   const int64_t chunk = std::max<int64_t>(1, kDecodeChunkBytes / row_bytes / bs) * bs;
@@ -476,6 +481,9 @@ void attend_decode_avx512(const AttentionItem<T, C>& a, int64_t kv_head, int64_t
     int64_t r = 0;
     for (; r + RB <= G; r += RB)
       chunk_values<DV, RB>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
+    if constexpr (RB > 2)  // a group of 6 or 7 rows: 4 + 2 (+ 1) reads of the values
+      for (; r + 2 <= G; r += 2)
+        chunk_values<DV, 2>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
     for (; r < G; ++r)
       chunk_values<DV, 1>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
   }

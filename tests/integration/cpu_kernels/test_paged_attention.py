@@ -124,15 +124,19 @@ def test_fp32_query_over_a_half_precision_cache(
     assert_matches_references(out, batch, scale)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seq_lens=st.lists(st.integers(1, 1300), min_size=1, max_size=3),
-    head_dim=st.sampled_from([16, 64, 128]),
+    prefill=st.none() | st.tuples(st.integers(2, 20), st.integers(0, 1200)),
+    tile_tokens=st.sampled_from([1, 16]),
+    group=st.sampled_from([1, 3, 4, 7]),
+    head_dim=st.sampled_from([16, 32, 64, 128]),
     block_size=st.sampled_from([1, 16, 48]),
     dtypes=st.sampled_from(
         [
             (torch.float32, torch.float32),
             (torch.float32, torch.bfloat16),
+            (torch.float32, torch.float16),
             (torch.bfloat16, torch.bfloat16),
             (torch.float16, torch.float16),
         ]
@@ -142,6 +146,9 @@ def test_fp32_query_over_a_half_precision_cache(
 )
 def test_decodes_over_contexts_of_many_chunks(
     seq_lens: list[int],
+    prefill: tuple[int, int] | None,
+    tile_tokens: int,
+    group: int,
     head_dim: int,
     block_size: int,
     dtypes: tuple[torch.dtype, torch.dtype],
@@ -150,15 +157,21 @@ def test_decodes_over_contexts_of_many_chunks(
 ) -> None:
     """The decode path takes the context a chunk (16 KiB of values: 32-512 positions
     here) at a time, with one softmax per chunk: contexts of several chunks, and sharp
-    scores whose maxima move from chunk to chunk, still equal the float64 attention. A
-    16-bit model's decodes take it too (its query and output rounded at the ends)."""
+    scores whose maxima move from chunk to chunk, still equal the float64 attention. So
+    do a prefill chunk's one-token tiles (each sees less than the whole sequence), groups
+    of query rows that split 4 + 2 + 1, and a 16-bit model's decodes (its query and
+    output rounded at the ends)."""
     model_dtype, cache_dtype = dtypes
-    batch = build_paged_batch([1] * len(seq_lens), seq_lens, 8, 2, head_dim, block_size, seed=seed)
+    query_lens = [1] * len(seq_lens)
+    if prefill is not None:
+        query_lens.append(prefill[0])
+        seq_lens = [*seq_lens, prefill[0] + prefill[1]]
+    batch = build_paged_batch(query_lens, seq_lens, 2 * group, 2, head_dim, block_size, seed=seed)
     batch.query *= sharpness
     batch.k_cache, batch.v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
     scale = head_dim**-0.5
     if model_dtype == torch.float32:
-        out = run_cpu(batch, scale)
+        out = run_cpu(batch, scale, tile_tokens)
         if sharpness == 1.0:
             assert_matches_references(out, batch, scale)
         else:  # scores in the hundreds: torch's fp32 reference errs by 2e-5 itself
@@ -166,7 +179,7 @@ def test_decodes_over_contexts_of_many_chunks(
             torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
         return
     batch.query = batch.query.to(model_dtype)
-    out = run_cpu(batch, scale)
+    out = run_cpu(batch, scale, tile_tokens)
     assert out.dtype == model_dtype
     # Output rounding only (relative to each value), on top of the fp32 accuracy.
     ref = dense_reference(batch, scale)
