@@ -3,9 +3,11 @@ and GFLOP/s, with the cache warm (it fits the caches) and cold (200 MB touched b
 calls, as a decode step's weights do).
 
 The unit is one (sequence, KV head, 16 context positions) with all of that head's query
-rows: what the kernel's inner loops handle at a time. Its budget: the matmuls around it
-run at ~150-250 GFLOP/s here, and attention is ~2 x 2 x rows x D FLOPs per position, so at
-64 dims and 4 rows a unit at matmul speed would take 50-90 ns.
+rows: what the kernel's inner loops handle at a time. Its two budgets, at 64 dims and 4
+rows: arithmetic (2 x 2 x rows x dims FLOPs a position, 16 KFLOP a unit) at the matmuls'
+150-250 GFLOP/s would take 65-110 ns; the unit's 8 KB of fp32 K/V (4 KB in bf16) at the
+~12 GB/s two threads read from memory on the 2-core Xeon take ~680 ns (~340). A unit
+cold from memory costs what its bytes do.
 
     python benchmarks/cpu_attention_bench.py [--before REV] \
         [--out benchmarks/results/cpu_attention.json]
