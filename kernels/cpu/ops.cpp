@@ -132,16 +132,12 @@ struct AttentionItem {
   float scale;
 };
 
+// An item's `rows` query rows (num_tokens x group, token-major) as fp32 times the scale,
+// with their accumulators zeroed and their running max and sum reset.
 template <typename T, typename C>
-void attend(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token, int64_t num_tokens,
-            int64_t context_len, int64_t seq_len, std::vector<float>& scratch) {
-  const int64_t D = a.head_dim, G = a.group, rows = num_tokens * G, bs = a.block_size;
-  scratch.resize(static_cast<size_t>(rows * (2 * D + 2 + bs)));
-  float* qf = scratch.data();
-  float* acc = qf + rows * D;
-  float* m = acc + rows * D;
-  float* l = m + rows;
-  float* p = l + rows;  // [rows, block_size]: scores, then probabilities, of one block
+inline void start_rows(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token,
+                       int64_t rows, int64_t D, float* qf, float* acc, float* m, float* l) {
+  const int64_t G = a.group;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = first_token + r / G, h = kv_head * G + r % G;
     const T* src = a.q + t * a.q_stride_t + h * a.q_stride_h;
@@ -152,6 +148,33 @@ void attend(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token, 
     m[r] = kNegLarge;
     l[r] = 0.0f;
   }
+}
+
+// Each row's accumulator over its softmax sum, into the output in its dtype.
+template <typename T, typename C>
+inline void finish_rows(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token,
+                        int64_t rows, int64_t D, const float* acc, const float* l) {
+  const int64_t G = a.group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = first_token + r / G, h = kv_head * G + r % G;
+    T* dst = a.out + t * a.o_stride_t + h * a.o_stride_h;
+    const float inv = 1.0f / l[r];
+    const float* ar = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(ar[d] * inv);
+  }
+}
+
+template <typename T, typename C>
+void attend(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token, int64_t num_tokens,
+            int64_t context_len, int64_t seq_len, std::vector<float>& scratch) {
+  const int64_t D = a.head_dim, G = a.group, rows = num_tokens * G, bs = a.block_size;
+  scratch.resize(static_cast<size_t>(rows * (2 * D + 2 + bs)));
+  float* qf = scratch.data();
+  float* acc = qf + rows * D;
+  float* m = acc + rows * D;
+  float* l = m + rows;
+  float* p = l + rows;  // [rows, block_size]: scores, then probabilities, of one block
+  start_rows(a, kv_head, first_token, rows, D, qf, acc, m, l);
   // The last token of the item sees positions up to context_len + its index.
   const int64_t reach = std::min(seq_len, context_len + first_token + num_tokens);
   for (int64_t start = 0; start < reach; start += bs) {
@@ -183,13 +206,7 @@ void attend(const AttentionItem<T, C>& a, int64_t kv_head, int64_t first_token, 
     }
     for (int64_t j = 0; j < in_block; ++j) accumulate_position(p + j, vb + j * a.c_stride_s, acc, rows, D, bs);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = first_token + r / G, h = kv_head * G + r % G;
-    T* dst = a.out + t * a.o_stride_t + h * a.o_stride_h;
-    const float inv = 1.0f / l[r];
-    const float* ar = acc + r * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(ar[d] * inv);
-  }
+  finish_rows(a, kv_head, first_token, rows, D, acc, l);
 }
 
 #if defined(__AVX512F__)
@@ -312,14 +329,7 @@ void attend_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t fi
   float* l = m + rows;
   float* alpha = l + rows;
   float* p = alpha + rows;  // [rows, 16]: one group's probabilities
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = first_token + r / G, h = kv_head * G + r % G;
-    const float* src = a.q + t * a.q_stride_t + h * a.q_stride_h;
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = src[d] * a.scale;
-    std::fill(acc + r * D, acc + (r + 1) * D, 0.0f);
-    m[r] = kNegLarge;
-    l[r] = 0.0f;
-  }
+  start_rows(a, kv_head, first_token, rows, D, qf, acc, m, l);
   const int64_t reach = std::min(seq_len, context_len + first_token + num_tokens);
   for (int64_t start = 0; start < reach; start += bs) {
     const int64_t block = a.block_table[start / bs];
@@ -357,12 +367,7 @@ void attend_avx512(const AttentionItem<float, C>& a, int64_t kv_head, int64_t fi
         group_values<DV, 1, C>(acc + r * D, D, p + r * 16, alpha + r, vg, a.c_stride_s, n);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = first_token + r / G, h = kv_head * G + r % G;
-    float* dst = a.out + t * a.o_stride_t + h * a.o_stride_h;
-    const float inv = 1.0f / l[r];
-    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
-  }
+  finish_rows(a, kv_head, first_token, rows, D, acc, l);
 }
 
 // A decode item (one query token: its G rows, the query heads over this KV head, all see
@@ -428,13 +433,7 @@ void attend_decode_avx512(const AttentionItem<T, C>& a, int64_t kv_head, int64_t
   float* alpha = l + G;
   float* mx = alpha + G;  // [G, 16]: the chunk's running max, lane-wise
   float* s = mx + G * 16;  // [G, chunk]: scores, then probabilities
-  for (int64_t r = 0; r < G; ++r) {
-    const T* src = a.q + token * a.q_stride_t + (kv_head * G + r) * a.q_stride_h;
-    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = as_float(src[d]) * a.scale;
-    std::fill(acc + r * D, acc + (r + 1) * D, 0.0f);
-    m[r] = kNegLarge;
-    l[r] = 0.0f;
-  }
+  start_rows(a, kv_head, token, G, D, qf, acc, m, l);
   for (int64_t c0 = 0; c0 < seen; c0 += chunk) {
     const int64_t cn = std::min(chunk, seen - c0);
     for (int64_t r = 0; r < G; ++r) _mm512_storeu_ps(mx + r * 16, _mm512_set1_ps(kNegLarge));
@@ -487,11 +486,7 @@ void attend_decode_avx512(const AttentionItem<T, C>& a, int64_t kv_head, int64_t
     for (; r < G; ++r)
       chunk_values<DV, 1>(acc + r * D, s + r * chunk, chunk, alpha + r, a, kv_head, c0, cn);
   }
-  for (int64_t r = 0; r < G; ++r) {
-    T* dst = a.out + token * a.o_stride_t + (kv_head * G + r) * a.o_stride_h;
-    const float inv = 1.0f / l[r];
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
-  }
+  finish_rows(a, kv_head, token, G, D, acc, l);
 }
 #endif  // __AVX512F__
 
