@@ -451,7 +451,10 @@ class Worker:
     # -- health, gauges, periodic work ------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         connected = self.nc is not None and self.nc.is_connected
-        ready = self.engine_thread is not None and self.engine_thread.alive
+        # Serving: its engine runs and it pulls jobs, which starts only once it has put its
+        # first status in the registry (so a healthy worker is a registered one).
+        serving = self._puller is not None
+        ready = serving and self.engine_thread is not None and self.engine_thread.alive
         ok = connected and ready and self._fatal is None and not self._stopping.is_set()
         status = "ok" if ok else ("loading" if self.info is None else "unavailable")
         return ok, {
