@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.box_load import LOAD_NOTE, load_average
-from kernels.cpu.build import compile_library
-from kernels.cpu.ops import available, paged_attention_cpu
+from jetserve_kernels.cpu.build import compile_library
+from jetserve_kernels.cpu.ops import available, paged_attention_cpu
 from tests.support.paged_batch import build_paged_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,15 +59,28 @@ BLOCK_SIZE = 16
 EVICT_BYTES = 200 * 2**20
 
 
+# Where the CPU kernels live now, and where they lived before the package took a name of
+# its own (a `kernels` top-level package collided with the Hugging Face distribution).
+KERNEL_FOLDERS = ("kernels/jetserve_kernels/cpu", "kernels/cpu")
+
+
+def _exists_at(rev: str, path: str) -> bool:
+    found = subprocess.run(
+        ["git", "cat-file", "-e", f"{rev}:{path}"], cwd=ROOT, capture_output=True
+    )
+    return found.returncode == 0
+
+
 def build_before(rev: str, into: Path) -> object:
     """`rev`'s CPU kernels as ``torch.ops.jetserve_cpu_before``: its sources with the op
     namespace renamed, built with this checkout's flags (the libraries load RTLD_LOCAL,
     so neither binds to the other's symbols)."""
+    folder = next(f for f in KERNEL_FOLDERS if _exists_at(rev, f))
     archive = subprocess.run(
-        ["git", "archive", rev, "kernels/cpu"], cwd=ROOT, capture_output=True, check=True
+        ["git", "archive", rev, folder], cwd=ROOT, capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    sources = sorted((into / "kernels" / "cpu").glob("*.cpp"))
+    sources = sorted((into / folder).glob("*.cpp"))
     for src in sources:
         text = src.read_text().replace("(jetserve_cpu,", "(jetserve_cpu_before,")
         src.write_text(text)
@@ -84,7 +97,7 @@ def resolve(rev: str) -> str:
 
 def describe_checkout() -> str:
     """This checkout's commit, marked when its kernels differ from it."""
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kernels/cpu"], cwd=ROOT)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", KERNEL_FOLDERS[0]], cwd=ROOT)
     return resolve("HEAD") + (" with uncommitted kernel changes" if dirty.returncode else "")
 
 

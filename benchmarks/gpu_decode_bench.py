@@ -36,7 +36,7 @@ import torch
 
 from engine_worker.engine.config import EngineConfig
 from engine_worker.engine.llm_engine import LLMEngine
-from kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from jetserve_kernels.paged_attention import paged_attention_ref, paged_attention_triton
 from shared.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import (
+from jetserve_kernels.paged_attention import (
     PagedAttentionTiling,
     paged_attention_ref,
     paged_attention_triton,

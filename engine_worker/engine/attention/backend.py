@@ -46,7 +46,7 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             return "triton"
-        from kernels.cpu.ops import available
+        from jetserve_kernels.cpu.ops import available
 
         return "cpu" if device.type == "cpu" and available() else "torch"
     if name not in BACKENDS:
@@ -74,7 +74,7 @@ def select_backend(
 
         return CpuAttentionBackend()
     from engine_worker.engine.attention.triton_backend import TritonAttentionBackend
-    from kernels.paged_attention import PagedAttentionTiling
+    from jetserve_kernels.paged_attention import PagedAttentionTiling
 
     if max_decode_seq_len is None:
         return TritonAttentionBackend()

@@ -1,11 +1,11 @@
-"""The CPU backend: C++ kernels that read the paged cache block by block (kernels/cpu/)."""
+"""The CPU backend: C++ kernels that read the paged cache block by block (kernels/jetserve_kernels/cpu/)."""
 
 from __future__ import annotations
 
 import torch
 
 from engine_worker.engine.attention.metadata import AttentionMetadata
-from kernels.cpu.ops import (
+from jetserve_kernels.cpu.ops import (
     available,
     paged_attention_cpu,
     rotary_write_kv_cpu,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from engine_worker.engine.attention.metadata import AttentionMetadata
-from kernels.kv_cache_write import write_kv_cache_ref
-from kernels.paged_attention import paged_attention_ref
+from jetserve_kernels.kv_cache_write import write_kv_cache_ref
+from jetserve_kernels.paged_attention import paged_attention_ref
 
 
 class TorchAttentionBackend:

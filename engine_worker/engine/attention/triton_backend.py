@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from engine_worker.engine.attention.metadata import AttentionMetadata
-from kernels.kv_cache_write import write_kv_cache_triton
-from kernels.paged_attention import PagedAttentionTiling, paged_attention_triton
-from kernels.triton_utils import HAS_TRITON
+from jetserve_kernels.kv_cache_write import write_kv_cache_triton
+from jetserve_kernels.paged_attention import PagedAttentionTiling, paged_attention_triton
+from jetserve_kernels.triton_utils import HAS_TRITON
 
 
 class TritonAttentionBackend:

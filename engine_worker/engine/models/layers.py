@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from engine_worker.engine.sampler import torch_argmax
-from kernels.cpu.ops import silu_and_mul_ref
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import rotary_ref
+from jetserve_kernels.cpu.ops import silu_and_mul_ref
+from jetserve_kernels.rms_norm import rms_norm_ref
+from jetserve_kernels.rotary import rotary_ref
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,14 @@ def layer_ops_for(backend_name: str) -> LayerOps:
     """The Triton and CPU backends bring their fused kernels along; the reference keeps
     torch ops."""
     if backend_name == "cpu":
-        from kernels.cpu.ops import (
+        from jetserve_kernels.cpu.ops import (
             greedy_argmax_cpu,
             linear_cpu,
             rms_norm_cpu,
             rotary_cpu,
             silu_and_mul_cpu,
         )
-        from kernels.cpu.packed_matmul import matmul_for
+        from jetserve_kernels.cpu.packed_matmul import matmul_for
 
         return LayerOps(
             rms_norm=rms_norm_cpu,
@@ -47,8 +47,8 @@ def layer_ops_for(backend_name: str) -> LayerOps:
             matmul_for=matmul_for,
         )
     if backend_name == "triton":
-        from kernels.rms_norm import rms_norm_triton
-        from kernels.rotary import rotary_triton
+        from jetserve_kernels.rms_norm import rms_norm_triton
+        from jetserve_kernels.rotary import rotary_triton
 
         return LayerOps(rms_norm=rms_norm_triton, rotary=rotary_triton)
     return LayerOps()

@@ -41,7 +41,7 @@ def bind_weight_matmuls(
 ) -> None:
     """Give each plain Linear of a loaded (and maybe quantized) model the matmul
     `matmul_for` makes for its weight: the CPU backend packs fp32 weights once here
-    (kernels/cpu/packed_matmul.py). Quantized Linears are other classes and keep theirs.
+    (kernels/jetserve_kernels/cpu/packed_matmul.py). Quantized Linears are other classes and keep theirs.
     Weights are taken as they are now: code that changes them later through ``.data``
     (which torch does not count as a change) must bind them again."""
     for module in model.modules():

@@ -23,7 +23,7 @@ from engine_worker.engine.config import ModelConfig
 from engine_worker.engine.models.layers import LayerOps
 from engine_worker.engine.models.linear import Linear
 from engine_worker.engine.parallel.group import TensorParallel
-from kernels.rotary import build_cos_sin_cache
+from jetserve_kernels.rotary import build_cos_sin_cache
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -190,12 +190,12 @@ def fused_decode_weights(
     layer: DecoderLayer,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """The layer's six weights and its Linears' four prepacked weights (empty tensors where
-    a Linear has none) for the CPU's one-call decoder layer (kernels/cpu/decode_layer.cpp),
+    a Linear has none) for the CPU's one-call decoder layer (kernels/jetserve_kernels/cpu/decode_layer.cpp),
     or None where the layer is not exactly the chain that kernel runs: the CPU backend's
     ops, plain Linears (not quantized, not sharded) without biases, fp32 or bf16 weights,
     no q/k norms."""
-    from kernels.cpu.ops import KERNEL_DTYPES, linear_cpu, rms_norm_cpu, silu_and_mul_cpu
-    from kernels.cpu.packed_matmul import PackedMatmul
+    from jetserve_kernels.cpu.ops import KERNEL_DTYPES, linear_cpu, rms_norm_cpu, silu_and_mul_cpu
+    from jetserve_kernels.cpu.packed_matmul import PackedMatmul
 
     attn, mlp = layer.attn, layer.mlp
     linears = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
@@ -272,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         fused = self._fused_decode(backend, x)
         if fused is not None:
-            from kernels.cpu.ops import decode_layer_cpu
+            from jetserve_kernels.cpu.ops import decode_layer_cpu
 
             attn = self.layers[0].attn
             for (weights, packed), (k_cache, v_cache) in zip(fused, kv_caches, strict=True):
@@ -294,7 +294,7 @@ class LlamaForCausalLM(nn.Module):
         backend."""
         if getattr(backend, "name", None) != "cpu" or x.dim() != 2:
             return None
-        from kernels.cpu.ops import KERNEL_DTYPES
+        from jetserve_kernels.cpu.ops import KERNEL_DTYPES
 
         if x.dtype not in KERNEL_DTYPES:
             return None

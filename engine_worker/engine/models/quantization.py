@@ -8,7 +8,7 @@ every rank stores its slice of the very weight one rank would, and TP=N decodes 
 TP=1 decodes. A decode step streams every weight once, so a quarter of the
 bytes (int8 against fp32) is what makes batch-1 decoding faster.
 
-Kernels: int8 on the CPU goes through the C++ kernel of kernels/cpu/ (a decode batch) or
+Kernels: int8 on the CPU goes through the C++ kernel of kernels/jetserve_kernels/cpu/ (a decode batch) or
 a dequantized matmul (a prefill); on CUDA the weight is widened in the matmul's dtype.
 fp8 uses ``torch._scaled_mm`` on GPUs with fp8 tensor cores (compute capability 8.9+)
 and dequantizes elsewhere (the CPU path exists to test it, not to be fast).
@@ -106,7 +106,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(linear, quantize_int8, amax)
         self._cpu_kernel = None
         if self.qweight.device.type == "cpu":
-            from kernels.cpu.build import cpu_ops
+            from jetserve_kernels.cpu.build import cpu_ops
 
             ops = cpu_ops()
             self._cpu_kernel = None if ops is None else ops.int8_linear

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.cpu.build import missing_toolchain
-from kernels.cpu.ops import available
+from jetserve_kernels.cpu.build import missing_toolchain
+from jetserve_kernels.cpu.ops import available
 
 if missing_toolchain() is not None:
     pytest.skip(f"cannot build the CPU kernels: {missing_toolchain()}", allow_module_level=True)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_worker.engine.models.layers import layer_ops_for
-from kernels.cpu.ops import greedy_argmax_cpu, silu_and_mul_cpu, silu_and_mul_ref
+from jetserve_kernels.cpu.ops import greedy_argmax_cpu, silu_and_mul_cpu, silu_and_mul_ref
 
 
 @settings(max_examples=60, deadline=None)

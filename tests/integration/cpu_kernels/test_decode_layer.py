@@ -1,4 +1,4 @@
-"""The one-call CPU decoder layer (kernels/cpu/decode_layer.cpp): a step's rows through it
+"""The one-call CPU decoder layer (kernels/jetserve_kernels/cpu/decode_layer.cpp): a step's rows through it
 (decodes, prefills, past the streamed rows through the prepacked weights) give the same
 bits as the layer's modules calling the same kernels one by one, and the model takes it
 only where the layer is exactly that chain."""
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.cpu.ops as cpu_ops
+import jetserve_kernels.cpu.ops as cpu_ops
 from engine_worker.engine.config import EngineConfig
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.models.llama import fused_decode_weights
-from kernels.cpu.ops import STREAMED_MAX_ROWS
-from kernels.cpu.packed_matmul import packing_available
+from jetserve_kernels.cpu.ops import STREAMED_MAX_ROWS
+from jetserve_kernels.cpu.packed_matmul import packing_available
 from shared.sampling_params import SamplingParams
 
 PROMPTS = [[1, 5, 9, 13, 2, 7], [1, 4, 4, 8], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]

@@ -1,4 +1,4 @@
-"""The decode-batch matmul (kernels/cpu/decode_linear.cpp; fp32 and bf16 weights) against
+"""The decode-batch matmul (kernels/jetserve_kernels/cpu/decode_linear.cpp; fp32 and bf16 weights) against
 F.linear, and the CPU backend's Linear choosing it only for a decode step's few rows."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine_worker.engine.models.layers import layer_ops_for
 from engine_worker.engine.models.linear import Linear
-from kernels.cpu.ops import (
+from jetserve_kernels.cpu.ops import (
     DECODE_LINEAR_MAX_ROWS,
     STREAMED_MAX_ROWS,
     decode_linear_cpu,

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.cpu.ops import rms_norm_cpu, rotary_cpu
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import build_cos_sin_cache, rotary_ref
+from jetserve_kernels.cpu.ops import rms_norm_cpu, rotary_cpu
+from jetserve_kernels.rms_norm import rms_norm_ref
+from jetserve_kernels.rotary import build_cos_sin_cache, rotary_ref
 
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

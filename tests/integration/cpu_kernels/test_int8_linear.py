@@ -14,7 +14,7 @@ from engine_worker.engine.models.quantization import (
     CPU_KERNEL_MAX_ROWS,
     Int8Linear,
 )
-from kernels.cpu.build import cpu_ops
+from jetserve_kernels.cpu.build import cpu_ops
 
 
 def _linear(cols: int, rows: int, bias: bool, seed: int) -> Linear:

@@ -1,4 +1,4 @@
-"""The CPU backend's load-time packed fp32 and bf16 matmul (kernels/cpu/packed_matmul.py) against
+"""The CPU backend's load-time packed fp32 and bf16 matmul (kernels/jetserve_kernels/cpu/packed_matmul.py) against
 F.linear, its refusal of a weight it did not pack, and the engine binding it to every
 plain fp32 Linear (quantized ones keep their kernels)."""
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from engine_worker.engine.llm import LLM
 from engine_worker.engine.models.linear import Linear, bind_weight_matmuls
 from engine_worker.engine.models.quantization import Int8Linear
-from kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, linear_cpu
-from kernels.cpu.packed_matmul import PackedMatmul, matmul_for, packing_available
+from jetserve_kernels.cpu.ops import DECODE_LINEAR_MAX_ROWS, linear_cpu
+from jetserve_kernels.cpu.packed_matmul import PackedMatmul, matmul_for, packing_available
 from tests.support.linear_cases import random_linear
 
 if not packing_available():

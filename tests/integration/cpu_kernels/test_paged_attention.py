@@ -9,9 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.cpu.ops import paged_attention_cpu, write_kv_cache_cpu
-from kernels.kv_cache_write import write_kv_cache_ref
-from kernels.paged_attention import paged_attention_ref
+from jetserve_kernels.cpu.ops import paged_attention_cpu, write_kv_cache_cpu
+from jetserve_kernels.kv_cache_write import write_kv_cache_ref
+from jetserve_kernels.paged_attention import paged_attention_ref
 from tests.support.paged_batch import PagedBatch, build_paged_batch
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

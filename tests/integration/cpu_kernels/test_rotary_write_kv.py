@@ -1,4 +1,4 @@
-"""The fused rotary-and-cache-write kernel (kernels/cpu/qkv_cache.cpp) gives bit for bit
+"""The fused rotary-and-cache-write kernel (kernels/jetserve_kernels/cpu/qkv_cache.cpp) gives bit for bit
 what the model computed before it: the rotary kernel on q and k views of the qkv rows,
 then write_kv of k and v; the torch references agree within rounding. Padding slots are
 skipped and nothing outside the step's slots is touched."""
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.cpu.ops import rotary_cpu, rotary_write_kv_cpu, write_kv_cache_cpu
-from kernels.rotary import build_cos_sin_cache, rotary_ref
+from jetserve_kernels.cpu.ops import rotary_cpu, rotary_write_kv_cpu, write_kv_cache_cpu
+from jetserve_kernels.rotary import build_cos_sin_cache, rotary_ref
 
 
 @settings(max_examples=30, deadline=None)

@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from kernels.triton_utils import HAS_TRITON, interpreter_enabled
+from jetserve_kernels.triton_utils import HAS_TRITON, interpreter_enabled
 
 if not HAS_TRITON:
     pytest.skip("triton is not installed", allow_module_level=True)

@@ -20,7 +20,7 @@ COMPILE_ALL = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import kv_cache_write, paged_attention, rms_norm, rotary
+    from jetserve_kernels import kv_cache_write, paged_attention, rms_norm, rotary
 
     # Runtime ints and pointers the JIT would see as multiples of 16 (as in real launches).
     NOT_ALIGNED = {"seq_offset", "stride_bt", "num_partitions", "eps", "scale_log2e"}

@@ -12,8 +12,8 @@ def test_package_imports_without_triton() -> None:
 import sys
 sys.modules["triton"] = None
 import torch
-from kernels.triton_utils import HAS_TRITON
-from kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from jetserve_kernels.triton_utils import HAS_TRITON
+from jetserve_kernels.rms_norm import rms_norm_ref, rms_norm_triton
 assert not HAS_TRITON
 rms_norm_ref(torch.ones(2, 8), torch.ones(8), 1e-6)
 try:
@@ -23,7 +23,7 @@ except RuntimeError as e:
 else:
     raise AssertionError("no error without triton")
 from engine_worker.engine.attention.backend import select_backend
-from kernels.cpu.ops import available
+from jetserve_kernels.cpu.ops import available
 assert select_backend("auto", torch.device("cpu")).name == ("cpu" if available() else "torch")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cpu.build import cpu_ops
-from kernels.cpu.ops import available
+from jetserve_kernels.cpu.build import cpu_ops
+from jetserve_kernels.cpu.ops import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="the C++ CPU kernels do not build here")
 

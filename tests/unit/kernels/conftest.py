@@ -1,7 +1,7 @@
 """Kernel tests run the Triton kernels in Triton's CPU interpreter unless told otherwise.
 
 Triton reads TRITON_INTERPRET when it is imported, so this is set before anything here
-imports it (``kernels.triton_utils`` also defaults it on hosts without CUDA, for runs
+imports it (``jetserve_kernels.triton_utils`` also defaults it on hosts without CUDA, for runs
 where another test module imported the kernels first). On a GPU host,
 ``TRITON_INTERPRET=0 pytest tests/unit/kernels tests/integration/kernels`` runs the same
 tests compiled on the device.
@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from kernels.triton_utils import HAS_TRITON, interpreter_enabled
+from jetserve_kernels.triton_utils import HAS_TRITON, interpreter_enabled
 
 if not HAS_TRITON:
     pytest.skip("triton is not installed", allow_module_level=True)

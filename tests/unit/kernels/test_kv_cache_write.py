@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_cache_write import write_kv_cache_ref, write_kv_cache_triton
+from jetserve_kernels.kv_cache_write import write_kv_cache_ref, write_kv_cache_triton
 
 
 def caches(num_blocks: int, block_size: int, heads: int, dim: int, dtype: torch.dtype):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_attention import PagedAttentionTiling, paged_attention_triton
+from jetserve_kernels.paged_attention import PagedAttentionTiling, paged_attention_triton
 from tests.support.paged_batch import SMALL, assert_close, build_paged_batch, run_both
 
 

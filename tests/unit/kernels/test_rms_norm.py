@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from jetserve_kernels.rms_norm import rms_norm_ref, rms_norm_triton
 
 # bf16 gets one rounding step of slack: the interpreter truncates fp32->bf16 where torch rounds.
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 2e-2}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import build_cos_sin_cache, rotary_ref, rotary_triton
+from jetserve_kernels.rotary import build_cos_sin_cache, rotary_ref, rotary_triton
 
 LLAMA3 = {
     "rope_type": "llama3",

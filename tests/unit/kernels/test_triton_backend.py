@@ -9,7 +9,7 @@ from engine_worker.engine.attention.backend import select_backend
 from engine_worker.engine.attention.metadata import AttentionMetadata
 from engine_worker.engine.attention.torch_backend import TorchAttentionBackend
 from engine_worker.engine.attention.triton_backend import TritonAttentionBackend
-from kernels.cpu.ops import available as cpu_kernels_available
+from jetserve_kernels.cpu.ops import available as cpu_kernels_available
 from tests.support.paged_batch import build_paged_batch
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cpu import build
+from jetserve_kernels.cpu import build
 
 
 def test_every_included_local_header_is_digested() -> None:

@@ -2,14 +2,14 @@
 replace (``paged_attention_ref``, ``write_kv_cache_ref``, ``rms_norm_ref``, ``rotary_ref``).
 
 Each call goes straight to ``torch.ops.jetserve_cpu``; ``available()`` says whether this
-host could build them (kernels/cpu/build.py).
+host could build them (kernels/jetserve_kernels/cpu/build.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu.build import cpu_ops
+from jetserve_kernels.cpu.build import cpu_ops
 
 # Query tokens of one sequence per work item: decodes are one token, a prefill chunk is cut
 # in tiles so its rows spread over the threads while each tile reads its K/V blocks once.

@@ -1,7 +1,7 @@
 // CPU kernels for the engine's hot path: paged attention read block by block from the
 // cache (no gathered copy of K/V), the KV-cache write, and the fused RMSNorm and rotary
 // that would otherwise be a dozen small torch ops each. Built at first use by
-// kernels/cpu/build.py; kernels/cpu/ops.py wraps them and says what each returns.
+// kernels/jetserve_kernels/cpu/build.py; kernels/jetserve_kernels/cpu/ops.py wraps them and says what each returns.
 //
 // Everything accumulates in fp32 whatever the storage dtype (fp32, bf16, fp16), and
 // loops over the head dimension are written so the compiler vectorises them.

@@ -7,7 +7,7 @@
 // (a sequence's last token and its proposals) is as short and paid the same.
 // Each matmul takes the kernel the layer's Linear would: decode_linear for up to
 // `max_streamed` rows, else oneDNN's prepacked weight where the Linear has one
-// (kernels/cpu/packed_matmul.py), else at::linear. The caller (models/llama.py) takes this
+// (kernels/jetserve_kernels/cpu/packed_matmul.py), else at::linear. The caller (models/llama.py) takes this
 // path only where every module of the layer is exactly that chain.
 
 #include <ATen/ATen.h>

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_utils import device_kernel, next_power_of_2, tl
+from jetserve_kernels.triton_utils import device_kernel, next_power_of_2, tl
 
 
 def rms_norm_ref(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_utils import (
+from jetserve_kernels.triton_utils import (
     cdiv,
     device_kernel,
     interpreter_enabled,

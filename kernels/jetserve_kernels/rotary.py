@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kernels.triton_utils import device_kernel, next_power_of_2, tl
+from jetserve_kernels.triton_utils import device_kernel, next_power_of_2, tl
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu.ops import KERNEL_DTYPES, STREAMED_MAX_ROWS, linear_cpu
+from jetserve_kernels.cpu.ops import KERNEL_DTYPES, STREAMED_MAX_ROWS, linear_cpu
 
 # The batch the oneDNN layout is chosen for: a full decode step; any row count works.
 PACK_FOR_ROWS = 64
