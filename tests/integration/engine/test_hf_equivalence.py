@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from engine_worker.engine.config import EngineConfig
 from engine_worker.engine.llm import LLM
 from engine_worker.engine.llm_engine import LLMEngine
 from shared.sampling_params import SamplingParams
+from tests.support.hf_reference import hf_greedy, hf_model
 from tests.support.model_factory import build_tiny_checkpoint
 
 MAX_NEW = 12
@@ -24,33 +24,6 @@ PROMPTS = [
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
 
 
-@cache
-def _hf_model(path: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@cache
-def hf_greedy(path: str, prompt: tuple[int, ...], max_new: int = MAX_NEW) -> list[int]:
-    """HF's own forward with its KV cache, greedy, never stopping at EOS (like ignore_eos).
-
-    Not `generate(min_new_tokens=...)`: that masks EOS out of the logits instead.
-    """
-    model = _hf_model(path)
-    ids = torch.tensor([prompt])
-    out: list[int] = []
-    past = None
-    with torch.no_grad():
-        for _ in range(max_new):
-            res = model(ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
-    return out
-
-
 def engine_greedy(path: Path, prompts: list[list[int]], **kw) -> tuple[list[list[int]], LLM]:
     llm = LLM(str(path), **kw)
     res = llm.generate(prompts, GREEDY)
@@ -58,7 +31,7 @@ def engine_greedy(path: Path, prompts: list[list[int]], **kw) -> tuple[list[list
 
 
 def expected(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    return [hf_greedy(str(path), tuple(p)) for p in prompts]
+    return [hf_greedy(str(path), tuple(p), MAX_NEW) for p in prompts]
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
@@ -118,7 +91,7 @@ def test_one_step_logits_match(ckpt):
         eng.add_request(f"r{i}", p, GREEDY)
     batch = eng.scheduler.schedule()
     logits = eng.runner.execute(batch.items, [True] * len(batch.items))
-    model = _hf_model(str(ckpt))
+    model = hf_model(str(ckpt))
     for row, (seq, _) in enumerate(batch.items):
         with torch.no_grad():
             ref = model(torch.tensor([seq.token_ids])).logits[0, -1]

@@ -13,15 +13,14 @@ draws); test_spec_distribution.py checks unseeded sampling statistically.
 from __future__ import annotations
 
 import random
-from functools import cache
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine_worker.engine.llm import LLM
 from engine_worker.engine.sequence import Sequence
 from shared.sampling_params import SamplingParams
+from tests.support.hf_reference import hf_greedy
 
 PROMPTS = [
     [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
@@ -61,25 +60,6 @@ def run(llm: LLM, prompts: list[list[int]], params) -> list[list[list[int]]]:
     return [[c.token_ids for c in r.outputs] for r in llm.generate(prompts, plist)]
 
 
-@cache
-def _hf_model(path: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def hf_greedy(path: Path, prompt: list[int], max_new: int) -> list[int]:
-    model = _hf_model(str(path))
-    ids, out, past = torch.tensor([prompt]), [], None
-    with torch.no_grad():
-        for _ in range(max_new):
-            res = model(ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            out.append(int(res.logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
-
-
 CONFIGS = {
     "default": dict(block_size=4, num_kv_blocks=256),
     "chunked_prefill": dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=7),
@@ -103,8 +83,8 @@ def test_greedy_oracle_matches_plain_and_hf(tiny_llama, plain_greedy, name) -> N
     llm.engine.proposer = oracle
     got = [out[0] for out in run(llm, PROMPTS, GREEDY)]
     assert got == plain_greedy
-    assert plain_greedy[1] == hf_greedy(tiny_llama, PROMPTS[1], GREEDY.max_tokens)
-    assert plain_greedy[3] == hf_greedy(tiny_llama, PROMPTS[3], GREEDY.max_tokens)
+    assert plain_greedy[1] == hf_greedy(str(tiny_llama), tuple(PROMPTS[1]), GREEDY.max_tokens)
+    assert plain_greedy[3] == hf_greedy(str(tiny_llama), tuple(PROMPTS[3]), GREEDY.max_tokens)
     spec = llm.engine.stats().spec
     assert spec.num_drafts > 0 and 0 < spec.num_accepted_tokens < spec.num_draft_tokens
     assert spec.mean_acceptance_length > 1.5

@@ -15,8 +15,8 @@ from engine_worker.engine.config import EngineConfig
 from engine_worker.engine.llm_engine import LLMEngine
 from engine_worker.engine.parallel.launch import RankFailed
 from shared.sampling_params import SamplingParams
-from tests.integration.engine.test_hf_equivalence import hf_greedy
 from tests.integration.engine.test_speculative import OracleProposer
+from tests.support.hf_reference import hf_greedy
 
 PROMPTS = [
     [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
