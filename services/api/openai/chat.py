@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from services.api.openai.chunk_template import Template, splice, text_template
 from services.api.openai.format import chat_logprob_entries, chat_logprobs, usage_info
 from services.api.openai.schemas import (
     ChatChoice,
@@ -86,7 +87,29 @@ def chat_stream(
         for i in ([] if resumed else sorted(gen.choices))
     ]
 
+    templates: dict[int, Template] = {}  # a choice's content chunk around its text
+    empty: dict[int, str] = {}  # a choice's chunk with an empty delta (text held back)
+
     def render(ev: ChoiceEvent) -> str:
+        if (
+            ev.part is None
+            and ev.finish_reason is None
+            and not (top_logprobs is not None and ev.logprobs)
+        ):
+            # The hot path, one chunk per token (chunk_template.py).
+            if not ev.text:
+                text = empty.get(ev.index)
+                if text is None:
+                    text = empty[ev.index] = chunk(
+                        ChatChunkChoice(index=ev.index, delta=ChatDelta())
+                    )
+                return text
+            template = templates.get(ev.index)
+            if template is None:
+                template = templates[ev.index] = text_template(
+                    lambda t: chunk(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=t)))
+                )
+            return splice(template, ev.text)
         lp = None
         if top_logprobs is not None and ev.logprobs:
             lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
+from services.api.openai.chunk_template import Template, splice, text_template
 from services.api.openai.format import extend_completion_logprobs, usage_info
 from services.api.openai.schemas import CompletionChoice, CompletionLogprobs, CompletionResponse
 from services.api.streaming.event_stream import collect_events, sse_body
@@ -16,17 +16,6 @@ def completion_id(gen: Generation) -> str:
     return f"cmpl-{gen.request_id}"
 
 
-_MARK = "@@jetserve-text@@"
-
-
-def _text_template(rid: str, created: int, model: str, index: int) -> tuple[str, str]:
-    """A streamed chunk's JSON before and after its text, as the schema renders it."""
-    choice = CompletionChoice(index=index, text=_MARK, logprobs=None, finish_reason=None)
-    rendered = CompletionResponse(id=rid, created=created, model=model, choices=[choice])
-    before, _, after = rendered.model_dump_json().partition(json.dumps(_MARK))
-    return before, after
-
-
 def completion_stream(
     gen: Generation, include_usage: bool, logprobs: int | None
 ) -> AsyncIterator[bytes]:
@@ -34,28 +23,30 @@ def completion_stream(
     texts = gen.model.token_texts
     offsets: dict[int, int] = {}
 
-    templates: dict[int, tuple[str, str]] = {}
+    templates: dict[int, Template] = {}
+
+    def chunk(
+        index: int, text: str, lp: CompletionLogprobs | None = None, reason: str | None = None
+    ) -> str:
+        choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=reason)
+        return CompletionResponse(
+            id=rid, created=created, model=model, choices=[choice]
+        ).model_dump_json()
 
     def render(ev: ChoiceEvent) -> str:
         if ev.finish_reason is None and not (logprobs is not None and ev.logprobs):
-            # The hot path, one chunk per token: the chunk's JSON around its text is the
-            # same every time, so it is rendered once per choice and the text spliced in.
-            pre_post = templates.get(ev.index)
-            if pre_post is None:
-                pre_post = templates[ev.index] = _text_template(rid, created, model, ev.index)
-            return pre_post[0] + json.dumps(ev.text, ensure_ascii=False) + pre_post[1]
+            # The hot path, one chunk per token (chunk_template.py).
+            template = templates.get(ev.index)
+            if template is None:
+                template = templates[ev.index] = text_template(lambda t: chunk(ev.index, t))
+            return splice(template, ev.text)
         lp = None
         if logprobs is not None and ev.logprobs:
             lp = CompletionLogprobs()
             offsets[ev.index] = extend_completion_logprobs(
                 lp, ev.logprobs, texts, logprobs, offsets.get(ev.index, 0)
             )
-        choice = CompletionChoice(
-            index=ev.index, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason
-        )
-        return CompletionResponse(
-            id=rid, created=created, model=model, choices=[choice]
-        ).model_dump_json()
+        return chunk(ev.index, ev.text, lp, ev.finish_reason)
 
     def usage_chunk() -> str:
         return CompletionResponse(
