@@ -143,17 +143,35 @@ def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict:
     }
 
 
-async def stream_completion(
-    client: httpx.AsyncClient | SseClient, model: str, prompt: list[int], max_tokens: int
-) -> RequestResult:
-    """One streamed /v1/completions request; token times are SSE chunk arrival times."""
+def chat_body(model: str, prompt: list[int], max_tokens: int) -> dict:
+    """The chat request for a prompt of token ids: one user message of as many words (the
+    chat template and the tokenizer make its length differ; the output is what is timed)."""
     body = completion_body(model, prompt, max_tokens)
+    del body["prompt"]
+    body["messages"] = [{"role": "user", "content": " ".join(f"w{t % 997}" for t in prompt)}]
+    return body
+
+
+ENDPOINTS = {"completions": completion_body, "chat/completions": chat_body}
+
+
+async def stream_completion(
+    client: httpx.AsyncClient | SseClient,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    endpoint: str = "completions",
+) -> RequestResult:
+    """One streamed /v1/completions (or /v1/chat/completions) request; token times are SSE
+    chunk arrival times."""
+    body = ENDPOINTS[endpoint](model, prompt, max_tokens)
+    path = f"/v1/{endpoint}"
     res = RequestResult(ok=False, start=time.perf_counter())
     if isinstance(client, SseClient):
-        return await client.stream("/v1/completions", body, res)
+        return await client.stream(path, body, res)
     tally = EventTally(res)
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        async with client.stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
                 await resp.aread()
                 res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"

@@ -50,6 +50,8 @@ class EventTally:
                 details = usage.get("prompt_tokens_details") or {}
                 res.cached_tokens = int(details.get("cached_tokens") or 0)
                 continue
+            if b'"delta":{"role"' in payload:
+                continue  # a chat stream's role chunk, sent before any token
             if self.chunks == 0:
                 res.ttft = now - res.start
             else:

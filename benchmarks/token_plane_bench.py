@@ -9,7 +9,7 @@ nats-server, API (decode, detokenize, stop strings, SSE) and the client.
 For each point it runs the same closed loop twice: through the simulated engine in
 this process (the engine's own tok/s, TTFT, ITL, host overhead), then through 1-2 API
 replicas, nats-server and 1-4 simulated workers, with an OpenAI streaming client
-(`/v1/completions`, stream=True; `--client openai` uses the OpenAI SDK itself,
+(`/v1/completions`, stream=True, or `--endpoint chat`; `--client openai` uses the OpenAI SDK itself,
 `--client httpx` httpx, the default the lean client of benchmarks/sse_client.py so the
 client's own CPU disturbs the stack less: httpx's pool checks every connection on each
 request, which at 256 streams delayed a burst of requests by seconds). It
@@ -202,7 +202,9 @@ async def openai_sdk_completion(client, model: str, prompt: list[int], n: int) -
     return res
 
 
-async def client_run(urls: list[str], model: str, wl: sb.Workload, c: int, kind: str) -> dict:
+async def client_run(
+    urls: list[str], model: str, wl: sb.Workload, c: int, kind: str, endpoint: str = "completions"
+) -> dict:
     """Closed loop of `c` users; user i talks to API replica i mod len(urls)."""
     limits = httpx.Limits(max_connections=c + 8, max_keepalive_connections=c + 8)
     timeout = httpx.Timeout(600.0, connect=10.0)
@@ -221,12 +223,12 @@ async def client_run(urls: list[str], model: str, wl: sb.Workload, c: int, kind:
         clients = [httpx.AsyncClient(base_url=u, limits=limits, timeout=timeout) for u in urls]
 
         def one(i: int, p: list[int], n: int):
-            return sb.stream_completion(clients[i % len(clients)], model, p, n)
+            return sb.stream_completion(clients[i % len(clients)], model, p, n, endpoint)
     else:
         clients = [sb.SseClient(u) for u in urls]
 
         def one(i: int, p: list[int], n: int):
-            return sb.stream_completion(clients[i % len(clients)], model, p, n)
+            return sb.stream_completion(clients[i % len(clients)], model, p, n, endpoint)
 
     try:
         await asyncio.gather(*(one(i, wl.prompts[i], 4) for i in range(min(c, 8))))  # warm-up
@@ -256,12 +258,14 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def stack_point(stack: Stack, wl: sb.Workload, c: int, kind: str) -> dict:
+def stack_point(
+    stack: Stack, wl: sb.Workload, c: int, kind: str, endpoint: str = "completions"
+) -> dict:
     pids = stack.pids()
     stats0 = stack.device_stats()
     before = {name: sb.process_cpu_s(pid) for name, pid in pids.items()}
     client0 = sb.process_cpu_s(None)
-    summary = asyncio.run(client_run(stack.api_urls, stack.served, wl, c, kind))
+    summary = asyncio.run(client_run(stack.api_urls, stack.served, wl, c, kind, endpoint))
     time.sleep(sb_stats_wait())  # one more periodic device line covers the end of the run
     tokens = max(summary["output_tokens"], 1)
     cpu = {name: (sb.process_cpu_s(pid) - before[name]) for name, pid in pids.items()}
@@ -377,6 +381,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lean: benchmarks/sse_client.py; httpx: its pool costs O(streams) a request",
     )
     p.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="chat: /v1/chat/completions, the prompt as one user message of as many words",
+    )
+    p.add_argument(
         "--worker-flags", default="", help='extra worker flags, e.g. "--engine-process on"'
     )
     p.add_argument(
@@ -388,7 +398,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny workload, smoke test")
     p.add_argument("--compare-with", help="a before-JSON to plot beside this run")
     p.add_argument("--out", default=str(RESULTS / "token_plane.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.endpoint == "chat" and args.client == "openai":
+        p.error("--endpoint chat takes the lean or the httpx client")
+    return args
 
 
 def report_head(
@@ -450,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     engine = engine_cache[per_worker]
                     load_before = round(os.getloadavg()[0], 2)
-                    st = stack_point(stack, wl, c, args.client)
+                    endpoint = "chat/completions" if args.endpoint == "chat" else "completions"
+                    st = stack_point(stack, wl, c, args.client, endpoint)
                     cmp = compare(engine, st, workers)
                     points.append({"workers": workers, "apis": apis, "concurrency": c,
                                    "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -475,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             served,
             client=args.client,
+            endpoint=args.endpoint,
             worker_flags=args.worker_flags,
             async_scheduling=args.async_scheduling,
         ),
