@@ -75,6 +75,17 @@ class TokenizerBundle:
             template = named.get("default") or next(iter(named.values()), None)
         return template
 
+    @cached_property
+    def compiled_chat_template(self) -> jinja2.Template | None:
+        """The chat template compiled once (sandboxed, as transformers renders it):
+        compiling it per request cost a chat request milliseconds of the API's CPU."""
+        if not self.chat_template:
+            return None
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
+        return env.from_string(self.chat_template)
+
     @property
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -161,13 +172,10 @@ class TokenizerBundle:
 
         `context` holds extra template variables, e.g. `tools` or `enable_thinking`.
         """
-        template = self.chat_template
-        if not template:
+        template = self.compiled_chat_template
+        if template is None:
             raise ValueError("this model has no chat template; use the completions API")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.filters["tojson"] = _tojson
-        return env.from_string(template).render(
+        return template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",

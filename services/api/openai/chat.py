@@ -90,14 +90,20 @@ def chat_stream(
     templates: dict[int, Template] = {}  # a choice's content chunk around its text
     empty: dict[int, str] = {}  # a choice's chunk with an empty delta (text held back)
 
+    def content_only(ev: ChoiceEvent) -> str | None:
+        """The chunk's content when that is all it carries (no reasoning, tool call,
+        logprobs or finish reason), else None."""
+        if ev.finish_reason is not None or (top_logprobs is not None and ev.logprobs):
+            return None
+        if ev.part is None:
+            return ev.text
+        return None if ev.part.reasoning or ev.part.calls else ev.part.content
+
     def render(ev: ChoiceEvent) -> str:
-        if (
-            ev.part is None
-            and ev.finish_reason is None
-            and not (top_logprobs is not None and ev.logprobs)
-        ):
+        content = content_only(ev)
+        if content is not None:
             # The hot path, one chunk per token (chunk_template.py).
-            if not ev.text:
+            if not content:
                 text = empty.get(ev.index)
                 if text is None:
                     text = empty[ev.index] = chunk(
@@ -109,7 +115,7 @@ def chat_stream(
                 template = templates[ev.index] = text_template(
                     lambda t: chunk(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=t)))
                 )
-            return splice(template, ev.text)
+            return splice(template, content)
         lp = None
         if top_logprobs is not None and ev.logprobs:
             lp = chat_logprobs(chat_logprob_entries(ev.logprobs, texts, top_logprobs))
