@@ -143,12 +143,13 @@ def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict:
     }
 
 
-def chat_body(model: str, prompt: list[int], max_tokens: int) -> dict:
-    """The chat request for a prompt of token ids: one user message of as many words (the
-    chat template and the tokenizer make its length differ; the output is what is timed)."""
-    body = completion_body(model, prompt, max_tokens)
+def chat_body(model: str, prompt: list[int] | str, max_tokens: int) -> dict:
+    """The chat request of one user message: the prompt's text, or for token ids as many
+    words (the chat template and the tokenizer make its length differ)."""
+    body = completion_body(model, [], max_tokens)
     del body["prompt"]
-    body["messages"] = [{"role": "user", "content": " ".join(f"w{t % 997}" for t in prompt)}]
+    text = prompt if isinstance(prompt, str) else " ".join(f"w{t % 997}" for t in prompt)
+    body["messages"] = [{"role": "user", "content": text}]
     return body
 
 

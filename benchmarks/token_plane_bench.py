@@ -248,6 +248,18 @@ async def client_run(
             await (cl.close() if kind == "openai" else cl.aclose())
 
 
+def as_chat(model: str, wl: sb.Workload) -> tuple[sb.Workload, sb.Workload]:
+    """The workload for chat: (each prompt's text, to send as a user message; the token ids
+    the API makes of that message with the chat template, for the engine alone, so that it
+    runs the prompts the stack's engines get)."""
+    from shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model)
+    texts = [tok.decode(p) for p in wl.prompts]
+    ids = [tok.encode_chat(sb.chat_body("", t, 1)["messages"]) for t in texts]
+    return sb.Workload(texts, wl.output_lens), sb.Workload(ids, wl.output_lens)  # type: ignore[arg-type]
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of a process (Linux /proc), empty when it has none."""
     out: list[int] = []
@@ -384,7 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--endpoint",
         choices=("completions", "chat"),
         default="completions",
-        help="chat: /v1/chat/completions, the prompt as one user message of as many words",
+        help="chat: /v1/chat/completions, each prompt's text as one user message",
     )
     p.add_argument(
         "--worker-flags", default="", help='extra worker flags, e.g. "--engine-process on"'
@@ -453,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                             max(per_worker * args.requests_per_user, 8), args.input_len,
                             args.output_len, 0.0, vocab, reserved, per_worker,
                         )  # fmt: skip
+                        if args.endpoint == "chat":
+                            ewl = as_chat(model, ewl)[1]
                         engine_cache[per_worker] = engine_point(
                             model,
                             args.profile,
@@ -461,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                             per_worker,
                             args.async_scheduling,
                         )
+                    if args.endpoint == "chat":
+                        wl = as_chat(model, wl)[0]
                     engine = engine_cache[per_worker]
                     load_before = round(os.getloadavg()[0], 2)
                     endpoint = "chat/completions" if args.endpoint == "chat" else "completions"
