@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -385,6 +386,9 @@ def main() -> int:
             "threads": args.threads,
             "load_average_start": load_average(),
             "load_note": LOAD_NOTE,
+            # the reference's own speed is half of every ratio against it
+            "torch": torch.__version__,
+            "transformers": version("transformers"),
         },
     }
     amx = ", AMX" if cpu_has_amx() else ""
