@@ -13,5 +13,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# setuptools warns on every editable install of a package outside the root folder
+# (jetserve_kernels lives in kernels/): true, and nothing a person running this can act on.
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[dev]"
 echo "jetserve installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
