@@ -153,7 +153,11 @@ def chat_body(model: str, prompt: list[int] | str, max_tokens: int) -> dict:
     return body
 
 
-ENDPOINTS = {"completions": completion_body, "chat/completions": chat_body}
+# --endpoint name -> (path, request body)
+ENDPOINTS = {
+    "completions": ("/v1/completions", completion_body),
+    "chat": ("/v1/chat/completions", chat_body),
+}
 
 
 async def stream_completion(
@@ -165,8 +169,8 @@ async def stream_completion(
 ) -> RequestResult:
     """One streamed /v1/completions (or /v1/chat/completions) request; token times are SSE
     chunk arrival times."""
-    body = ENDPOINTS[endpoint](model, prompt, max_tokens)
-    path = f"/v1/{endpoint}"
+    path, make_body = ENDPOINTS[endpoint]
+    body = make_body(model, prompt, max_tokens)
     res = RequestResult(ok=False, start=time.perf_counter())
     if isinstance(client, SseClient):
         return await client.stream(path, body, res)

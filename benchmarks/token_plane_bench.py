@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving_bench as sb  # sibling scripts, not a package
 import stack_processes as sp
 
+from shared.tokenizer import TokenizerBundle, load_tokenizer
+
 ROOT = sb.ROOT
 RESULTS = sb.RESULTS
 
@@ -248,16 +250,16 @@ async def client_run(
             await (cl.close() if kind == "openai" else cl.aclose())
 
 
-def as_chat(model: str, wl: sb.Workload) -> tuple[sb.Workload, sb.Workload]:
-    """The workload for chat: (each prompt's text, to send as a user message; the token ids
-    the API makes of that message with the chat template, for the engine alone, so that it
-    runs the prompts the stack's engines get)."""
-    from shared.tokenizer import load_tokenizer
+def chat_texts(tok: TokenizerBundle, wl: sb.Workload) -> sb.Workload:
+    """Each prompt's text, sent as one user message by `--endpoint chat`."""
+    return sb.Workload([tok.decode(p) for p in wl.prompts], wl.output_lens)  # type: ignore[arg-type]
 
-    tok = load_tokenizer(model)
-    texts = [tok.decode(p) for p in wl.prompts]
-    ids = [tok.encode_chat(sb.chat_body("", t, 1)["messages"]) for t in texts]
-    return sb.Workload(texts, wl.output_lens), sb.Workload(ids, wl.output_lens)  # type: ignore[arg-type]
+
+def chat_ids(tok: TokenizerBundle, texts: sb.Workload) -> sb.Workload:
+    """The token ids the API makes of each text's chat request (template included), so
+    that the engine alone runs the prompts the stack's engines get."""
+    ids = [tok.encode_chat(sb.chat_body("", t, 1)["messages"]) for t in texts.prompts]
+    return sb.Workload(ids, texts.output_lens)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -446,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     served = Path(model).name
     points = []
     engine_cache: dict[int, dict] = {}
+    chat_tok = load_tokenizer(model) if args.endpoint == "chat" else None
     for workers in (int(x) for x in args.workers.split(",")):
         for apis in (int(x) for x in args.apis.split(",")):
             stack = Stack(
@@ -465,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                             max(per_worker * args.requests_per_user, 8), args.input_len,
                             args.output_len, 0.0, vocab, reserved, per_worker,
                         )  # fmt: skip
-                        if args.endpoint == "chat":
-                            ewl = as_chat(model, ewl)[1]
+                        if chat_tok is not None:
+                            ewl = chat_ids(chat_tok, chat_texts(chat_tok, ewl))
                         engine_cache[per_worker] = engine_point(
                             model,
                             args.profile,
@@ -475,12 +478,11 @@ def main(argv: list[str] | None = None) -> int:
                             per_worker,
                             args.async_scheduling,
                         )
-                    if args.endpoint == "chat":
-                        wl = as_chat(model, wl)[0]
+                    if chat_tok is not None:
+                        wl = chat_texts(chat_tok, wl)
                     engine = engine_cache[per_worker]
                     load_before = round(os.getloadavg()[0], 2)
-                    endpoint = "chat/completions" if args.endpoint == "chat" else "completions"
-                    st = stack_point(stack, wl, c, args.client, endpoint)
+                    st = stack_point(stack, wl, c, args.client, args.endpoint)
                     cmp = compare(engine, st, workers)
                     points.append({"workers": workers, "apis": apis, "concurrency": c,
                                    "load_avg_1m": round(os.getloadavg()[0], 2),
